@@ -1,0 +1,3 @@
+"""diffusekit: Stable Diffusion in plain PyTorch."""
+
+__version__ = "0.1.0"

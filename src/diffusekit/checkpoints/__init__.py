@@ -1,0 +1,1 @@
+"""Files <-> modules: single-file and diffusers checkpoints, detection, inspection."""

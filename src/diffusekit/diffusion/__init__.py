@@ -1,0 +1,1 @@
+"""The diffusion math, model-agnostic: schedules, denoisers, samplers."""

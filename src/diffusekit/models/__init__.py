@@ -1,0 +1,1 @@
+"""The networks: U-Net, AutoencoderKL, CLIP text encoders, tokenizer."""
