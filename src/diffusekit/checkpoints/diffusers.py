@@ -1,0 +1,219 @@
+"""diffusers folder layout <-> single-file keys.
+
+A folder holds ``model_index.json``, ``unet/``, ``vae/`` (``config.json`` +
+``diffusion_pytorch_model.safetensors``), ``text_encoder[_2]/`` (transformers ``config.json`` +
+``model.safetensors``), ``tokenizer[_2]/`` and ``scheduler/scheduler_config.json``. Reading converts
+each component to the original keys, so the rest of diffusekit sees one format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..models.configs import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig
+from ..models.tokenizer import CLIPTokenizer
+from .convert_clip import (
+    text_config_from_transformers,
+    text_config_to_transformers,
+    text_from_transformers,
+    text_to_transformers,
+    trim_text_encoder,
+)
+from .convert_unet import (
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+from .convert_vae import (
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
+from .single_file import CheckpointError, load_state_dict, save_state_dict
+
+_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16", "diffusion_pytorch_model.bf16"),
+    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16", "diffusion_pytorch_model.bf16"),
+    "text_encoder": ("model", "model.fp16", "model.bf16", "pytorch_model", "pytorch_model.fp16"),
+}
+_PIPELINE_CLASS = {
+    ("sd1", False): "StableDiffusionPipeline",
+    ("sd1", True): "StableDiffusionInpaintPipeline",
+    ("sd2", False): "StableDiffusionPipeline",
+    ("sd2", True): "StableDiffusionInpaintPipeline",
+    ("sdxl", False): "StableDiffusionXLPipeline",
+    ("sdxl", True): "StableDiffusionXLInpaintPipeline",
+}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: diffusers folder is missing {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    for stem in _WEIGHT_NAMES[kind]:
+        for ext in (".safetensors", ".bin"):
+            if (folder / f"{stem}{ext}").is_file():
+                sd, _ = load_state_dict(folder / f"{stem}{ext}")
+                return sd
+    names = ", ".join(f"{s}.safetensors" for s in _WEIGHT_NAMES[kind])
+    raise CheckpointError(f"{folder}: no weights file; looked for {names} (or .bin)")
+
+
+def _family(root: Path, index: Mapping) -> str:
+    if "text_encoder_2" in index or (root / "text_encoder_2").is_dir():
+        return "sdxl"
+    te = _read_json(root / "text_encoder" / "config.json")
+    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+
+
+def read_diffusers_folder(
+    root: str | Path, *, prediction: str | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer, dict[str, str]]:
+    """(single-file state dict, config, tokenizer, metadata) from a diffusers pipeline folder."""
+    root = Path(root)
+    index = _read_json(root / "model_index.json")
+    family = _family(root, index)
+    unet_cfg = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
+    sd = {
+        UNET_PREFIX + k: v
+        for k, v in unet_from_diffusers(_read_weights(root / "unet", "unet"), unet_cfg).items()
+    }
+    sd |= {
+        VAE_PREFIX + k: v for k, v in vae_from_diffusers(_read_weights(root / "vae", "vae"), vae_cfg).items()
+    }
+    layouts = {"sd1": ("hf",), "sd2": ("openclip",), "sdxl": ("hf", "openclip")}[family]
+    text_cfgs = []
+    for i, (layout, prefix) in enumerate(zip(layouts, TEXT_PREFIXES[family], strict=True)):
+        sub = root / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
+        tconfig = _read_json(sub / "config.json")
+        layers = int(tconfig["num_hidden_layers"])
+        use_layers, final_norm = (layers, True) if family != "sdxl" else (layers - 1, False)
+        tcfg = text_config_from_transformers(
+            tconfig, layout=layout, use_layers=use_layers, final_norm=final_norm
+        )
+        text_cfgs.append(tcfg)
+        sd |= {
+            prefix + k: v for k, v in text_from_transformers(_read_weights(sub, "text_encoder"), tcfg).items()
+        }
+    sched = root / "scheduler" / "scheduler_config.json"
+    pred = prediction
+    if pred is None and sched.is_file():
+        pred = "v" if _read_json(sched).get("prediction_type") == "v_prediction" else "eps"
+    cfg = ModelConfig(
+        family=family,
+        unet=unet_cfg,
+        vae=vae_cfg,
+        text_encoders=tuple(text_cfgs),
+        prediction=pred or "eps",
+        resolution=int(unet_cfg_sample_size(root) or {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]),
+        name=root.name,
+    )
+    tok_dir = root / "tokenizer"
+    tokenizer = CLIPTokenizer.from_folder(tok_dir) if tok_dir.is_dir() else CLIPTokenizer.bundled()
+    return (
+        sd,
+        cfg,
+        tokenizer,
+        {"diffusekit.source": "diffusers", "diffusers.pipeline": str(index.get("_class_name"))},
+    )
+
+
+def unet_cfg_sample_size(root: Path) -> int | None:
+    """The native image size: the U-Net's latent sample_size times the VAE downscale (8)."""
+    size = _read_json(root / "unet" / "config.json").get("sample_size")
+    return int(size) * 8 if isinstance(size, int) else None
+
+
+def write_diffusers_folder(
+    sd: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    root: str | Path,
+    *,
+    tokenizer: CLIPTokenizer | None = None,
+) -> Path:
+    """Write a single-file state dict as a diffusers pipeline folder that diffusers can load offline."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or CLIPTokenizer.bundled()
+
+    def write(sub: str, config: dict, weights: dict[str, torch.Tensor], weights_name: str) -> None:
+        (root / sub).mkdir(exist_ok=True)
+        (root / sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_state_dict(weights, root / sub / weights_name)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+    unet_config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(cfg.unet)}
+    unet_config["sample_size"] = cfg.resolution // cfg.vae.downscale
+    write(
+        "unet",
+        unet_config,
+        unet_to_diffusers(part(UNET_PREFIX), cfg.unet),
+        "diffusion_pytorch_model.safetensors",
+    )
+    vae_config = {
+        "_class_name": "AutoencoderKL",
+        **vae_config_to_diffusers(cfg.vae),
+        "sample_size": cfg.resolution,
+    }
+    write(
+        "vae", vae_config, vae_to_diffusers(part(VAE_PREFIX), cfg.vae), "diffusion_pytorch_model.safetensors"
+    )
+    components: dict[str, list] = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    for i, (prefix, tcfg) in enumerate(zip(cfg.text_prefixes, cfg.text_encoders, strict=True)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        weights, out_cfg = part(prefix), tcfg
+        if cfg.family == "sd2":  # diffusers keeps only what SD2 uses: use_layers layers, no projection
+            weights, out_cfg = trim_text_encoder(weights, tcfg, projection=False)
+        arch = "CLIPTextModelWithProjection" if out_cfg.projection_dim else "CLIPTextModel"
+        write(
+            f"text_encoder{suffix}",
+            {"architectures": [arch], **text_config_to_transformers(out_cfg)},
+            text_to_transformers(weights, out_cfg),
+            "model.safetensors",
+        )
+        tokenizer.save_folder(
+            root / f"tokenizer{suffix}", pad_token="<|endoftext|>" if tcfg.pad_token_id else "!"
+        )
+        components[f"text_encoder{suffix}"] = ["transformers", arch]
+        components[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+    (root / "scheduler").mkdir(exist_ok=True)
+    scheduler = {
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": _PIPELINE_CLASS[(cfg.family, cfg.is_inpaint)], "_diffusers_version": "0.42.1"}
+    index |= components
+    if cfg.family != "sdxl":
+        index |= {
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root

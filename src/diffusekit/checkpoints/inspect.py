@@ -1,0 +1,160 @@
+"""What is in a checkpoint: family, components, parameters, bytes, memory estimates, hashes."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.configs import PRESETS, ModelConfig
+from ..models.sd import StableDiffusion
+from .detect import detect_config
+from .hashes import autov1, autov2, sha256_file
+from .load import validate_state_dict
+from .single_file import load_state_dict
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    prefix: str
+    parameters: int
+    bytes: int
+    dtypes: dict[str, int]  # dtype name -> parameter count
+
+
+@dataclass
+class InspectReport:
+    path: str
+    format: str
+    family: str
+    preset: str | None  # the named preset this model's structure equals, if any
+    prediction: str
+    components: list[ComponentReport]
+    parameters: int
+    weight_bytes: int
+    file_bytes: int
+    memory_estimate: dict[str, int]  # bytes of weights at fp32 / fp16 / int8
+    hashes: dict[str, str] = field(default_factory=dict)
+    extra_keys: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matching_preset(cfg: ModelConfig) -> str | None:
+    """The name of the preset equal to `cfg` in structure and prediction (ignoring names)."""
+    for name, p in PRESETS.items():
+        if name != "tiny" and p == cfg:
+            return name
+    return None
+
+
+def _component_reports(sd: Mapping[str, torch.Tensor], model: StableDiffusion) -> list[ComponentReport]:
+    out = []
+    for name, (prefix, _) in model.components().items():
+        params = bytes_ = 0
+        dtypes: Counter[str] = Counter()
+        for key, t in sd.items():
+            if key.startswith(prefix):
+                params += t.numel()
+                bytes_ += t.numel() * t.element_size()
+                dtypes[dtype_name(t.dtype)] += t.numel()
+        out.append(ComponentReport(name, prefix, params, bytes_, dict(dtypes)))
+    return out
+
+
+def inspect_state_dict(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, *, path: str, fmt: str, file_bytes: int
+) -> InspectReport:
+    """Report on a single-file-keyed state dict (tensors may be on the meta device)."""
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    keep, notes = validate_state_dict(sd, model, Path(path).name)
+    components = _component_reports(keep, model)
+    params = sum(c.parameters for c in components)
+    return InspectReport(
+        path=path,
+        format=fmt,
+        family=cfg.family,
+        preset=matching_preset(cfg),
+        prediction=cfg.prediction,
+        components=components,
+        parameters=params,
+        weight_bytes=sum(c.bytes for c in components),
+        file_bytes=file_bytes,
+        memory_estimate={"fp32": params * 4, "fp16": params * 2, "int8": params},
+        extra_keys=len(sd) - len(keep),
+        notes=notes,
+    )
+
+
+def inspect_checkpoint(
+    path: str | Path, *, prediction: str | None = None, hashes: bool = True
+) -> InspectReport:
+    """Inspect a single file or a diffusers folder without materializing the model."""
+    path = Path(path)
+    if path.is_dir():
+        from .diffusers import read_diffusers_folder
+
+        sd, cfg, _, _ = read_diffusers_folder(path, prediction=prediction)
+        fmt = "diffusers folder"
+        file_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    else:
+        sd, metadata = load_state_dict(path)
+        cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
+        fmt = "safetensors" if _is_safetensors(path) else "pickle (.ckpt)"
+        file_bytes = path.stat().st_size
+    report = inspect_state_dict(sd, cfg, path=str(path), fmt=fmt, file_bytes=file_bytes)
+    if hashes and path.is_file():
+        report.hashes = {"sha256": sha256_file(path), "autov2": autov2(path), "autov1": autov1(path)}
+    return report
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(r: InspectReport) -> str:
+    """Human-readable table of an InspectReport."""
+    lines = [
+        f"{r.path}",
+        f"  format      {r.format}",
+        f"  family      {r.family}" + (f" (preset {r.preset})" if r.preset else ""),
+        f"  prediction  {r.prediction}",
+        "",
+        f"  {'component':<16}{'parameters':>16}{'bytes':>14}  dtype",
+    ]
+    for c in r.components:
+        dt = ", ".join(f"{k}" for k in c.dtypes) or "-"
+        lines.append(f"  {c.name:<16}{c.parameters:>16,}{_gib(c.bytes):>14}  {dt}")
+    lines += [
+        f"  {'total':<16}{r.parameters:>16,}{_gib(r.weight_bytes):>14}",
+        "",
+        f"  file size   {_gib(r.file_bytes)} ({r.file_bytes:,} bytes)"
+        + (f", {r.extra_keys} non-network keys" if r.extra_keys else ""),
+        "  weights in memory: " + ", ".join(f"{k} {_gib(v)}" for k, v in r.memory_estimate.items()),
+    ]
+    if r.hashes:
+        lines += [
+            f"  sha256      {r.hashes['sha256']}",
+            f"  model hash  {r.hashes['autov2']} (A1111 AutoV2), old hash {r.hashes['autov1']} (AutoV1)",
+        ]
+    lines += [f"  note: {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The `diffusekit` command line: one subcommand per job, one-line errors unless --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class UsageError(ValueError):
+    """A bad command-line value (exit code 2)."""
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoints.inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path, prediction=args.prediction, hashes=not args.no_hash)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints.convert import convert_checkpoint
+
+    result = convert_checkpoint(
+        args.src,
+        args.dst,
+        fmt=args.format,
+        dtype=_torch_dtype(args.dtype),
+        prune=args.prune,
+        keep_ema=args.keep_ema,
+        prediction=args.prediction,
+        vae=args.vae,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        change = result["bytes_after"] / max(1, result["bytes_before"])
+        print(
+            f"{result['src']} -> {result['dst']} ({result['format']}, {result['dtype']}): "
+            f"{result['bytes_before']:,} -> {result['bytes_after']:,} bytes ({change:.0%})"
+        )
+        for note in result["notes"]:
+            print(f"  note: {note}")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints.load import checkpoint_metadata
+    from .checkpoints.single_file import cast_floats, save_state_dict
+    from .models.configs import preset
+    from .models.init import randomize_
+    from .models.sd import StableDiffusion
+
+    cfg = preset(args.preset)
+    model = randomize_(StableDiffusion(cfg), seed=args.seed)
+    sd = model.state_dict()
+    dtype = _torch_dtype(args.dtype)
+    if dtype is not None and dtype != torch.float32:
+        sd = cast_floats(sd, dtype)
+    save_state_dict(
+        sd, args.out, metadata=checkpoint_metadata(cfg, {"diffusekit.init": f"random seed {args.seed}"})
+    )
+    print(f"wrote {args.out}: preset {cfg.name}, random weights (seed {args.seed})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusekit", description="Stable Diffusion in plain PyTorch.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="family, parameters, bytes and hashes of a checkpoint")
+    p.add_argument("path", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing (fast on large files)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert/prune/cast a checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--format", choices=("single-file", "diffusers"), default="single-file")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast floating-point weights")
+    p.add_argument("--prune", action="store_true", help="drop EMA and training-only entries")
+    p.add_argument("--keep-ema", action="store_true", help="with --prune: keep the EMA U-Net weights instead")
+    p.add_argument("--prediction", choices=("eps", "v"), help="record the prediction type")
+    p.add_argument("--vae", help="replace the VAE with this file or folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("create", help="write a model with seeded random weights at a named preset")
+    p.add_argument("preset", help="sd1, sd1_inpaint, sd2, sd2_v, sdxl, tiny_sd1, ...")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.set_defaults(func=cmd_create)
+
+    from .cli_generate import add_generation_commands
+
+    add_generation_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    if args.debug:
+        return func(args)
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # CheckpointError, UsageError and validation errors are ValueErrors with a one-line message.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"diffusekit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

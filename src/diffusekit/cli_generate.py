@@ -1,0 +1,217 @@
+"""`diffusekit generate | img2img | inpaint | info`: generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_MODEL = "default.safetensors"  # shipped in diffusekit/assets once trained (issue 4)
+
+
+def default_model_path() -> Path:
+    """The packaged default model, or a clear error saying how to pass one."""
+    path = Path(str(resources.files("diffusekit") / "assets" / DEFAULT_MODEL))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no default model is installed ({path}); pass --model PATH (a .safetensors/.ckpt file or a "
+            "diffusers folder)"
+        )
+    return path
+
+
+class ProgressBar:
+    """One stderr line: pass, step/total, it/s, ETA; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = 0.0
+        self.key: tuple[int, int] | None = None
+
+    def __call__(self, p) -> None:  # p: pipeline.Progress
+        if not self.enabled:
+            return
+        key = (p.batch, p.pass_index)
+        if key != self.key:
+            self.key, self.start = key, time.perf_counter()
+        elapsed = time.perf_counter() - self.start
+        rate = p.step / elapsed if elapsed > 0 else 0.0
+        eta = (p.total - p.step) / rate if rate > 0 else 0.0
+        bar = "#" * int(20 * p.step / p.total)
+        label = f"batch {p.batch + 1} " + (f"pass {p.pass_index}/{p.passes} " if p.passes > 1 else "")
+        sys.stderr.write(f"\r{label}[{bar:<20}] {p.step}/{p.total} {rate:.2f} it/s ETA {eta:.0f}s ")
+        if p.step == p.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
+    p.add_argument("--vae", help="replace the model's VAE")
+    p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="DPM++ 2M", help='e.g. "Euler a", "DPM++ 2M Karras", euler, dpmpp_2m')
+    p.add_argument("--schedule", default="automatic", help="automatic, karras, exponential, sgm_uniform, ...")
+    p.add_argument("--seed", type=int, default=-1, help="-1: random; image i of a batch uses seed+i")
+    p.add_argument("--subseed", type=int, default=-1, help="variation seed")
+    p.add_argument("--subseed-strength", type=float, default=0.0)
+    p.add_argument("--width", type=int, help="default: the model's native size")
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int, default=1, help="images per sampler run")
+    p.add_argument("--n-iter", type=int, default=1, help="sampler runs (batch count)")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--cfg-rescale", type=float, default=0.0)
+    p.add_argument("--prompt-mode", default="a1111", choices=("a1111", "a1111_no_norm", "plain"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
+    p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
+
+
+def _params(args: argparse.Namespace, **extra):
+    from .params import GenerationParams
+
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        sampler=args.sampler,
+        schedule=args.schedule,
+        seed=args.seed,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        batch_size=args.batch,
+        n_iter=args.n_iter,
+        clip_skip=args.clip_skip,
+        cfg_rescale=args.cfg_rescale,
+        prompt_mode=args.prompt_mode,
+        **extra,
+    )
+
+
+def _run(args: argparse.Namespace, params, **inputs) -> int:
+    import torch
+
+    from .metadata import save_png
+    from .pipeline import Pipeline
+
+    model = Path(args.model) if args.model else default_model_path()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_file(model, vae=args.vae, prediction=args.prediction, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    result = pipe.generate(params, callback=ProgressBar(not args.json), **inputs)
+    out = Path(args.out)
+    files = []
+    for i, (img, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
+        save_png(img, path, text)
+        files.append(str(path))
+    total_s = time.perf_counter() - t0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "files": files,
+                    "seeds": result.seeds,
+                    "infotexts": result.infotexts,
+                    "load_seconds": round(load_s, 3),
+                    "total_seconds": round(total_s, 3),
+                },
+                indent=2,
+            )
+        )
+    else:
+        for f, s in zip(files, result.seeds, strict=True):
+            print(f"wrote {f} (seed {s})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    extra = {}
+    if args.hires:
+        extra = dict(
+            enable_hr=True,
+            hr_scale=args.hires,
+            hr_upscaler=args.hires_upscaler,
+            hr_second_pass_steps=args.hires_steps,
+            hr_denoising_strength=args.hires_strength,
+        )
+    return _run(args, _params(args, **extra))
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from .images import load_image
+
+    image = load_image(args.image)
+    return _run(
+        args, _params(args, denoising_strength=args.strength, resize_mode=args.resize_mode), init_image=image
+    )
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from .images import load_image
+
+    image, mask = load_image(args.image), load_image(args.mask, mode="L")
+    params = _params(
+        args,
+        denoising_strength=args.strength,
+        mask_blur=args.mask_blur,
+        inpaint_full_res=args.only_masked,
+        inpaint_full_res_padding=args.padding,
+        inpainting_fill=args.fill,
+    )
+    return _run(args, params, init_image=image, mask=mask)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .metadata import parse_infotext, read_infotext
+
+    text = read_infotext(args.image)
+    if text is None:
+        raise ValueError(f"{args.image}: has no generation parameters (no 'parameters' text chunk)")
+    print(json.dumps(parse_infotext(text), indent=2) if args.json else text)
+    return 0
+
+
+def add_generation_commands(sub) -> None:
+    p = sub.add_parser("generate", help="text to image")
+    _add_common(p)
+    p.add_argument("--hires", type=float, default=0.0, help="hires fix upscale factor (e.g. 2); 0 = off")
+    p.add_argument("--hires-upscaler", default="latent", choices=("latent", "latent-nearest", "lanczos"))
+    p.add_argument("--hires-steps", type=int, default=0)
+    p.add_argument("--hires-strength", type=float, default=0.7)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("img2img", help="image to image")
+    _add_common(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--strength", type=float, default=0.75, help="denoising strength 0..1")
+    p.add_argument("--resize-mode", default="resize", choices=("resize", "crop", "fill"))
+    p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("inpaint", help="repaint the white area of a mask")
+    _add_common(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask", required=True, help="white = repaint, black = keep")
+    p.add_argument("--strength", type=float, default=0.75)
+    p.add_argument("--mask-blur", type=float, default=4.0)
+    p.add_argument("--only-masked", action="store_true", help="work on the masked area at full resolution")
+    p.add_argument("--padding", type=int, default=32, help="pixels around the mask with --only-masked")
+    p.add_argument(
+        "--fill", default="original", choices=("original", "latent_noise", "latent_nothing", "fill")
+    )
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("info", help="print the generation parameters stored in an image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)

@@ -1,0 +1,596 @@
+"""Procedural, seeded captioned images of colored shapes, with a held-out split of compositions.
+
+Every caption is produced from a `CaptionSpec` (what the caption asserts) and every scene is laid out to
+satisfy its spec exactly: the objects named are exactly the objects drawn. `parse_caption` inverts the
+caption grammar, so a prompt string can be turned back into a scene (the "perfect generator" of the eval).
+
+Held-out compositions (`HELDOUT_PAIRS`, `HELDOUT_RELATIONS`) never occur in a `split="train"` image or
+caption; `split="heldout"` only yields scenes that contain one. Every color and every shape still occurs in
+training: only the listed color-shape pairs and the listed relations (in that orientation) are withheld.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
+
+# Saturated object colors, well apart in CIELAB and from every background (checked in tests).
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "orange": (250, 135, 20),
+    "yellow": (240, 225, 40),
+    "green": (40, 180, 60),
+    "cyan": (40, 205, 225),
+    "blue": (45, 85, 235),
+    "purple": (150, 60, 215),
+    "pink": (250, 130, 200),
+}
+
+# Dark, near-neutral backgrounds: every object color stands well clear of them.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (12, 12, 14),
+    "dark gray": (52, 52, 56),
+    "gray": (100, 100, 104),
+    "brown": (66, 46, 32),
+}
+
+# Object extent (largest side of its box) as a fraction of the image side.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.22, 0.27), "large": (0.34, 0.40)}
+
+POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+INVERSE_RELATION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+# Color-shape pairs that never appear in training: one per color, every shape still seen in other colors.
+HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("red", "triangle"),
+    ("orange", "diamond"),
+    ("yellow", "cross"),
+    ("green", "circle"),
+    ("cyan", "star"),
+    ("blue", "square"),
+    ("purple", "star"),
+    ("pink", "circle"),
+)
+
+# (A, relation, B): "A <relation> B" never holds in a training image (nor "B <inverse> A"); the reverse
+# orientation ("B <relation> A") is allowed. A and B are themselves ordinary training pairs.
+HELDOUT_RELATIONS: tuple[tuple[tuple[str, str], str, tuple[str, str]], ...] = (
+    (("red", "circle"), "above", ("blue", "star")),
+    (("green", "square"), "left of", ("yellow", "circle")),
+    (("purple", "diamond"), "below", ("orange", "triangle")),
+    (("pink", "cross"), "right of", ("cyan", "circle")),
+)
+
+SPLITS: tuple[str, ...] = ("train", "heldout")
+KINDS: tuple[str, ...] = ("single", "count", "position", "relation", "list")
+_KIND_WEIGHTS = (0.2, 0.2, 0.15, 0.25, 0.2)
+
+# Layout constants, as fractions of the image side.
+MARGIN = 0.03  # free border around the canvas
+GAP = 0.05  # free space between any two object boxes
+REGION_INSET = 0.03  # how far inside its third an absolutely placed center lies
+RELATION_MIN = 0.25  # generated relations: distance along the relation axis ...
+RELATION_SLACK = 0.12  # ... and at most this offset across it
+RELATION_CHECK_MIN = 0.1  # checked relations: the (looser) distance along the axis
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn shape; `center` is the center of its tight box, all in output pixels."""
+
+    shape: str
+    color: str
+    size: str
+    extent: float
+    center: tuple[float, float]
+    bbox: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A square canvas of side `size`, its background name and its objects."""
+
+    size: int
+    background: str
+    objects: tuple[SceneObject, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """A rendered image with its caption, the spec the caption states and the scene drawn."""
+
+    image: Image.Image
+    caption: str
+    spec: CaptionSpec
+    scene: Scene
+
+    def pixels(self) -> np.ndarray:
+        """The image as float32 CHW in [-1, 1]."""
+        return image_to_array(self.image)
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """An RGB image as float32 CHW in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1) / 127.5 - 1.0)
+
+
+def _unit_polygon(shape: str) -> np.ndarray:
+    """The outline of `shape` with its tight box centered on 0 and its largest side 1 (y down)."""
+    if shape == "circle":
+        t = np.linspace(0.0, 2.0 * math.pi, 72, endpoint=False)
+        pts = np.stack([np.cos(t), np.sin(t)], axis=1)
+    elif shape == "square":
+        pts = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float) * 0.86
+    elif shape == "triangle":
+        pts = np.array([(0, -1), (1, 1), (-1, 1)], dtype=float)
+    elif shape == "diamond":
+        pts = np.array([(0, -1), (0.78, 0), (0, 1), (-0.78, 0)], dtype=float)
+    elif shape == "star":
+        k = np.arange(10)
+        radius = np.where(k % 2 == 0, 1.0, 0.5)
+        ang = -math.pi / 2 + k * math.pi / 5
+        pts = np.stack([radius * np.cos(ang), radius * np.sin(ang)], axis=1)
+    elif shape == "cross":
+        a, b = 0.18, 0.5
+        pts = np.array(
+            [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a)]
+            + [(-a, -a)],
+            dtype=float,
+        )
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    scale = 1.0 if shape != "square" else 0.86  # squares are drawn a little smaller to balance their area
+    return (pts - (lo + hi) / 2) / (hi - lo).max() * scale
+
+
+_UNIT_POLYGONS: dict[str, np.ndarray] = {s: _unit_polygon(s) for s in SHAPES}
+
+
+def shape_polygon(shape: str, center: tuple[float, float], extent: float) -> np.ndarray:
+    """The outline (N, 2) of `shape` of the given extent centered at `center`, in pixels."""
+    if shape not in _UNIT_POLYGONS:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+    return _UNIT_POLYGONS[shape] * extent + np.asarray(center, dtype=float)
+
+
+def _make_object(shape: str, color: str, size: str, extent: float, center: tuple[float, float]) -> SceneObject:
+    pts = shape_polygon(shape, center, extent)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    bbox = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+    return SceneObject(shape, color, size, float(extent), (float(center[0]), float(center[1])), bbox)
+
+
+def render_scene(scene: Scene, supersample: int = 4) -> Image.Image:
+    """Draw the scene anti-aliased: at `supersample` times the size, then box-filtered down."""
+    if supersample < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
+    big = scene.size * supersample
+    canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        pts = shape_polygon(obj.shape, obj.center, obj.extent) * supersample
+        draw.polygon([(float(x), float(y)) for x, y in pts], fill=COLORS[obj.color])
+    return canvas.reduce(supersample) if supersample > 1 else canvas
+
+
+def region_holds(center: tuple[float, float], position: str, size: float) -> bool:
+    """Whether a center lies in the named third of a canvas of side `size` ("center": the middle cell)."""
+    x, y = center[0] / size, center[1] / size
+    if position == "left":
+        return x < 1 / 3
+    if position == "right":
+        return x > 2 / 3
+    if position == "top":
+        return y < 1 / 3
+    if position == "bottom":
+        return y > 2 / 3
+    if position == "center":
+        return 1 / 3 <= x <= 2 / 3 and 1 / 3 <= y <= 2 / 3
+    raise ValueError(f"unknown position {position!r}; expected one of {', '.join(POSITIONS)}")
+
+
+def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str, size: float) -> bool:
+    """Whether "A <relation> B" holds for centers a, b: clearly apart along the axis, and mostly along it."""
+    dx, dy = (b[0] - a[0]) / size, (b[1] - a[1]) / size
+    if relation == "left of":
+        along, across = dx, dy
+    elif relation == "right of":
+        along, across = -dx, dy
+    elif relation == "above":
+        along, across = dy, dx
+    elif relation == "below":
+        along, across = -dy, dx
+    else:
+        raise ValueError(f"unknown relation {relation!r}; expected one of {', '.join(RELATIONS)}")
+    return along > RELATION_CHECK_MIN and along > abs(across)
+
+
+def heldout_relation_in(objects: Sequence[SceneObject], size: float) -> bool:
+    """Whether any held-out relation holds between two of the objects."""
+    for pa, rel, pb in HELDOUT_RELATIONS:
+        for a in objects:
+            if (a.color, a.shape) != pa:
+                continue
+            for b in objects:
+                if b is not a and (b.color, b.shape) == pb and relation_holds(a.center, b.center, rel, size):
+                    return True
+    return False
+
+
+def scene_is_heldout(scene: Scene) -> bool:
+    """Whether a scene contains a held-out color-shape pair or a held-out relation."""
+    if any((o.color, o.shape) in HELDOUT_PAIRS for o in scene.objects):
+        return True
+    return heldout_relation_in(scene.objects, scene.size)
+
+
+def spec_is_heldout(spec: CaptionSpec) -> bool:
+    """Whether a caption names a held-out pair or states a held-out relation (either phrasing)."""
+    if any((g.color, g.shape) in HELDOUT_PAIRS for g in spec.groups):
+        return True
+    if spec.relation is None:
+        return False
+    a, b = (spec.groups[0].color, spec.groups[0].shape), (spec.groups[1].color, spec.groups[1].shape)
+    return (a, spec.relation, b) in HELDOUT_RELATIONS or (b, INVERSE_RELATION[spec.relation], a) in (
+        HELDOUT_RELATIONS
+    )
+
+
+# ---------------------------------------------------------------- captions
+
+NUMBERS: tuple[str, ...] = ("one", "two", "three", "four")
+# The first phrasing of each is the canonical one (used for eval prompts).
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("to the left of", "left of"),
+    "right of": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under"),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """`count` objects of one shape (and color, size, absolute position when stated)."""
+
+    shape: str
+    color: str | None = None
+    count: int = 1
+    size: str | None = None
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """What a caption asserts: its object groups, a relation between groups 0 and 1, a background."""
+
+    groups: tuple[Group, ...]
+    relation: str | None = None
+    background: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """One of KINDS."""
+        if self.relation is not None:
+            return "relation"
+        if self.groups[0].position is not None:
+            return "position"
+        if len(self.groups) > 1:
+            return "list"
+        return "count" if self.groups[0].count > 1 else "single"
+
+
+def plural(shape: str) -> str:
+    """The plural of a shape name."""
+    return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def _group_text(g: Group, rng: np.random.Generator | None, allow_one: bool) -> str:
+    words = [w for w in (g.size, g.color) if w is not None]
+    noun = g.shape if g.count == 1 else plural(g.shape)
+    if g.count == 1 and not (allow_one and rng is not None and rng.random() < 0.15):
+        first = (words or [noun])[0]
+        det = "an" if first[0] in "aeiou" else "a"
+    else:
+        det = NUMBERS[g.count - 1]
+    return " ".join([det, *words, noun])
+
+
+def format_caption(spec: CaptionSpec, rng: np.random.Generator | None = None) -> str:
+    """The caption text of a spec: a random phrasing with `rng`, the canonical one without."""
+
+    def choose(options: Sequence[str]) -> str:
+        return options[0] if rng is None else _pick(rng, options)
+
+    parts = [_group_text(g, rng, spec.kind == "single") for g in spec.groups]
+    if spec.relation is not None:
+        text = f"{parts[0]} {choose(RELATION_PHRASES[spec.relation])} {parts[1]}"
+    elif spec.groups[0].position is not None:
+        text = f"{parts[0]} {choose(POSITION_PHRASES[spec.groups[0].position])}"
+    elif len(parts) > 1:
+        text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    else:
+        text = parts[0]
+    if spec.background is not None:
+        text += f" on a {spec.background} background"
+    return text
+
+
+def _parse_group(text: str, caption: str) -> Group:
+    words = text.split()
+    if len(words) < 2 or words[0] not in ("a", "an", *NUMBERS):
+        raise ValueError(f"cannot read {text!r} in caption {caption!r}: expected 'a|an|one..four ... shape'")
+    count = 1 if words[0] in ("a", "an") else NUMBERS.index(words[0]) + 1
+    rest = words[1:]
+    size = rest.pop(0) if rest[0] in SIZES else None
+    color = rest.pop(0) if rest and rest[0] in COLORS else None
+    names = {(s if count == 1 else plural(s)): s for s in SHAPES}
+    if len(rest) != 1 or rest[0] not in names:
+        raise ValueError(f"cannot read {text!r} in caption {caption!r}: unknown or misplaced shape word")
+    return Group(names[rest[0]], color, count, size)
+
+
+def parse_caption(text: str) -> CaptionSpec:
+    """The spec a caption states (inverse of format_caption); ValueError for text outside the grammar."""
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    background = None
+    for bg in sorted(BACKGROUNDS, key=len, reverse=True):
+        if t.endswith(f" on a {bg} background"):
+            background, t = bg, t[: -len(f" on a {bg} background")]
+            break
+    phrases = sorted(((p, r) for r, ps in RELATION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+    for phrase, rel in phrases:
+        if f" {phrase} " in t:
+            a, b = t.split(f" {phrase} ", 1)
+            groups = (_parse_group(a, text), _parse_group(b, text))
+            if any(g.count != 1 or g.size is not None for g in groups):
+                raise ValueError(f"caption {text!r}: a relation links exactly one object to one object")
+            return CaptionSpec(groups, rel, background)
+    for pos, ps in POSITION_PHRASES.items():
+        for phrase in ps:
+            if t.endswith(f" {phrase}"):
+                g = _parse_group(t[: -len(phrase) - 1], text)
+                if g.count != 1:
+                    raise ValueError(f"caption {text!r}: an absolute position applies to exactly one object")
+                return CaptionSpec((Group(g.shape, g.color, 1, g.size, pos),), None, background)
+    groups = tuple(_parse_group(part, text) for part in re.split(r", | and ", t))
+    if sum(g.count for g in groups) > 4:
+        raise ValueError(f"caption {text!r} names more than 4 objects")
+    return CaptionSpec(groups, None, background)
+
+
+# ---------------------------------------------------------------- specs
+
+
+def _rng(rng_or_seed: int | np.random.Generator) -> np.random.Generator:
+    if isinstance(rng_or_seed, np.random.Generator):
+        return rng_or_seed
+    return np.random.default_rng(rng_or_seed)
+
+
+def _pick(rng: np.random.Generator, items: Sequence):
+    return items[int(rng.integers(len(items)))]
+
+
+def _allowed_pairs() -> list[tuple[str, str]]:
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+
+
+def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None = None) -> CaptionSpec:
+    """A random caption spec; "train" avoids every held-out composition, "heldout" contains one."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if kind is None:
+        kind = KINDS[int(rng.choice(len(KINDS), p=_KIND_WEIGHTS))]
+    if kind not in KINDS:
+        raise ValueError(f"unknown caption kind {kind!r}; expected one of {', '.join(KINDS)}")
+    allowed = _allowed_pairs()
+    heldout = split == "heldout"
+    first = _pick(rng, HELDOUT_PAIRS if heldout else allowed)
+    background = _pick(rng, list(BACKGROUNDS)) if kind in ("single", "count", "list") and rng.random() < 0.2 else None
+    if kind == "single":
+        size = _pick(rng, list(SIZES)) if rng.random() < 0.3 else None
+        color = None if not heldout and rng.random() < 0.15 else first[0]
+        return CaptionSpec((Group(first[1], color, 1, size),), None, background)
+    if kind == "count":
+        return CaptionSpec((Group(first[1], first[0], int(rng.integers(2, 5))),), None, background)
+    if kind == "position":
+        return CaptionSpec((Group(first[1], first[0], position=_pick(rng, POSITIONS)),), None, None)
+    if kind == "relation":
+        if heldout and rng.random() < 0.5:
+            pa, rel, pb = _pick(rng, HELDOUT_RELATIONS)
+            if rng.random() < 0.5:  # the same fact, stated the other way round
+                pa, rel, pb = pb, INVERSE_RELATION[rel], pa
+            return CaptionSpec((Group(pa[1], pa[0]), Group(pb[1], pb[0])), rel, None)
+        while True:
+            second = _pick(rng, [p for p in (HELDOUT_PAIRS + tuple(allowed) if heldout else allowed) if p != first])
+            pair = [first, second] if rng.random() < 0.5 else [second, first]
+            spec = CaptionSpec(tuple(Group(s, c) for c, s in pair), _pick(rng, RELATIONS), None)
+            if heldout or not spec_is_heldout(spec):
+                return spec
+    # list: 2-3 distinct pairs, at most 4 objects
+    n_groups = 2 if rng.random() < 0.6 else 3
+    pool = [p for p in (allowed + list(HELDOUT_PAIRS) if heldout else allowed) if p != first]
+    picks = [first] + [pool[i] for i in rng.choice(len(pool), size=n_groups - 1, replace=False)]
+    order = rng.permutation(n_groups)
+    counts = [1] * n_groups
+    for i in range(n_groups):
+        if sum(counts) < 4 and rng.random() < 0.25:
+            counts[i] = 2
+    groups = tuple(Group(picks[i][1], picks[i][0], counts[j]) for j, i in enumerate(order))
+    return CaptionSpec(groups, None, background)
+
+
+# ---------------------------------------------------------------- layout
+
+
+def _sample_extent(rng: np.random.Generator, size_name: str, canvas: int) -> float:
+    lo, hi = SIZES[size_name]
+    return float(rng.uniform(lo, hi)) * canvas
+
+
+def _free_range(half: float, canvas: int) -> tuple[float, float]:
+    m = MARGIN * canvas
+    return m + half, canvas - m - half
+
+
+def _fits_apart(a: SceneObject, others: Sequence[SceneObject], canvas: int) -> bool:
+    g = GAP * canvas
+    for b in others:
+        if a.bbox[0] < b.bbox[2] + g and b.bbox[0] < a.bbox[2] + g:
+            if a.bbox[1] < b.bbox[3] + g and b.bbox[1] < a.bbox[3] + g:
+                return False
+    return True
+
+
+def _half_sizes(shape: str, extent: float) -> tuple[float, float]:
+    pts = _UNIT_POLYGONS[shape] * extent
+    return float(pts[:, 0].max()), float(pts[:, 1].max())
+
+
+def _place_free(rng, req, canvas: int, placed: list[SceneObject]) -> SceneObject | None:
+    shape, color, size_name, extent = req
+    hx, hy = _half_sizes(shape, extent)
+    (x0, x1), (y0, y1) = _free_range(hx, canvas), _free_range(hy, canvas)
+    for _ in range(60):
+        obj = _make_object(shape, color, size_name, extent, (rng.uniform(x0, x1), rng.uniform(y0, y1)))
+        if _fits_apart(obj, placed, canvas):
+            return obj
+    return None
+
+
+def _place_in_region(rng, req, canvas: int, position: str) -> SceneObject | None:
+    shape, color, size_name, extent = req
+    hx, hy = _half_sizes(shape, extent)
+    (x0, x1), (y0, y1) = _free_range(hx, canvas), _free_range(hy, canvas)
+    inset = REGION_INSET * canvas
+    third = canvas / 3
+    lo_mid, hi_mid = third + inset, 2 * third - inset
+    xr = {"left": (x0, third - inset), "right": (2 * third + inset, x1)}.get(position, (lo_mid, hi_mid))
+    yr = {"top": (y0, third - inset), "bottom": (2 * third + inset, y1)}.get(position, (lo_mid, hi_mid))
+    xr, yr = (max(xr[0], x0), min(xr[1], x1)), (max(yr[0], y0), min(yr[1], y1))
+    if xr[0] > xr[1] or yr[0] > yr[1]:
+        return None
+    return _make_object(shape, color, size_name, extent, (rng.uniform(*xr), rng.uniform(*yr)))
+
+
+def _place_relation(rng, req_a, req_b, canvas: int, relation: str) -> list[SceneObject] | None:
+    """Place A and B so that "A <relation> B" holds with a clear margin; None when the sizes cannot fit."""
+    horizontal = relation in ("left of", "right of")
+    ax = 0 if horizontal else 1  # the relation axis
+    ha, hb = _half_sizes(req_a[0], req_a[3]), _half_sizes(req_b[0], req_b[3])
+    # Along the axis: "first" is the object with the smaller coordinate.
+    a_first = relation in ("left of", "above")
+    h_first, h_second = (ha, hb) if a_first else (hb, ha)
+    lo_first, _ = _free_range(h_first[ax], canvas)
+    _, hi_second = _free_range(h_second[ax], canvas)
+    d_min = max(RELATION_MIN * canvas, h_first[ax] + h_second[ax] + GAP * canvas)
+    d_max = hi_second - lo_first
+    if d_min > d_max:
+        return None
+    d = rng.uniform(d_min, d_max)
+    p_first = rng.uniform(lo_first, hi_second - d)
+    along = (p_first, p_first + d) if a_first else (p_first + d, p_first)
+    c0, c1 = _free_range(ha[1 - ax], canvas)
+    across_a = rng.uniform(c0, c1)
+    b0, b1 = _free_range(hb[1 - ax], canvas)
+    slack = RELATION_SLACK * canvas
+    lo, hi = max(b0, across_a - slack), min(b1, across_a + slack)
+    if lo > hi:
+        return None
+    across_b = rng.uniform(lo, hi)
+    ca = (along[0], across_a) if horizontal else (across_a, along[0])
+    cb = (along[1], across_b) if horizontal else (across_b, along[1])
+    return [_make_object(*req_a[:3], req_a[3], ca), _make_object(*req_b[:3], req_b[3], cb)]
+
+
+def scene_for_spec(
+    spec: CaptionSpec, rng: np.random.Generator, size: int = 64, split: str | None = "train"
+) -> Scene:
+    """A scene satisfying `spec` exactly; with split="train" no held-out composition appears in it."""
+    if size < 16:
+        raise ValueError(f"image size must be at least 16 pixels, got {size}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or None")
+    avoid = split == "train"
+    if avoid and spec_is_heldout(spec):
+        raise ValueError(f"caption spec {spec} names a held-out composition and cannot be used for training")
+    background = spec.background or _pick(rng, list(BACKGROUNDS))
+    n_objects = sum(g.count for g in spec.groups)
+    for attempt in range(80):
+        reqs = []
+        for g in spec.groups:
+            for _ in range(g.count):
+                color = g.color
+                if color is None:
+                    color = _pick(rng, [c for c in COLORS if not (avoid and (c, g.shape) in HELDOUT_PAIRS)])
+                size_name = g.size
+                if size_name is None:
+                    p_large = 0.0 if attempt >= 40 else (0.5 if n_objects <= 2 else 0.2)
+                    size_name = "large" if rng.random() < p_large else "small"
+                reqs.append((g.shape, color, size_name, _sample_extent(rng, size_name, size)))
+        objects: list[SceneObject] | None
+        if spec.relation is not None:
+            objects = _place_relation(rng, reqs[0], reqs[1], size, spec.relation)
+        elif spec.groups[0].position is not None:
+            obj = _place_in_region(rng, reqs[0], size, spec.groups[0].position)
+            objects = None if obj is None else [obj]
+        else:
+            objects = []
+            for req in reqs:
+                obj = _place_free(rng, req, size, objects)
+                if obj is None:
+                    objects = None
+                    break
+                objects.append(obj)
+        if objects is None or (avoid and heldout_relation_in(objects, size)):
+            continue
+        order = rng.permutation(len(objects))
+        return Scene(size, background, tuple(objects[i] for i in order))
+    raise RuntimeError(f"could not lay out {spec} on a {size}x{size} canvas after 80 attempts")
+
+
+def make_sample(rng_or_seed: int | np.random.Generator, size: int = 64, split: str = "train") -> Sample:
+    """One captioned image: a caption spec, a scene satisfying it, the caption text and the render."""
+    rng = _rng(rng_or_seed)
+    spec = sample_spec(rng, split)
+    scene = scene_for_spec(spec, rng, size, split)
+    caption = format_caption(spec, rng)
+    return Sample(render_scene(scene), caption, spec, scene)
+
+
+class ShapesDataset:
+    """An indexable dataset whose item i is a pure function of (seed, i, split, size)."""
+
+    def __init__(self, seed: int, size: int = 64, length: int = 10_000, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        if length < 0:
+            raise ValueError(f"length must be non-negative, got {length}")
+        self.seed, self.size, self.length, self.split = int(seed), int(size), int(length), split
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
+        index %= self.length
+        rng = np.random.default_rng([self.seed, index, SPLITS.index(self.split)])
+        return make_sample(rng, self.size, self.split)

@@ -1,0 +1,1 @@
+"""Evaluation: reading shapes back from pixels and GenEval-style prompt adherence."""

@@ -1,0 +1,128 @@
+"""What a generation asks for: one frozen dataclass, validated with messages naming field and valid range."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_SIDE = 4096
+MAX_STEPS = 150
+MAX_BATCH = 64
+HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
+INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
+PROMPT_MODES = ("a1111", "a1111_no_norm", "plain")
+
+
+# field -> (min, max, description of the valid values or "" for "min..max")
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "steps": (1, MAX_STEPS, ""),
+    "cfg_scale": (0.0, 30.0, ""),
+    "denoising_strength": (0.0, 1.0, ""),
+    "subseed_strength": (0.0, 1.0, ""),
+    "cfg_rescale": (0.0, 1.0, ""),
+    "eta": (0.0, 2.0, ""),
+    "batch_size": (1, MAX_BATCH, ""),
+    "n_iter": (1, 1000, ""),
+    "clip_skip": (1, 12, ""),
+    "seed": (-1, 2**63 - 1, "-1 (random) or 0..2^63-1"),
+    "subseed": (-1, 2**63 - 1, "-1 (random) or 0..2^63-1"),
+    "mask_blur": (0.0, 64.0, "0..64 pixels"),
+    "inpaint_full_res_padding": (0, 256, "0..256 pixels"),
+}
+_HIRES_RANGES: dict[str, tuple[float, float, str]] = {
+    "hr_scale": (1.0, 4.0, ""),
+    "hr_second_pass_steps": (0, MAX_STEPS, f"0 (same as steps)..{MAX_STEPS}"),
+    "hr_denoising_strength": (0.0, 1.0, ""),
+}
+
+
+class ParamError(ValueError):
+    """A generation parameter out of range; the message names the field and what is valid."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that decides an image, named as A1111's API names it where there is a counterpart."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int | None = None  # None: the model's native resolution
+    height: int | None = None
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"  # our id ("dpmpp_2m"), an A1111 name, or a combined "DPM++ 2M Karras"
+    schedule: str = "automatic"
+    seed: int = -1  # -1: random; image i of a batch uses seed + i
+    subseed: int = -1  # variation seed (-1: random when subseed_strength > 0)
+    subseed_strength: float = 0.0
+    batch_size: int = 1  # images per sampler run
+    n_iter: int = 1  # sampler runs (batch count)
+    clip_skip: int = 1
+    cfg_rescale: float = 0.0  # Lin et al. 2023 guidance rescale, for v-prediction models
+    eta: float = 1.0  # noise multiplier of ancestral/SDE samplers (A1111 "eta")
+    prompt_mode: str = "a1111"  # "plain" = diffusers-style: no emphasis syntax, one 77-token window
+    # img2img / inpainting
+    denoising_strength: float = 0.75
+    resize_mode: str = "resize"
+    mask_blur: float = 4.0
+    inpaint_full_res: bool = False  # A1111 "Only masked": work on the masked area at full resolution
+    inpaint_full_res_padding: int = 32
+    inpainting_fill: str = "original"
+    # hires fix (txt2img): enabled by enable_hr
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "latent"
+    hr_second_pass_steps: int = 0  # 0: same as steps
+    hr_denoising_strength: float = 0.7
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def replace(self, **changes: Any) -> GenerationParams:
+        return dataclasses.replace(self, **changes)
+
+    def size(self, native: int) -> tuple[int, int]:
+        """(width, height), defaulting to the model's native resolution."""
+        return self.width or native, self.height or native
+
+    def validate(self, native: int = 512) -> GenerationParams:
+        """Raise ParamError for the first field out of range; return self for chaining."""
+        width, height = self.size(native)
+        for name, value in (("width", width), ("height", height)):
+            _check(isinstance(value, int), name, value, "an integer number of pixels")
+            _check(
+                64 <= value <= MAX_SIDE and value % 8 == 0, name, value, f"a multiple of 8 in 64..{MAX_SIDE}"
+            )
+        for name in ("steps", "batch_size", "n_iter", "clip_skip", "inpaint_full_res_padding"):
+            _check(isinstance(getattr(self, name), int), name, getattr(self, name), "an integer")
+        ranges = dict(_RANGES, **(_HIRES_RANGES if self.enable_hr else {}))
+        for name, (lo, hi, valid) in ranges.items():
+            value = getattr(self, name)
+            _check(lo <= value <= hi, name, value, valid or f"{lo}..{hi}")
+        for name, choices in (("inpainting_fill", INPAINT_FILLS), ("prompt_mode", PROMPT_MODES)):
+            _check(getattr(self, name) in choices, name, getattr(self, name), ", ".join(choices))
+        if self.enable_hr:
+            _check(
+                self.hr_upscaler in HIRES_UPSCALERS,
+                "hr_upscaler",
+                self.hr_upscaler,
+                ", ".join(HIRES_UPSCALERS),
+            )
+            hr_w, hr_h = self.hires_size(native)
+            _check(
+                max(hr_w, hr_h) <= MAX_SIDE, "hr_scale", self.hr_scale,
+                f"a factor keeping the hires size ({hr_w}x{hr_h}) within {MAX_SIDE}",
+            )  # fmt: skip
+        return self
+
+    def hires_size(self, native: int) -> tuple[int, int]:
+        width, height = self.size(native)
+        return _scaled(width, self.hr_scale), _scaled(height, self.hr_scale)
+
+
+def _scaled(side: int, scale: float) -> int:
+    return int(side * scale) // 8 * 8
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ParamError(f"{name}={value!r} is out of range; valid: {valid}")

@@ -1,0 +1,427 @@
+"""txt2img, img2img, inpainting and hires fix over a loaded model: params in, PIL images + infotext out.
+
+Random numbers: image i of a run uses seed + i through its own CPU ``torch.Generator``, so an image is
+the same on CPU and GPU, alone or in a batch. Draw order per image follows diffusers (VAE posterior
+sample of the init image, then the initial noise, then the masked-image posterior, then per-step noise),
+so the same weights, seed and deterministic sampler give diffusers' image.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from . import __version__, images
+from .checkpoints.load import LoadedModel, load_model
+from .diffusion.denoiser import CFGDenoiser, Denoiser
+from .diffusion.samplers import SAMPLERS, display_names, img2img_sigmas, resolve_sampler
+from .diffusion.schedules import DiscreteSchedule, get_sigmas
+from .memory import check_fits, estimate
+from .metadata import GenerationInfo, format_infotext
+from .models.unet import size_embedding
+from .params import GenerationParams
+from .prompts import encode_prompt, pad_to_same_length
+
+
+class Cancelled(Exception):
+    """Raised between steps when the caller's cancel flag is set."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One sampler step done: `step` of `total` in pass `pass_index` (hires fix has 2 passes)."""
+
+    step: int
+    total: int
+    pass_index: int = 1
+    passes: int = 1
+    batch: int = 0  # which batch of n_iter
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    infos: list[GenerationInfo]
+    seeds: list[int]
+    latents: torch.Tensor | None = field(default=None, repr=False)  # (N, 4, h, w) before decoding
+
+    @property
+    def infotexts(self) -> list[str]:
+        return [format_infotext(i) for i in self.infos]
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two noise tensors (A1111's variation seeds)."""
+    a_n, b_n = a / a.norm(), b / b.norm()
+    dot = (a_n * b_n).sum().clamp(-1, 1)
+    if dot.abs() > 0.9995:
+        return (1 - t) * a + t * b
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+class BatchNoise:
+    """Per-image CPU generators; each draw is one (1, C, h, w) sample per image, concatenated."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        self.device = device
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(self.device)
+
+    def __call__(self, like: torch.Tensor, *_: object) -> torch.Tensor:
+        return self.randn(tuple(like.shape[1:]))
+
+
+class Pipeline:
+    """A loaded model ready to generate; hold one per model and call it many times."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.loaded = loaded
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = loaded.model.to(self.device, dtype)
+        self.cfg = loaded.cfg
+        self.schedule = DiscreteSchedule.sd()
+        self._hash: str | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> Pipeline:
+        load_kw = {k: kwargs.pop(k) for k in ("prediction", "vae", "keep_ema") if k in kwargs}
+        return cls(load_model(path, **load_kw), **kwargs)
+
+    # --- conditioning ------------------------------------------------------------------------
+
+    def _encode(self, params: GenerationParams, width: int, height: int) -> tuple[dict, dict]:
+        enc = self.model.text_encoders
+        tok = self.loaded.tokenizer
+        kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
+        with torch.inference_mode():
+            cond = encode_prompt(params.prompt, tok, enc, **kw)
+            uncond = encode_prompt(params.negative_prompt, tok, enc, **kw)
+            if cond.context.shape[1] != uncond.context.shape[1]:
+                cond, uncond = pad_to_same_length(cond, uncond, encode_prompt("", tok, enc, **kw))
+        out = []
+        for emb in (cond, uncond):
+            c = {"context": emb.context.to(self.device, self.dtype)}
+            if self.cfg.unet.adm_in_channels is not None:  # SDXL: pooled text + size/crop ids
+                ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+                y = torch.cat([emb.pooled.float(), size_embedding(ids, self.cfg.unet.size_embed_dim)], dim=1)
+                c["y"] = y.to(self.device, self.dtype)
+            out.append(c)
+        return out[0], out[1]
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, *, context, y=None, c_concat=None) -> torch.Tensor:
+        if c_concat is not None:  # inpainting models: latent + mask + masked-image latent
+            x = torch.cat([x, c_concat.to(x)], dim=1)
+        out = self.model.unet(x.to(self.dtype), t.to(self.device), context, y)
+        return out.float()
+
+    # --- the sampling loop -------------------------------------------------------------------
+
+    def _sample(
+        self,
+        params: GenerationParams,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        conds: tuple[dict, dict],
+        noise: BatchNoise,
+        *,
+        blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        report: Callable[[int, int], None],
+    ) -> torch.Tensor:
+        sampler_id, _ = resolve_sampler(params.sampler, params.schedule)
+        denoiser = CFGDenoiser(
+            Denoiser(self._unet, self.schedule, prediction=self.cfg.prediction),
+            scale=params.cfg_scale,
+            rescale=params.cfg_rescale,
+        )
+        cond, uncond = conds
+        batch = x.shape[0]
+        expand = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+        uexpand = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in uncond.items()}
+
+        def model(xt: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+            if blend is not None:
+                xt = blend(xt, sigma)
+            return denoiser(xt, sigma, cond=expand, uncond=uexpand, **extra)
+
+        total = len(sigmas) - 1
+
+        def callback(info: dict) -> None:
+            report(int(info["i"]) + 1, total)
+
+        spec = SAMPLERS[sampler_id]
+        with torch.inference_mode():
+            out = spec.fn(model, x, sigmas, callback=callback, noise=noise, eta=params.eta)
+            if blend is not None:
+                out = blend(out, sigmas.new_zeros(()))
+        return out
+
+    def _sigmas(self, params: GenerationParams, steps: int) -> torch.Tensor:
+        _, schedule = resolve_sampler(params.sampler, params.schedule)
+        return get_sigmas(schedule, steps, self.schedule).to(self.device)
+
+    # --- VAE ---------------------------------------------------------------------------------
+
+    def encode_image(self, img: torch.Tensor, noise: BatchNoise | None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents; posterior sample drawn per image from its generator."""
+        vae = self.model.vae
+        with torch.inference_mode():
+            post = vae.encode(img.to(self.device, self.dtype))
+            if noise is None:
+                z = post.mode()
+            else:
+                eps = torch.cat(
+                    [torch.randn(post.mean.shape[1:], generator=g)[None] for g in noise.generators]
+                )
+                z = post.mean + post.std * eps.to(post.mean)
+        return z.float() * self.cfg.vae.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents (B, 4, h, w) -> PIL images, one image at a time to bound memory."""
+        out = []
+        with torch.inference_mode():
+            for z in latents.split(1):
+                x = self.model.vae.decode((z / self.cfg.vae.scaling_factor).to(self.device, self.dtype))
+                out += images.to_pil(x.float())
+        return out
+
+    # --- public jobs -------------------------------------------------------------------------
+
+    def txt2img(self, params: GenerationParams, **kw) -> GenerationResult:
+        return self.generate(params, **kw)
+
+    def img2img(self, params: GenerationParams, image: Image.Image, **kw) -> GenerationResult:
+        return self.generate(params, init_image=image, **kw)
+
+    def inpaint(
+        self, params: GenerationParams, image: Image.Image, mask: Image.Image, **kw
+    ) -> GenerationResult:
+        return self.generate(params, init_image=image, mask=mask, **kw)
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        init_image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        callback: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask)."""
+        params = params.validate(self.cfg.resolution)
+        resolve_sampler(params.sampler, params.schedule)  # unknown names fail before any work
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
+        if mask is not None and mask.size != init_image.size:
+            raise images.ImageError(
+                f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                f"{init_image.size[0]}x{init_image.size[1]}; they must match"
+            )
+        width, height = params.size(self.cfg.resolution)
+        final_w, final_h = params.hires_size(self.cfg.resolution) if params.enable_hr else (width, height)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        check_fits(estimate(self.cfg, final_w, final_h, params.batch_size, weight_bytes=weight_bytes,
+                            dtype_bytes=torch.finfo(self.dtype).bits // 8),
+                   what=f"{final_w}x{final_h} x{params.batch_size}")  # fmt: skip
+        seed = params.seed if params.seed >= 0 else random.randrange(2**32)
+        subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
+        passes = 2 if params.enable_hr and init_image is None else 1
+        all_images, all_infos, all_seeds, all_latents = [], [], [], []
+        for it in range(params.n_iter):
+            seeds = [seed + it * params.batch_size + j for j in range(params.batch_size)]
+
+            def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("generation cancelled")
+                if callback is not None:
+                    callback(Progress(step, total, pass_index, passes, _it))
+
+            if init_image is None:
+                latents = self._txt2img(params, seeds, subseed, width, height, report)
+            else:
+                latents = self._img2img(params, seeds, subseed, init_image, mask, width, height, report)
+            imgs = self.decode(latents)
+            if mask is not None and params.inpaint_full_res:
+                imgs = [self._paste_only_masked(params, init_image, mask, im) for im in imgs]
+            all_images += imgs
+            all_latents.append(latents.cpu())
+            all_seeds += seeds
+            all_infos += [self.info(params, s, subseed, img2img=init_image is not None) for s in seeds]
+        return GenerationResult(all_images, all_infos, all_seeds, torch.cat(all_latents))
+
+    # --- the three flows ---------------------------------------------------------------------
+
+    def _initial_noise(
+        self, noise: BatchNoise, seeds: list[int], subseed: int, params, shape
+    ) -> torch.Tensor:
+        x = noise.randn(shape)  # (B, C, h, w)
+        if params.subseed_strength > 0:
+            subs = BatchNoise([subseed + (s - seeds[0]) for s in seeds], self.device).randn(shape)
+            x = torch.stack([slerp(params.subseed_strength, a, b) for a, b in zip(x, subs, strict=True)])
+        return x
+
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        d = self.cfg.vae.downscale
+        return (self.cfg.unet.out_channels, height // d, width // d)
+
+    def _txt2img(self, params, seeds, subseed, width, height, report) -> torch.Tensor:
+        noise = BatchNoise(seeds, self.device)
+        x = self._initial_noise(noise, seeds, subseed, params, self._latent_shape(width, height))
+        sigmas = self._sigmas(params, params.steps)
+        conds = self._encode(params, width, height)
+        c_concat = self._empty_inpaint_concat(x.shape[0], width, height)
+        if c_concat is not None:
+            conds = tuple({**c, "c_concat": c_concat} for c in conds)
+        latents = self._sample(params, x * sigmas[0], sigmas, conds, noise, blend=None,
+                               report=lambda s, t: report(s, t, 1))  # fmt: skip
+        if not params.enable_hr:
+            return latents
+        # hires fix: upscale, then an img2img pass at the larger size with fresh noise from the same seeds
+        hr_w, hr_h = params.hires_size(self.cfg.resolution)
+        if params.hr_upscaler.startswith("latent"):
+            mode = "nearest" if params.hr_upscaler == "latent-nearest" else "bilinear"
+            shape = self._latent_shape(hr_w, hr_h)
+            up = F.interpolate(latents, size=shape[1:], mode=mode, **({} if mode == "nearest" else
+                               {"align_corners": False}))  # fmt: skip
+            noise2 = BatchNoise(seeds, self.device)
+        else:
+            pil = [im.resize((hr_w, hr_h), Image.Resampling.LANCZOS) for im in self.decode(latents)]
+            noise2 = BatchNoise(seeds, self.device)
+            up = self.encode_image(torch.cat([images.to_tensor(p) for p in pil]), noise2)
+        steps2 = params.hr_second_pass_steps or params.steps
+        sigmas2 = img2img_sigmas(self._sigmas(params, steps2), params.hr_denoising_strength)
+        x2 = up + noise2.randn(up.shape[1:]) * sigmas2[0]
+        conds2 = self._encode(params, hr_w, hr_h)
+        return self._sample(params, x2, sigmas2, conds2, noise2, blend=None,
+                            report=lambda s, t: report(s, t, 2))  # fmt: skip
+
+    def _empty_inpaint_concat(self, batch: int, width: int, height: int) -> torch.Tensor | None:
+        """txt2img with an inpainting model: the whole image is masked and the masked image is empty."""
+        if not self.cfg.is_inpaint:
+            return None
+        blank = torch.zeros(1, 3, height, width)
+        z = self.encode_image(blank, None)
+        mask = torch.ones(1, 1, *z.shape[2:])
+        return torch.cat([mask, z], dim=1).expand(batch, -1, -1, -1).to(self.device)
+
+    def _prepare_init(self, params, init_image, mask, width, height):
+        """The init image (and mask) at the working size; for "only masked", the crop around the mask."""
+        if mask is not None:
+            mask = images.blur_mask(mask, params.mask_blur)
+            if params.inpaint_full_res:
+                region = images.masked_region(mask, params.inpaint_full_res_padding, width, height)
+                box = (region.left, region.top, region.right, region.bottom)
+                init_image, mask = init_image.crop(box), mask.crop(box)
+        img = images.resize_image(
+            init_image, width, height, "resize" if mask is not None else params.resize_mode
+        )
+        if mask is not None:
+            mask = images.resize_image(mask.convert("L"), width, height, "resize")
+            if params.inpainting_fill == "fill":
+                blurred = img.filter(ImageFilter.GaussianBlur(max(width, height) / 8))
+                img = Image.composite(blurred, img, mask.point(lambda v: 255 if v > 127 else 0))
+        return img, mask
+
+    def _img2img(self, params, seeds, subseed, init_image, mask, width, height, report) -> torch.Tensor:
+        img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, width, height)
+        pixels = images.to_tensor(img).expand(len(seeds), -1, -1, -1)  # (B, 3, H, W)
+        noise = BatchNoise(seeds, self.device)
+        init = self.encode_image(pixels, noise)  # (B, 4, h, w)
+        start_noise = self._initial_noise(noise, seeds, subseed, params, tuple(init.shape[1:]))
+        sigmas = img2img_sigmas(self._sigmas(params, params.steps), params.denoising_strength)
+        conds = self._encode(params, width, height)
+        blend = None
+        if mask_img is not None:
+            m = images.mask_to_tensor(mask_img)  # (1, 1, H, W), 1 = repaint
+            m_lat = F.interpolate(m, size=init.shape[2:]).to(self.device)  # nearest, as diffusers
+            if self.cfg.is_inpaint:
+                masked = pixels * (m < 0.5)
+                masked_lat = self.encode_image(masked, noise)
+                concat = torch.cat([m_lat.expand(len(seeds), -1, -1, -1), masked_lat], dim=1)
+                conds = tuple({**c, "c_concat": concat} for c in conds)
+            else:
+                keep = init.clone()
+
+                def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                    return (1 - m_lat) * (keep + start_noise * sigma) + m_lat * x
+
+            if params.inpainting_fill == "latent_nothing":
+                init = init * (1 - m_lat)
+            elif params.inpainting_fill == "latent_noise":
+                init = init * (1 - m_lat) + noise.randn(init.shape[1:]) * m_lat
+        full = self.cfg.is_inpaint and mask_img is not None and params.denoising_strength >= 1.0
+        x = start_noise * sigmas[0] if full else init + start_noise * sigmas[0]
+        return self._sample(params, x, sigmas, conds, noise, blend=blend, report=lambda s, t: report(s, t, 1))
+
+    def _paste_only_masked(self, params, init_image, mask, result: Image.Image) -> Image.Image:
+        width, height = params.size(self.cfg.resolution)
+        blurred = images.blur_mask(mask, params.mask_blur)
+        region = images.masked_region(blurred, params.inpaint_full_res_padding, width, height)
+        return images.paste_region(init_image.convert("RGB"), result, region, blurred)
+
+    # --- metadata ----------------------------------------------------------------------------
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111 AutoV2 hash of the model file (computed once; None for folders)."""
+        if self._hash is None and self.loaded.path.is_file():
+            from .checkpoints.hashes import autov2
+
+            self._hash = autov2(self.loaded.path)
+        return self._hash
+
+    def info(self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool) -> GenerationInfo:
+        width, height = params.size(self.cfg.resolution)
+        sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
+        sampler_name, schedule_name = display_names(sampler_id, schedule_id)
+        extras: dict[str, object] = {}
+        if params.enable_hr and not img2img:
+            extras["Hires upscale"] = params.hr_scale
+            if params.hr_second_pass_steps:
+                extras["Hires steps"] = params.hr_second_pass_steps
+            extras["Hires upscaler"] = {"latent": "Latent", "latent-nearest": "Latent (nearest)"}.get(
+                params.hr_upscaler, "Lanczos"
+            )
+        if params.cfg_rescale:
+            extras["CFG Rescale phi"] = params.cfg_rescale
+        return GenerationInfo(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            steps=params.steps,
+            sampler=sampler_name,
+            schedule_type=schedule_name,
+            cfg_scale=params.cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            model_hash=self.model_hash,
+            model=self.loaded.name,
+            vae=self.loaded.vae_path.stem if self.loaded.vae_path else None,
+            variation_seed=subseed if params.subseed_strength > 0 else None,
+            variation_seed_strength=params.subseed_strength or None,
+            denoising_strength=params.denoising_strength
+            if img2img
+            else (params.hr_denoising_strength if params.enable_hr else None),
+            clip_skip=params.clip_skip,
+            version=f"diffusekit {__version__}",
+            extras=extras | dict(params.extras),
+        )
