@@ -16,18 +16,9 @@ from diffusekit.cli import main
 from diffusekit.models.configs import preset
 from diffusekit.models.init import randomize_
 from diffusekit.models.sd import StableDiffusion
+from helpers import make_checkpoint
 
 TINY = ["tiny_sd1", "tiny_sd1_inpaint", "tiny_sd2", "tiny_sd2_v", "tiny_sdxl"]
-
-
-def make_checkpoint(name, tmp_path, *, seed=0, metadata=True, dtype=None):
-    cfg = preset(name)
-    sd = randomize_(StableDiffusion(cfg), seed).state_dict()
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    path = tmp_path / f"{name}.safetensors"
-    save_state_dict(sd, path, metadata=checkpoint_metadata(cfg) if metadata else None)
-    return cfg, sd, path
 
 
 def assert_same_tensors(a, b):

@@ -136,6 +136,19 @@ def independent_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+@functools.cache
+def independent_files() -> tuple[str, str]:
+    """Texts of vocab.json and merges.txt as the diffusers repos hold them."""
+    vocab, merges = independent_vocab()
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+@functools.cache
+def assigned_chars() -> list[str]:
+    """Every code point Python's unicodedata assigns, except NUL and surrogates."""
+    return [chr(c) for c in range(1, 0x110000) if unicodedata.category(chr(c)) not in ("Cs", "Cn")]
+
+
 def token_dict(content: str, normalized: bool, **extra: object) -> dict:
     """An added token as tokenizer files spell it."""
     flags = {"lstrip": False, "rstrip": False, "single_word": False}
@@ -145,9 +158,9 @@ def token_dict(content: str, normalized: bool, **extra: object) -> dict:
 def write_layout(folder: Path, layout: str) -> Path:
     """A tokenizer folder laid out like the diffusers repos' (sd1, sd2, sdxl2) or bare vocab + merges."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = independent_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    vocab_text, merges_text = independent_files()
+    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
     config: dict = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace"}
     config |= {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
     if layout in ("sd1", "sd2"):  # SD1.x and SD2.x repos: AddedToken dicts and special_tokens_map.json
@@ -335,6 +348,18 @@ def test_non_clip_tokenizer_json_is_rejected(tmp_path):
         CLIPTokenizer.from_folder(tmp_path)
 
 
+def test_inconsistent_vocabulary_is_rejected(tmp_path):
+    vocab = {"a": 0, "b": 1, "b</w>": 2, BOS: 3, EOS: 4}
+    with pytest.raises(ValueError, match=r"1 merges use or make tokens missing .*'a b</w>'"):
+        CLIPTokenizer(vocab, [("a", "b</w>")])
+    tiny = CLIPTokenizer({**vocab, "ab</w>": 5}, [("a", "b</w>")])
+    assert tiny.encode("ab") == [5] and tiny.vocab_size == 6
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(ValueError, match=r"merges\.txt:2: expected two space-separated symbols"):
+        CLIPTokenizer.from_folder(tmp_path)
+
+
 def test_decode_matches_transformers(refs, ours):
     ref, tok = refs[EOS], ours[EOS]
     for prompt in PROMPTS[:300]:
@@ -382,7 +407,7 @@ def onig_marks(pattern: str, text: str) -> str:
 
 def test_unicode_classes_match_tokenizers_engine():
     """\\p{L}, \\p{N} and \\s as the Rust engine sees them, at every code point unicodedata knows."""
-    chars = [chr(c) for c in range(1, 0x110000) if unicodedata.category(chr(c)) not in ("Cs", "Cn")]
+    chars = assigned_chars()
     text = "".join(chars)
     letters, numbers = _letter_number_classes()
     for onig, emulated in (
@@ -401,7 +426,7 @@ def test_unicode_classes_match_tokenizers_engine():
 def test_normalizer_matches_tokenizers_per_code_point():
     norm = tokenizers.normalizers
     reference = norm.Sequence([norm.NFC(), norm.Replace(tokenizers.Regex(r"\s+"), " "), norm.Lowercase()])
-    chars = [chr(c) for c in range(1, 0x110000) if unicodedata.category(chr(c)) not in ("Cs", "Cn")]
+    chars = assigned_chars()
     text = "\0".join(chars)  # NUL keeps neighbours from composing
     assert normalize(text) == reference.normalize_str(text)
     for sample in [*PROMPTS, "ΣΑΣ", "ΟΔΟΣ ΟΔΟΣ.", "A\u030a\u0327", "\u1100\u1161\u11a8", "e\u0301\u0323"]:
@@ -436,6 +461,8 @@ def test_call_layout_and_options(ours):
         tok(["a"], pad_token_id=49408)
     with pytest.raises(TypeError, match="must be a str"):
         tok.encode(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("a \ud800 b")
 
 
 def test_encoding_1000_prompts_is_fast():

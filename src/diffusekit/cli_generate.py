@@ -24,27 +24,26 @@ def default_model_path() -> Path:
 
 
 class ProgressBar:
-    """One stderr line: pass, step/total, it/s, ETA; silent when disabled."""
+    """One stderr line: batch, pass, step/total, it/s, ETA; silent when disabled."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.start = 0.0
         self.key: tuple[int, int] | None = None
+        self.t0, self.step0 = 0.0, 0
 
     def __call__(self, p) -> None:  # p: pipeline.Progress
         if not self.enabled:
             return
-        key = (p.batch, p.pass_index)
-        if key != self.key:
-            self.key, self.start = key, time.perf_counter()
-        elapsed = time.perf_counter() - self.start
-        rate = p.step / elapsed if elapsed > 0 else 0.0
-        eta = (p.total - p.step) / rate if rate > 0 else 0.0
+        now = time.perf_counter()
+        if (p.batch, p.pass_index) != self.key:  # rates are measured from the first step of each pass
+            self.key, self.t0, self.step0 = (p.batch, p.pass_index), now, p.step
+        done, elapsed = p.step - self.step0, now - self.t0
+        rate = f"{done / elapsed:.2f} it/s" if done and elapsed > 0 else "- it/s"
+        eta = f"ETA {(p.total - p.step) * elapsed / done:.0f}s" if done else ""
         bar = "#" * int(20 * p.step / p.total)
         label = f"batch {p.batch + 1} " + (f"pass {p.pass_index}/{p.passes} " if p.passes > 1 else "")
-        sys.stderr.write(f"\r{label}[{bar:<20}] {p.step}/{p.total} {rate:.2f} it/s ETA {eta:.0f}s ")
-        if p.step == p.total:
-            sys.stderr.write("\n")
+        end = "\n" if p.step == p.total else ""
+        sys.stderr.write(f"\r{label}[{bar:<20}] {p.step}/{p.total} {rate} {eta}   {end}")
         sys.stderr.flush()
 
 

@@ -6,12 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .images import RESIZE_MODES
+
 MAX_SIDE = 4096
 MAX_STEPS = 150
 MAX_BATCH = 64
 HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
 INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
 PROMPT_MODES = ("a1111", "a1111_no_norm", "plain")
+IMG2IMG_STEPS = ("a1111", "diffusers")
 
 
 # field -> (min, max, description of the valid values or "" for "min..max")
@@ -64,6 +67,7 @@ class GenerationParams:
     prompt_mode: str = "a1111"  # "plain" = diffusers-style: no emphasis syntax, one 77-token window
     # img2img / inpainting
     denoising_strength: float = 0.75
+    img2img_steps: str = "a1111"  # "a1111": int(steps*strength)+1 steps; "diffusers": int(steps*strength)
     resize_mode: str = "resize"
     mask_blur: float = 4.0
     inpaint_full_res: bool = False  # A1111 "Only masked": work on the masked area at full resolution
@@ -98,7 +102,12 @@ class GenerationParams:
         for name, (lo, hi, valid) in ranges.items():
             value = getattr(self, name)
             _check(lo <= value <= hi, name, value, valid or f"{lo}..{hi}")
-        for name, choices in (("inpainting_fill", INPAINT_FILLS), ("prompt_mode", PROMPT_MODES)):
+        for name, choices in (
+            ("inpainting_fill", INPAINT_FILLS),
+            ("prompt_mode", PROMPT_MODES),
+            ("img2img_steps", IMG2IMG_STEPS),
+            ("resize_mode", RESIZE_MODES),
+        ):
             _check(getattr(self, name) in choices, name, getattr(self, name), ", ".join(choices))
         if self.enable_hr:
             _check(

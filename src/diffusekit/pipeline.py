@@ -20,11 +20,13 @@ from PIL import Image, ImageFilter
 
 from . import __version__, images
 from .checkpoints.load import LoadedModel, load_model
-from .diffusion.denoiser import CFGDenoiser, Denoiser
-from .diffusion.samplers import SAMPLERS, display_names, img2img_sigmas, resolve_sampler
-from .diffusion.schedules import DiscreteSchedule, get_sigmas
+from .diffusion.denoiser import CFGDenoiser, Denoiser, HookedDenoiser
+from .diffusion.sampler_base import gaussian_noise
+from .diffusion.samplers import SAMPLERS, a1111_names, resolve_sampler, sampler_sigmas
+from .diffusion.schedules import img2img_sigmas, sd_schedule
 from .memory import check_fits, estimate
 from .metadata import GenerationInfo, format_infotext
+from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
 from .params import GenerationParams
 from .prompts import encode_prompt, pad_to_same_length
@@ -78,10 +80,8 @@ class BatchNoise:
         self.device = device
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """(B, *shape): item b drawn from generator b."""
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(self.device)
-
-    def __call__(self, like: torch.Tensor, *_: object) -> torch.Tensor:
-        return self.randn(tuple(like.shape[1:]))
 
 
 class Pipeline:
@@ -99,7 +99,7 @@ class Pipeline:
         self.dtype = dtype
         self.model = loaded.model.to(self.device, dtype)
         self.cfg = loaded.cfg
-        self.schedule = DiscreteSchedule.sd()
+        self.schedule = sd_schedule()
         self._hash: str | None = None
 
     @classmethod
@@ -112,6 +112,11 @@ class Pipeline:
     def _encode(self, params: GenerationParams, width: int, height: int) -> tuple[dict, dict]:
         enc = self.model.text_encoders
         tok = self.loaded.tokenizer
+        if params.prompt_mode == "plain":
+            # diffusers' OpenCLIP tokenizers (SD2, SDXL's second) register the pad token "!" as special,
+            # which splits every "!" of a prompt into its own token; A1111 uses one tokenizer for all.
+            bang = CLIPTokenizer.bundled(pad_token="!")
+            tok = [tok if e.cfg.pad_token_id == tok.eos_id else bang for e in enc]
         kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
         with torch.inference_mode():
             cond = encode_prompt(params.prompt, tok, enc, **kw)
@@ -128,11 +133,8 @@ class Pipeline:
             out.append(c)
         return out[0], out[1]
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, *, context, y=None, c_concat=None) -> torch.Tensor:
-        if c_concat is not None:  # inpainting models: latent + mask + masked-image latent
-            x = torch.cat([x, c_concat.to(x)], dim=1)
-        out = self.model.unet(x.to(self.dtype), t.to(self.device), context, y)
-        return out.float()
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, *, context, y=None) -> torch.Tensor:
+        return self.model.unet(x.to(self.dtype), t.to(self.device), context, y).float()
 
     # --- the sampling loop -------------------------------------------------------------------
 
@@ -147,37 +149,38 @@ class Pipeline:
         blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         report: Callable[[int, int], None],
     ) -> torch.Tensor:
-        sampler_id, _ = resolve_sampler(params.sampler, params.schedule)
+        """Run the sampler from x (at sigmas[0]) with CFG; `blend` keeps an inpainting known region."""
+        spec = SAMPLERS[resolve_sampler(params.sampler, params.schedule)[0]]
         denoiser = CFGDenoiser(
             Denoiser(self._unet, self.schedule, prediction=self.cfg.prediction),
             scale=params.cfg_scale,
             rescale=params.cfg_rescale,
         )
-        cond, uncond = conds
+        model = denoiser if blend is None else HookedDenoiser(denoiser, pre=blend)
         batch = x.shape[0]
-        expand = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
-        uexpand = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in uncond.items()}
-
-        def model(xt: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
-            if blend is not None:
-                xt = blend(xt, sigma)
-            return denoiser(xt, sigma, cond=expand, uncond=uexpand, **extra)
-
-        total = len(sigmas) - 1
-
-        def callback(info: dict) -> None:
-            report(int(info["i"]) + 1, total)
-
-        spec = SAMPLERS[sampler_id]
+        cond, uncond = ({k: v.expand(batch, *v.shape[1:]) for k, v in c.items()} for c in conds)
+        kwargs = {"eta": params.eta} if spec.ancestral or spec.sde else {}
         with torch.inference_mode():
-            out = spec.fn(model, x, sigmas, callback=callback, noise=noise, eta=params.eta)
-            if blend is not None:
-                out = blend(out, sigmas.new_zeros(()))
+            out = spec.fn(
+                model,
+                x,
+                sigmas,
+                extra_args={"cond": cond, "uncond": uncond},
+                callback=lambda info: report(info.index + 1, info.total),
+                noise=gaussian_noise(x, noise.generators),
+                **kwargs,
+            )
+            if blend is not None:  # the final latent keeps the known region exactly
+                out = blend(out, sigmas.new_zeros((batch,)))
         return out
 
     def _sigmas(self, params: GenerationParams, steps: int) -> torch.Tensor:
-        _, schedule = resolve_sampler(params.sampler, params.schedule)
-        return get_sigmas(schedule, steps, self.schedule).to(self.device)
+        sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
+        return sampler_sigmas(sampler_id, schedule_id, steps, self.schedule).to(self.device)
+
+    def _img2img_sigmas(self, params: GenerationParams, steps: int, strength: float) -> torch.Tensor:
+        full = lambda n: self._sigmas(params, n)  # noqa: E731
+        return img2img_sigmas(full, steps, strength, semantics=params.img2img_steps)
 
     # --- VAE ---------------------------------------------------------------------------------
 
@@ -308,7 +311,7 @@ class Pipeline:
             noise2 = BatchNoise(seeds, self.device)
             up = self.encode_image(torch.cat([images.to_tensor(p) for p in pil]), noise2)
         steps2 = params.hr_second_pass_steps or params.steps
-        sigmas2 = img2img_sigmas(self._sigmas(params, steps2), params.hr_denoising_strength)
+        sigmas2 = self._img2img_sigmas(params, steps2, params.hr_denoising_strength)
         x2 = up + noise2.randn(up.shape[1:]) * sigmas2[0]
         conds2 = self._encode(params, hr_w, hr_h)
         return self._sample(params, x2, sigmas2, conds2, noise2, blend=None,
@@ -345,31 +348,31 @@ class Pipeline:
         img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, width, height)
         pixels = images.to_tensor(img).expand(len(seeds), -1, -1, -1)  # (B, 3, H, W)
         noise = BatchNoise(seeds, self.device)
-        init = self.encode_image(pixels, noise)  # (B, 4, h, w)
-        start_noise = self._initial_noise(noise, seeds, subseed, params, tuple(init.shape[1:]))
-        sigmas = img2img_sigmas(self._sigmas(params, params.steps), params.denoising_strength)
+        # An inpainting model at full strength starts from pure noise and never needs the init latent.
+        from_noise = self.cfg.is_inpaint and mask_img is not None and params.denoising_strength >= 1.0
+        init = None if from_noise else self.encode_image(pixels, noise)  # (B, 4, h, w)
+        start_noise = self._initial_noise(noise, seeds, subseed, params, self._latent_shape(width, height))
+        sigmas = self._img2img_sigmas(params, params.steps, params.denoising_strength)
         conds = self._encode(params, width, height)
         blend = None
         if mask_img is not None:
             m = images.mask_to_tensor(mask_img)  # (1, 1, H, W), 1 = repaint
-            m_lat = F.interpolate(m, size=init.shape[2:]).to(self.device)  # nearest, as diffusers
-            if self.cfg.is_inpaint:
-                masked = pixels * (m < 0.5)
-                masked_lat = self.encode_image(masked, noise)
+            m_lat = F.interpolate(m, size=start_noise.shape[2:]).to(self.device)  # nearest, as diffusers
+            if self.cfg.is_inpaint:  # the model sees the mask and the masked image as extra channels
+                masked_lat = self.encode_image(pixels * (m < 0.5), noise)
                 concat = torch.cat([m_lat.expand(len(seeds), -1, -1, -1), masked_lat], dim=1)
                 conds = tuple({**c, "c_concat": concat} for c in conds)
-            else:
+            else:  # an ordinary model: keep re-imposing the (noised) known region before each step
                 keep = init.clone()
 
                 def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                    return (1 - m_lat) * (keep + start_noise * sigma) + m_lat * x
+                    return (1 - m_lat) * (keep + start_noise * sigma.view(-1, 1, 1, 1)) + m_lat * x
 
-            if params.inpainting_fill == "latent_nothing":
+            if init is not None and params.inpainting_fill == "latent_nothing":
                 init = init * (1 - m_lat)
-            elif params.inpainting_fill == "latent_noise":
+            elif init is not None and params.inpainting_fill == "latent_noise":
                 init = init * (1 - m_lat) + noise.randn(init.shape[1:]) * m_lat
-        full = self.cfg.is_inpaint and mask_img is not None and params.denoising_strength >= 1.0
-        x = start_noise * sigmas[0] if full else init + start_noise * sigmas[0]
+        x = start_noise * sigmas[0] if init is None else init + start_noise * sigmas[0]
         return self._sample(params, x, sigmas, conds, noise, blend=blend, report=lambda s, t: report(s, t, 1))
 
     def _paste_only_masked(self, params, init_image, mask, result: Image.Image) -> Image.Image:
@@ -392,7 +395,7 @@ class Pipeline:
     def info(self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool) -> GenerationInfo:
         width, height = params.size(self.cfg.resolution)
         sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
-        sampler_name, schedule_name = display_names(sampler_id, schedule_id)
+        sampler_name, schedule_name = a1111_names(sampler_id, schedule_id)
         extras: dict[str, object] = {}
         if params.enable_hr and not img2img:
             extras["Hires upscale"] = params.hr_scale

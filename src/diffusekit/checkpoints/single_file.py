@@ -180,9 +180,7 @@ def _is_count(value: object) -> bool:
 
 def _parse_entry(path: PathLike, name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise _error(
-            path, f"header entry for tensor {name!r} is a {type(entry).__name__}, expected an object"
-        )
+        raise _error(path, f"tensor {name!r}: header entry is a {type(entry).__name__}, not an object")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype_name not in SAFETENSORS_DTYPES:
         known = ", ".join(SAFETENSORS_DTYPES)
@@ -212,7 +210,7 @@ def _check_layout(path: PathLike, entries: dict[str, TensorInfo], data_len: int)
     for name, info in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if info.begin < expected:
             raise _error(
-                path, f"tensor {name!r} overlaps another (starts at byte {info.begin}, before {expected})"
+                path, f"tensor {name!r} overlaps another (starts at byte {info.begin}, not {expected})"
             )
         if info.begin > expected:
             raise _error(
@@ -247,7 +245,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
                 )
             if header_len > MAX_HEADER_BYTES:
                 raise _error(
-                    path, f"header length {header_len} exceeds the safetensors limit of {MAX_HEADER_BYTES}"
+                    path, f"header length {header_len} is over the safetensors limit {MAX_HEADER_BYTES}"
                 )
             if header_len < 2:
                 raise _error(path, f"header length {header_len} is too small for a JSON object")
@@ -372,14 +370,10 @@ def _check_torch_zip(path: PathLike) -> None:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise _error(
-            path, f"corrupt or truncated zip archive ({e}); expected a checkpoint written by torch.save"
-        ) from e
+        raise _error(path, f"corrupt or truncated zip archive ({e}); expected a torch.save checkpoint") from e
     if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         sample = ", ".join(repr(n) for n in names[:3]) or "nothing"
-        raise _error(
-            path, f"is a zip archive but not a PyTorch checkpoint (no data.pkl inside; found {sample})"
-        )
+        raise _error(path, f"is a zip archive but not a PyTorch checkpoint (no data.pkl; found {sample})")
 
 
 def _unwrap(path: PathLike, obj: object) -> tuple[Mapping[object, object], str, list[str]]:
@@ -467,9 +461,7 @@ def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"value for {key!r} is a {type(tensor).__name__}, expected a torch.Tensor")
         if tensor.layout != torch.strided or tensor.device.type == "meta":
-            raise ValueError(
-                f"tensor {key!r} has no dense data ({tensor.layout}, {tensor.device}); cannot save it"
-            )
+            raise ValueError(f"tensor {key!r} has no dense data to save ({tensor.layout}, {tensor.device})")
         if tensor.dtype not in supported:
             names = ", ".join(str(d) for d in SAFETENSORS_DTYPES.values())
             raise ValueError(
@@ -570,22 +562,15 @@ def prune(sd: Mapping[str, torch.Tensor], keep_ema: bool = False) -> dict[str, t
         return out
     unet_keys = [key for key in out if key.startswith("model.diffusion_model.")]
     if not any(is_ema_key(key) and key not in ("model_ema.decay", "model_ema.num_updates") for key in sd):
-        raise CheckpointError(
-            "state dict has no EMA weights (no 'model_ema.*' tensors); "
-            "use keep_ema=False or a checkpoint that includes EMA"
-        )
+        raise CheckpointError("state dict has no EMA weights (no 'model_ema.*' tensors); use keep_ema=False")
     if not unet_keys:
-        raise CheckpointError(
-            "state dict has EMA weights but no 'model.diffusion_model.*' weights to replace"
-        )
+        raise CheckpointError("state dict has EMA weights but no 'model.diffusion_model.*' weights")
     claimed: dict[str, str] = {}
     missing: list[str] = []
     for key in unet_keys:
         ema_key = ema_key_for(key)
         if ema_key in claimed:
-            raise CheckpointError(
-                f"EMA name {ema_key!r} is ambiguous: it fits both {claimed[ema_key]!r} and {key!r}"
-            )
+            raise CheckpointError(f"EMA name {ema_key!r} is ambiguous: fits {claimed[ema_key]!r} and {key!r}")
         claimed[ema_key] = key
         if ema_key not in sd:
             missing.append(key)

@@ -100,7 +100,8 @@ def brownian_tree_noise(
         lo, hi = min(sigma, sigma_next), max(sigma, sigma_next)
         sign = 1.0 if sigma_next >= sigma else -1.0  # increments follow the direction of travel
         w = torch.stack([tree(lo, hi) for tree in trees]) if batched else trees[0](lo, hi)
-        return (w * sign / math.sqrt(hi - lo)).to(like.device)
+        scale = (torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)).sqrt()  # as k-diffusion
+        return (w * sign / scale).to(like.device)
 
     return draw
 

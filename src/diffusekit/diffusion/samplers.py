@@ -340,8 +340,13 @@ def sample_dpmpp_sde(
         if s_next == 0:
             x = denoised
             continue
+        # Brownian increments move by ~sqrt(dt) when a query time moves by dt, so the noise levels
+        # of this step are computed as k-diffusion does (float32 via lambda = -log sigma): then a
+        # Brownian noise source sees bit-identical query times and replays A1111/diffusers exactly.
+        lam = -torch.tensor([s, s_next], dtype=torch.float32).log()  # (2,)
+        lam_mid = lam[0] + (lam[1] - lam[0]) * r
+        s, s_next, sigma_mid = (float(v) for v in torch.stack([lam[0], lam[1], lam_mid]).neg().exp())
         h = math.log(s / s_next)
-        sigma_mid = math.exp(-(-math.log(s) + h * r))
         sd, su = ancestral_step(s, sigma_mid, eta)
         x_2 = (sd / s) * x - (sd / s - 1) * denoised
         if su > 0 and noise_fn is not None:

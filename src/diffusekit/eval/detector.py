@@ -4,12 +4,14 @@ Pipeline: estimate the background from the image border; unmix every pixel as `b
 against each palette color and call it foreground where the best fit has alpha >= 0.5 (so anti-aliased
 edges fall on the right side and never form rings of a wrong color); label 8-connected components and drop
 specks; name each component's color from the median of its most opaque pixels (nearest palette color in
-CIELAB) and its shape by matching its box-normalized mask against templates of the ideal outlines.
+CIELAB) and its shape by fitting every ideal outline, blurred, to its soft coverage (`fit_shapes`), which
+keeps working on the soft edges a small generative model draws.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,22 +21,26 @@ from PIL import Image, ImageDraw
 
 from diffusekit.data.shapes import BACKGROUNDS, COLORS, SHAPES, Scene, ShapesDataset, shape_polygon
 
-TEMPLATE_SIDE = 16  # side of the box-normalized masks compared with the shape templates
 ALPHA_THRESHOLD = 0.5  # unmixed opacity at which a pixel counts as part of an object
 MIN_AREA = 0.004  # components smaller than this fraction of the image are specks
 CENTER_TOLERANCE = 0.06  # fraction of the image side a detected center may be off from the truth
+WINDOW_PAD = 3  # pixels of context around a component for the shape fit
 
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One object read from pixels; center/bbox in pixels, bbox as (x0, y0, x1, y1) exclusive."""
+    """One object read from pixels: center and extent of the fitted shape, pixel bbox (x0, y0, x1, y1) of
+    its mask (exclusive), mask area, fitted blur, and the fit errors (shape_margin: runner-up minus best)."""
 
     shape: str
     color: str
     center: tuple[float, float]
     bbox: tuple[int, int, int, int]
     area: int
+    extent: float
+    blur: float
     shape_error: float
+    shape_margin: float
     color_error: float
 
 
@@ -72,7 +78,12 @@ def estimate_background(arr: np.ndarray) -> np.ndarray:
     h, w = arr.shape[:2]
     r = max(1, min(h, w) // 32)
     ring = np.concatenate(
-        [arr[:r].reshape(-1, 3), arr[-r:].reshape(-1, 3), arr[:, :r].reshape(-1, 3), arr[:, -r:].reshape(-1, 3)]
+        [
+            arr[:r].reshape(-1, 3),
+            arr[-r:].reshape(-1, 3),
+            arr[:, :r].reshape(-1, 3),
+            arr[:, -r:].reshape(-1, 3),
+        ]
     )
     return np.median(ring, axis=0)
 
@@ -119,42 +130,83 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(roots)
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights averaging input cells over each of n_out equal output cells."""
-    edges_out = np.linspace(0.0, n_in, n_out + 1)
-    lo = np.maximum(edges_out[:-1, None], np.arange(n_in)[None, :])
-    hi = np.minimum(edges_out[1:, None], np.arange(n_in)[None, :] + 1)
-    return np.clip(hi - lo, 0.0, None) / (n_in / n_out)
+def polygon_moments(points: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Area, centroid (x, y) and central second moments (var_x, var_y) of a simple polygon."""
+    x, y = points[:, 0], points[:, 1]
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cross = x * yn - xn * y
+    area = cross.sum() / 2
+    cx = ((x + xn) * cross).sum() / (6 * area)
+    cy = ((y + yn) * cross).sum() / (6 * area)
+    exx = ((x * x + x * xn + xn * xn) * cross).sum() / (12 * area)
+    eyy = ((y * y + y * yn + yn * yn) * cross).sum() / (12 * area)
+    return float(abs(area)), float(cx), float(cy), float(exx - cx * cx), float(eyy - cy * cy)
 
 
-def normalized_mask(mask: np.ndarray, side: int = TEMPLATE_SIDE) -> np.ndarray:
-    """A boolean mask cropped to its box and area-resampled to side x side coverage in [0, 1]."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise ValueError("cannot normalize an empty mask")
-    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float64)
-    return _area_matrix(crop.shape[0], side) @ crop @ _area_matrix(crop.shape[1], side).T
+@lru_cache(maxsize=1)
+def _unit_moments() -> dict[str, tuple[float, float, float, float, float]]:
+    """polygon_moments of every shape at extent 1 centered on 0."""
+    return {s: polygon_moments(shape_polygon(s, (0.0, 0.0), 1.0)) for s in SHAPES}
 
 
-@lru_cache(maxsize=4)
-def shape_templates(side: int = TEMPLATE_SIDE) -> np.ndarray:
-    """(len(SHAPES), side, side) coverage templates of each ideal outline, box-normalized."""
-    big = 256
-    out = []
-    for shape in SHAPES:
-        canvas = Image.new("L", (big + 8, big + 8), 0)
-        pts = shape_polygon(shape, ((big + 8) / 2, (big + 8) / 2), big)
-        ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in pts], fill=255)
-        out.append(normalized_mask(np.asarray(canvas) >= 128, side))
-    return np.stack(out)
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) row-normalized Gaussian blur along one axis (identity for sigma ~ 0)."""
+    if sigma < 0.05:
+        return np.eye(n)
+    i = np.arange(n, dtype=np.float64)
+    g = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+    return g / g.sum(axis=1, keepdims=True)
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """The template shape nearest to a component mask, and the mean absolute coverage difference."""
-    norm = normalized_mask(mask)
-    errs = np.abs(shape_templates() - norm[None]).mean(axis=(1, 2))
-    k = int(np.argmin(errs))
-    return SHAPES[k], float(errs[k])
+def render_coverage(
+    shape: str, center: tuple[float, float], extent: float, hw: tuple[int, int], supersample: int = 4
+) -> np.ndarray:
+    """(h, w) pixel coverage in [0, 1] of an ideal shape, rendered like the data generator renders it."""
+    h, w = hw
+    canvas = Image.new("L", (w * supersample, h * supersample), 0)
+    pts = shape_polygon(shape, center, extent) * supersample
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in pts], fill=255)
+    return np.asarray(canvas.reduce(supersample), dtype=np.float64) / 255.0
+
+
+@dataclass(frozen=True)
+class ShapeFit:
+    """One shape hypothesis fitted to a coverage window: center/extent in window pixels, blur sigma."""
+
+    shape: str
+    error: float
+    center: tuple[float, float]
+    extent: float
+    sigma: float
+
+
+def fit_shapes(coverage: np.ndarray) -> list[ShapeFit]:
+    """Every shape fitted to a single object's coverage window, best (lowest error) first.
+
+    Mass and centroid are unchanged by blur, so for each shape they fix its extent and position; the excess
+    of the observed second moments over the sharp shape's gives the blur. The error is the L1 difference
+    between the observed and the rendered, blurred coverage (at that blur and a few nearby ones) per unit mass.
+    """
+    h, w = coverage.shape
+    mass = float(coverage.sum())
+    if mass <= 0:
+        raise ValueError("cannot fit a shape to an empty coverage window")
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    cx, cy = (coverage * xs).sum() / mass, (coverage * ys).sum() / mass
+    vx = (coverage * (xs - cx) ** 2).sum() / mass
+    vy = (coverage * (ys - cy) ** 2).sum() / mass
+    fits = []
+    for shape, (area, ox, oy, kx, ky) in _unit_moments().items():
+        extent = math.sqrt(mass / area)
+        sigma0 = math.sqrt(max(0.0, 0.5 * ((vx - kx * extent**2) + (vy - ky * extent**2))))
+        center = (float(cx - ox * extent), float(cy - oy * extent))
+        sharp = render_coverage(shape, center, extent, (h, w))
+        best = (math.inf, sigma0)
+        for sigma in sorted({sigma0, 0.6 * sigma0, 1.4 * sigma0, sigma0 + 0.5, max(0.0, sigma0 - 0.5)}):
+            model = _gaussian_matrix(h, sigma) @ sharp @ _gaussian_matrix(w, sigma).T
+            best = min(best, (float(np.abs(model - coverage).sum()) / mass, sigma))
+        fits.append(ShapeFit(shape, best[0], center, extent, best[1]))
+    return sorted(fits, key=lambda f: f.error)
 
 
 def classify_color(rgb: np.ndarray) -> tuple[str, float]:
@@ -162,6 +214,14 @@ def classify_color(rgb: np.ndarray) -> tuple[str, float]:
     dist = np.sqrt(((_PALETTE_LAB - srgb_to_lab(rgb)) ** 2).sum(-1))
     k = int(np.argmin(dist))
     return _COLOR_NAMES[k], float(dist[k])
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        p = np.pad(mask, 1)
+        h, w = mask.shape
+        mask = np.logical_or.reduce([p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
+    return mask
 
 
 def detect(image: Image.Image | np.ndarray) -> list[DetectedObject]:
@@ -181,11 +241,30 @@ def detect(image: Image.Image | np.ndarray) -> list[DetectedObject]:
         ys, xs = np.nonzero(mask)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         a = alpha[mask]
-        core = arr[mask][a >= np.median(a)]
-        color, color_err = classify_color(np.median(core, axis=0))
-        shape, shape_err = classify_shape(mask)
-        center = ((x0 + x1) / 2, (y0 + y1) / 2)
-        found.append(DetectedObject(shape, color, center, (x0, y0, x1, y1), area, shape_err, color_err))
+        color, color_err = classify_color(np.median(arr[mask][a >= np.median(a)], axis=0))
+        # Soft coverage of this object alone: its opacity relative to its own core, near it, others removed.
+        region = _dilate(mask, 2) & ~((labels > 0) & (labels != k))
+        cov = np.where(region, np.clip(alpha / max(0.5, float(np.percentile(a, 75))), 0.0, 1.0), 0.0)
+        cov[cov < 0.1] = 0.0
+        wy0, wx0 = max(0, y0 - WINDOW_PAD), max(0, x0 - WINDOW_PAD)
+        fits = fit_shapes(cov[wy0 : min(h, y1 + WINDOW_PAD), wx0 : min(w, x1 + WINDOW_PAD)])
+        best = fits[0]
+        center = (best.center[0] + wx0, best.center[1] + wy0)
+        margin = fits[1].error - best.error
+        found.append(
+            DetectedObject(
+                best.shape,
+                color,
+                center,
+                (x0, y0, x1, y1),
+                area,
+                best.extent,
+                best.sigma,
+                best.error,
+                margin,
+                color_err,
+            )
+        )
     found.sort(key=lambda o: (round(o.center[1]), o.center[0]))
     return found
 
@@ -221,7 +300,9 @@ def compare_to_scene(detections: Sequence[DetectedObject], scene: Scene) -> list
         if not hits:
             problems.append(f"missed {obj.color} {obj.shape} at ({obj.center[0]:.1f}, {obj.center[1]:.1f})")
             continue
-        free.remove(min(hits, key=lambda d: abs(d.center[0] - obj.center[0]) + abs(d.center[1] - obj.center[1])))
+        free.remove(
+            min(hits, key=lambda d: abs(d.center[0] - obj.center[0]) + abs(d.center[1] - obj.center[1]))
+        )
     problems.extend(f"spurious {d.color} {d.shape} at ({d.center[0]:.1f}, {d.center[1]:.1f})" for d in free)
     return problems
 

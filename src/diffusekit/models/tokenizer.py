@@ -5,7 +5,10 @@ each word's last symbol carries an end-of-word mark ``</w>``, and merges are app
 Text normalization follows ``transformers.CLIPTokenizer`` (version 5, backed by ``tokenizers``), which is
 what diffusers pipelines use: NFC, every run of Unicode White_Space becomes one space, lowercase code
 point by code point (no final-sigma rule), then the CLIP split regex and the GPT-2 byte-level split.
-There is no ftfy fixing, HTML unescaping or stripping, unlike the original CLIP code.
+There is no ftfy fixing, HTML unescaping or stripping, unlike the original CLIP code. Python's ``re``
+has no ``\\p{L}``/``\\p{N}``, so those classes are built from ``unicodedata`` on first use (a few tenths
+of a second, once per process); code points assigned after the running Python's Unicode version (14.0
+on 3.11) can be classed differently from the Rust engine's newer tables.
 
 Special ("added") tokens are matched before that: those marked ``normalized=False`` in the raw text,
 the others in the normalized text, the way ``tokenizers`` extracts them. This matters for SD2 and SDXL's
@@ -29,6 +32,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -66,19 +70,10 @@ class AddedToken:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from the 256 byte values to printable characters."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    shift = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return {b: table[b] for b in [*printable, *(b for b in range(256) if b not in printable)]}
+    """CLIP/GPT-2's reversible map from the 256 byte values to printable characters (vocab order)."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [b for b in range(256) if b not in shown]  # control bytes, space, NBSP, soft hyphen
+    return {b: chr(b) for b in shown} | {b: chr(256 + k) for k, b in enumerate(hidden)}
 
 
 @functools.cache
@@ -100,9 +95,15 @@ def _letter_number_classes() -> tuple[str, str]:
     return body(spans["L"]), body(spans["N"])
 
 
+class _Patterns(NamedTuple):
+    whitespace: re.Pattern[str]  # a run of White_Space
+    words: re.Pattern[str]  # CLIP's split: special names, contractions, letter runs, digits, other runs
+    byte_level: re.Pattern[str]  # GPT-2's split, applied to each word by the ByteLevel pre-tokenizer
+
+
 @functools.cache
-def _patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
-    """(whitespace run, CLIP word split, GPT-2 byte-level split) with the Unicode classes emulated."""
+def _patterns() -> _Patterns:
+    """The tokenizer regexes with `\\p{L}`, `\\p{N}` and `\\s` emulated (built once, on first use)."""
     letters, numbers = _letter_number_classes()
     other = f"[^{_WHITESPACE}{letters}{numbers}]"
     clip_split = re.compile(
@@ -112,12 +113,12 @@ def _patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
         rf"{_CONTRACTIONS}| ?[{letters}]+| ?[{numbers}]+| ?{other}+"
         rf"|[{_WHITESPACE}]+(?![^{_WHITESPACE}])|[{_WHITESPACE}]+"
     )
-    return re.compile(f"[{_WHITESPACE}]+"), clip_split, byte_level_split
+    return _Patterns(re.compile(f"[{_WHITESPACE}]+"), clip_split, byte_level_split)
 
 
 def normalize(text: str) -> str:
     """transformers' CLIP normalizer: NFC, whitespace runs to one space, per-code-point lowercase."""
-    text = _patterns()[0].sub(" ", unicodedata.normalize("NFC", text))
+    text = _patterns().whitespace.sub(" ", unicodedata.normalize("NFC", text))
     # str.lower() applies the final-sigma rule to U+03A3; the Rust normalizer maps it to U+03C3 always.
     return text.replace("\u03a3", "\u03c3").lower()
 
@@ -140,10 +141,18 @@ class CLIPTokenizer:
         self._encoder = dict(vocab)
         self._merges = [(str(a), str(b)) for a, b in merges]
         self._ranks = {pair: rank for rank, pair in enumerate(self._merges)}
+        unknown = [
+            f"{a} {b}" for a, b in self._merges if a + b not in vocab or a not in vocab or b not in vocab
+        ]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} merges use or make tokens missing from the vocabulary: {unknown[:5]}"
+            )
         if added_tokens is None:
             added_tokens = _default_added_tokens(self._encoder, bos_token, eos_token, pad_token)
         self._added = {t.content: t for t in added_tokens}
         self._decoder = {i: s for s, i in self._encoder.items()} | {t.id: t.content for t in added_tokens}
+        self._vocab_size = max(self._decoder, default=-1) + 1
         self._names = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token}
         self._names["pad_token"] = pad_token
         self._ids = {key: self._token_id(tok, key) for key, tok in self._names.items()}
@@ -161,7 +170,7 @@ class CLIPTokenizer:
 
     @classmethod
     def bundled(cls, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
-        """The packaged CLIP vocabulary (49408 tokens); pad_token="!" behaves like SD2/SDXL's tokenizer_2."""
+        """The packaged CLIP vocabulary (49408 ids); pad_token="!" acts as SD2/SDXL's tokenizer_2 folder."""
         resource = importlib.resources.files("diffusekit") / "assets" / _VOCAB_RESOURCE
         lines = gzip.decompress(resource.read_bytes()).decode("utf-8").split("\n", _MERGES_USED + 1)
         pairs = [line.split() for line in lines[1 : 1 + _MERGES_USED]]  # line 0 is a header
@@ -169,13 +178,8 @@ class CLIPTokenizer:
             raise ValueError(f"packaged {_VOCAB_RESOURCE} is corrupt: expected {_MERGES_USED} merge pairs")
         merges = [(a, b) for a, b in pairs]
         symbols = list(bytes_to_unicode().values())
-        tokens = [
-            *symbols,
-            *(s + END_OF_WORD for s in symbols),
-            *(a + b for a, b in merges),
-            BOS_TOKEN,
-            EOS_TOKEN,
-        ]
+        tokens = [*symbols, *(s + END_OF_WORD for s in symbols), *(a + b for a, b in merges)]
+        tokens += [BOS_TOKEN, EOS_TOKEN]
         vocab = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError(f"packaged {_VOCAB_RESOURCE} is corrupt: merges produce duplicate tokens")
@@ -267,7 +271,7 @@ class CLIPTokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (49408 for CLIP)."""
-        return max(self._decoder) + 1
+        return self._vocab_size
 
     @property
     def added_tokens(self) -> tuple[AddedToken, ...]:
@@ -284,7 +288,7 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = []
-        clip_split = _patterns()[1]
+        words = _patterns().words
         for raw in _split_on(text, self._raw_added, self._raw_ids):
             if isinstance(raw, int):
                 ids.append(raw)
@@ -293,7 +297,7 @@ class CLIPTokenizer:
                 if isinstance(part, int):
                     ids.append(part)
                     continue
-                for word in clip_split.findall(part):
+                for word in words.findall(part):
                     cached = self._cache.get(word)
                     if cached is None:
                         cached = self._word_ids(word)
@@ -357,8 +361,14 @@ class CLIPTokenizer:
         """Ids of one CLIP-split word (cached): byte-level split, byte -> char map, BPE."""
         ids: list[int] = []
         unk = self._ids["unk_token"]
-        for piece in _patterns()[2].findall(word):
-            symbols = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
+        for piece in _patterns().byte_level.findall(word):
+            try:
+                data = piece.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"text holds {piece!r}, which is not valid Unicode (a lone surrogate)"
+                ) from exc
+            symbols = "".join(self._byte_encoder[b] for b in data)
             ids.extend(self._encoder.get(s, unk) for s in self._bpe(symbols))
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
@@ -395,11 +405,8 @@ def _missing_files_message(folder: Path) -> str:
     if not folder.is_dir():
         return f"no CLIP tokenizer in {folder}: no such folder ({wanted})"
     found = sorted(p.name for p in folder.iterdir())
-    hint = (
-        "; this is a pipeline root, pass its tokenizer/ or tokenizer_2/ subfolder"
-        if ("model_index.json" in found)
-        else ""
-    )
+    root = "model_index.json" in found
+    hint = "; this is a pipeline root, pass its tokenizer/ or tokenizer_2/ subfolder" if root else ""
     return f"no CLIP tokenizer files in {folder}: {wanted}; found {found or 'an empty folder'}{hint}"
 
 
@@ -535,4 +542,7 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
         if len(pair) != 2:
             raise ValueError(f"{path}: malformed merge {item!r}; expected 'left right' or [left, right]")
         merges.append((str(pair[0]), str(pair[1])))
-    return dict(model["vocab"]), merges, list(data.get("added_tokens") or [])
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path}: model.vocab must map tokens to ids, found {type(vocab).__name__}")
+    return vocab, merges, list(data.get("added_tokens") or [])

@@ -1,0 +1,215 @@
+"""End to end: diffusekit's pipelines against diffusers' on the same tiny random weights, seeds, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusekit.checkpoints.diffusers import write_diffusers_folder
+from diffusekit.metadata import parse_infotext
+from diffusekit.params import GenerationParams, ParamError
+from diffusekit.pipeline import Cancelled, Pipeline
+from helpers import make_checkpoint
+
+STEPS = 6
+PROMPT, NEGATIVE = "a red circle above a blue square", "blurry, gray"
+
+
+def _pair(name, tmp_path, pipeline_cls):
+    """(our Pipeline, diffusers pipeline with an Euler 'linspace' scheduler) over the same weights."""
+    from diffusers import EulerDiscreteScheduler
+
+    cfg, sd, path = make_checkpoint(name, tmp_path)
+    folder = write_diffusers_folder(sd, cfg, tmp_path / "folder")
+    ref = pipeline_cls.from_pretrained(folder, local_files_only=True)
+    # k-diffusion's "normal" schedule is diffusers' Euler with timesteps linspace(999, 0, steps)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="linspace")
+    ref.set_progress_bar_config(disable=True)
+    return Pipeline.from_file(path), ref
+
+
+def _params(**kw) -> GenerationParams:
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=6.0, sampler="euler",
+                schedule="normal", seed=1234, width=64, height=64, prompt_mode="plain")  # fmt: skip
+    return GenerationParams(**(base | kw))
+
+
+def _ours(result) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) / 255 for im in result.images])  # (B, H, W, 3)
+
+
+def _check_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape
+    assert ref.std() > 0.05, "reference image is flat: the comparison would prove nothing"
+    mad = np.abs(ours - ref).mean()
+    assert mad < 1 / 255, f"mean absolute pixel difference {mad * 255:.3f}/255"
+
+
+def _image(seed: int, size: int = 64) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(3, 8, 8, generator=g)
+    up = torch.nn.functional.interpolate(base[None], size=(size, size), mode="bilinear")[0]
+    return Image.fromarray((up.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def _mask(size: int = 64) -> Image.Image:
+    m = np.zeros((size, size), np.uint8)
+    m[16:48, 8:40] = 255
+    return Image.fromarray(m)
+
+
+def test_txt2img_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    ours, ref = _pair("tiny_sd1", tmp_path, StableDiffusionPipeline)
+    got = ours.generate(_params())
+    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    _check_close(_ours(got), want)
+
+
+def test_v_prediction_txt2img_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    ours, ref = _pair("tiny_sd2_v", tmp_path, StableDiffusionPipeline)
+    assert ref.scheduler.config.prediction_type == "v_prediction"
+    got = ours.generate(_params())
+    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    _check_close(_ours(got), want)
+
+
+def test_img2img_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ours, ref = _pair("tiny_sd1", tmp_path, StableDiffusionImg2ImgPipeline)
+    init = _image(5)
+    got = ours.img2img(_params(denoising_strength=0.6, img2img_steps="diffusers"), init)
+    want = ref(PROMPT, image=init, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+               guidance_scale=6.0, generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    _check_close(_ours(got), want)
+
+
+@pytest.mark.parametrize("name,strength", [("tiny_sd1_inpaint", 1.0), ("tiny_sd1", 0.75)])
+def test_inpaint_matches_diffusers(tmp_path, name, strength):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ours, ref = _pair(name, tmp_path, StableDiffusionInpaintPipeline)
+    init, mask = _image(6), _mask()
+    params = _params(denoising_strength=strength, img2img_steps="diffusers", mask_blur=0)
+    got = ours.inpaint(params, init, mask)
+    want = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
+               num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator().manual_seed(1234),
+               output_type="np").images  # fmt: skip
+    _check_close(_ours(got), want)
+    if name == "tiny_sd1":  # the known region is kept (up to VAE round trip) outside the mask
+        keep = np.asarray(mask) == 0
+        assert np.abs(_ours(got)[0][keep] - want[0][keep]).mean() < 1 / 255
+
+
+def test_sdxl_txt2img_matches_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    ours, ref = _pair("tiny_sdxl", tmp_path, StableDiffusionXLPipeline)
+    got = ours.generate(_params())
+    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    _check_close(_ours(got), want)
+
+
+# --- seeds, batches, metadata ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path_factory.mktemp("tiny"))
+    return Pipeline.from_file(path)
+
+
+def test_same_seed_same_image_and_batch_equals_singles(tiny):
+    params = _params(sampler="Euler a", prompt_mode="a1111", batch_size=3, seed=77)
+    batch = tiny.generate(params)
+    again = tiny.generate(params)
+    assert np.array_equal(_ours(batch), _ours(again))  # bit for bit
+    singles = [tiny.generate(params.replace(batch_size=1, seed=77 + i)) for i in range(3)]
+    # Image i of a batch is image seed+i made alone. Not bit for bit: CPU kernels sum in another
+    # order at another batch size, so latents agree to float rounding and pixels within one level.
+    single_latents = torch.cat([s.latents for s in singles])
+    torch.testing.assert_close(
+        batch.latents, single_latents, rtol=1e-5, atol=1e-5 * batch.latents.abs().max().item()
+    )
+    assert np.abs(_ours(batch) - np.concatenate([_ours(s) for s in singles])).max() <= 1 / 255 + 1e-9
+    assert not np.array_equal(_ours(batch)[0], _ours(batch)[1])
+
+
+def test_n_iter_continues_seeds_and_infotext_is_a1111(tiny):
+    result = tiny.generate(
+        _params(n_iter=2, batch_size=2, seed=10, sampler="DPM++ 2M Karras", schedule="automatic")
+    )
+    assert result.seeds == [10, 11, 12, 13]
+    parsed = parse_infotext(result.infotexts[1])
+    assert parsed["Seed"] == "11" and parsed["Sampler"] == "DPM++ 2M" and parsed["Schedule type"] == "Karras"
+    assert (
+        (parsed["Size-1"], parsed["Size-2"]) == ("64", "64")
+        and parsed["Model"] == "tiny_sd1"
+        and len(parsed["Model hash"]) == 10
+    )
+    assert parsed["Negative prompt"] == NEGATIVE
+
+
+def test_variation_seed_moves_the_image_smoothly(tiny):
+    base = _ours(tiny.generate(_params(seed=3)))
+    small = _ours(tiny.generate(_params(seed=3, subseed=9, subseed_strength=0.05)))
+    large = _ours(tiny.generate(_params(seed=3, subseed=9, subseed_strength=0.9)))
+    assert 0 < np.abs(base - small).mean() < np.abs(base - large).mean()
+
+
+def test_hires_fix_outputs_the_upscaled_size(tiny):
+    result = tiny.generate(_params(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2))
+    assert result.images[0].size == (96, 96)
+    assert parse_infotext(result.infotexts[0])["Hires upscale"] == "1.5"
+
+
+def test_progress_and_cancel(tiny):
+    seen = []
+    tiny.generate(_params(), callback=seen.append)
+    assert [p.step for p in seen] == list(range(1, STEPS + 1))
+    import threading
+
+    cancel = threading.Event()
+
+    def stop_after_two(p):
+        if p.step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        tiny.generate(_params(), callback=stop_after_two, cancel=cancel)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(width=65), r"width=65 is out of range; valid: a multiple of 8 in 64\.\.4096"),
+        (dict(height=8192), r"height=8192 is out of range"),
+        (dict(steps=0), r"steps=0 is out of range; valid: 1\.\.150"),
+        (dict(cfg_scale=-1.0), r"cfg_scale=-1\.0 is out of range; valid: 0\.0\.\.30\.0"),
+        (dict(denoising_strength=1.5), r"denoising_strength=1\.5 is out of range"),
+        (dict(sampler="Euler b"), r"unknown sampler 'Euler b'; valid: euler \('Euler'\)"),
+        (dict(schedule="wobbly"), r"unknown schedule type 'wobbly'; valid: "),
+    ],
+)
+def test_bad_params_name_field_and_valid_range(tiny, change, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.generate(_params(**change))
+
+
+def test_mask_size_mismatch_and_bad_prompt_weight(tiny):
+    with pytest.raises(ValueError, match=r"mask size 32x32 differs from image size 64x64"):
+        tiny.inpaint(_params(), _image(1), _mask(32))
+    with pytest.raises(ParamError, match="prompt_mode"):
+        tiny.generate(_params(prompt_mode="fancy"))
