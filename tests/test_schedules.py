@@ -17,6 +17,7 @@ from diffusekit.diffusion.schedules import (
     img2img_sigmas,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
+    sd_alphas_cumprod,
     sd_schedule,
 )
 
@@ -42,7 +43,15 @@ def test_sd_table_matches_ldm_float64_cumprod():
     assert torch.equal(s.alphas_cumprod, ac)
     assert torch.equal(s.sigmas, ((1 - ac) / ac) ** 0.5)
     assert s.num_timesteps == 1000
-    assert s.sigma_min == pytest.approx(0.0291675, rel=1e-5) and s.sigma_max == pytest.approx(14.614642, rel=1e-6)
+    assert s.sigma_min == pytest.approx(0.0291675, rel=1e-5) and s.sigma_max == pytest.approx(
+        14.614642, rel=1e-6
+    )
+
+
+def test_sd_alphas_cumprod_is_the_tables_copy():
+    ac = sd_alphas_cumprod()
+    assert ac.shape == (1000,) and ac.dtype == torch.float32
+    assert torch.equal(ac, sd_schedule().alphas_cumprod)
 
 
 def test_sd_table_vs_diffusers_float32_cumprod():
@@ -126,9 +135,13 @@ def test_simple_is_trailing(table, steps):
 
 
 @pytest.mark.parametrize("steps", [10, 7])
-@pytest.mark.parametrize(("name", "flag"), [("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas")])
+@pytest.mark.parametrize(
+    ("name", "flag"), [("karras", "use_karras_sigmas"), ("exponential", "use_exponential_sigmas")]
+)
 def test_karras_and_exponential_match_diffusers(table, steps, name, flag):
-    assert torch.equal(get_sigmas(name, steps, table), diffusers_sigmas(EulerDiscreteScheduler, steps, **{flag: True}))
+    assert torch.equal(
+        get_sigmas(name, steps, table), diffusers_sigmas(EulerDiscreteScheduler, steps, **{flag: True})
+    )
 
 
 @pytest.mark.parametrize("steps", [10, 7])
@@ -139,8 +152,12 @@ def test_beta_matches_diffusers(table, steps):
 
 
 def test_polyexponential_rho_one_is_exponential(table):
-    assert torch.allclose(get_sigmas("polyexponential", 9, table), get_sigmas("exponential", 9, table), rtol=1e-6)
-    assert not torch.allclose(get_sigmas("polyexponential", 9, table, rho=2.0), get_sigmas("exponential", 9, table))
+    assert torch.allclose(
+        get_sigmas("polyexponential", 9, table), get_sigmas("exponential", 9, table), rtol=1e-6
+    )
+    assert not torch.allclose(
+        get_sigmas("polyexponential", 9, table, rho=2.0), get_sigmas("exponential", 9, table)
+    )
 
 
 @pytest.mark.parametrize("steps", [1, 4, 8])

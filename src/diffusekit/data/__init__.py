@@ -25,6 +25,7 @@ from diffusekit.data.shapes import (
     sample_spec,
     scene_for_spec,
     scene_is_heldout,
+    scene_satisfies,
     spec_is_heldout,
 )
 
@@ -51,5 +52,6 @@ __all__ = [
     "sample_spec",
     "scene_for_spec",
     "scene_is_heldout",
+    "scene_satisfies",
     "spec_is_heldout",
 ]

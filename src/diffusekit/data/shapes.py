@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,13 +24,13 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "c
 
 # Saturated object colors, well apart in CIELAB and from every background (checked in tests).
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 35, 35),
-    "orange": (250, 135, 20),
+    "red": (225, 30, 30),
+    "orange": (250, 145, 15),
     "yellow": (240, 225, 40),
     "green": (40, 180, 60),
     "cyan": (40, 205, 225),
-    "blue": (45, 85, 235),
-    "purple": (150, 60, 215),
+    "blue": (40, 110, 250),
+    "purple": (165, 50, 200),
     "pink": (250, 130, 200),
 }
 
@@ -46,7 +47,12 @@ SIZES: dict[str, tuple[float, float]] = {"small": (0.22, 0.27), "large": (0.34, 
 
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-INVERSE_RELATION: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE_RELATION: dict[str, str] = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+}
 
 # Color-shape pairs that never appear in training: one per color, every shape still seen in other colors.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
@@ -80,6 +86,54 @@ REGION_INSET = 0.03  # how far inside its third an absolutely placed center lies
 RELATION_MIN = 0.25  # generated relations: distance along the relation axis ...
 RELATION_SLACK = 0.12  # ... and at most this offset across it
 RELATION_CHECK_MIN = 0.1  # checked relations: the (looser) distance along the axis
+
+
+NUMBERS: tuple[str, ...] = ("one", "two", "three", "four")
+# The first phrasing of each is the canonical one (used for eval prompts).
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left of": ("to the left of", "left of"),
+    "right of": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under"),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """`count` objects of one shape (and color, size, absolute position when stated)."""
+
+    shape: str
+    color: str | None = None
+    count: int = 1
+    size: str | None = None
+    position: str | None = None
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """What a caption asserts: its object groups, a relation between groups 0 and 1, a background."""
+
+    groups: tuple[Group, ...]
+    relation: str | None = None
+    background: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """One of KINDS."""
+        if self.relation is not None:
+            return "relation"
+        if self.groups[0].position is not None:
+            return "position"
+        if len(self.groups) > 1:
+            return "list"
+        return "count" if self.groups[0].count > 1 else "single"
 
 
 @dataclass(frozen=True)
@@ -163,7 +217,8 @@ def shape_polygon(shape: str, center: tuple[float, float], extent: float) -> np.
     return _UNIT_POLYGONS[shape] * extent + np.asarray(center, dtype=float)
 
 
-def _make_object(shape: str, color: str, size: str, extent: float, center: tuple[float, float]) -> SceneObject:
+def _make_object(shape: str, color: str, size: str, extent: float, center: tuple) -> SceneObject:
+    """A scene object with its tight box computed from the outline."""
     pts = shape_polygon(shape, center, extent)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     bbox = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
@@ -234,6 +289,34 @@ def scene_is_heldout(scene: Scene) -> bool:
     return heldout_relation_in(scene.objects, scene.size)
 
 
+def scene_satisfies(spec: CaptionSpec, scene: Scene) -> bool:
+    """Whether the scene is exactly what the spec states: objects, counts, sizes, position, relation."""
+    if spec.background is not None and scene.background != spec.background:
+        return False
+    remaining = list(scene.objects)
+    found: dict[int, list[SceneObject]] = {}
+    for i in sorted(range(len(spec.groups)), key=lambda i: spec.groups[i].color is None):
+        g = spec.groups[i]
+        hits = [
+            o
+            for o in remaining
+            if o.shape == g.shape and g.color in (None, o.color) and g.size in (None, o.size)
+        ]
+        if len(hits) < g.count:
+            return False
+        found[i] = hits[: g.count]
+        remaining = [o for o in remaining if all(o is not h for h in found[i])]
+        if g.position is not None and not all(
+            region_holds(o.center, g.position, scene.size) for o in found[i]
+        ):
+            return False
+    if remaining:
+        return False
+    return spec.relation is None or relation_holds(
+        found[0][0].center, found[1][0].center, spec.relation, scene.size
+    )
+
+
 def spec_is_heldout(spec: CaptionSpec) -> bool:
     """Whether a caption names a held-out pair or states a held-out relation (either phrasing)."""
     if any((g.color, g.shape) in HELDOUT_PAIRS for g in spec.groups):
@@ -247,53 +330,6 @@ def spec_is_heldout(spec: CaptionSpec) -> bool:
 
 
 # ---------------------------------------------------------------- captions
-
-NUMBERS: tuple[str, ...] = ("one", "two", "three", "four")
-# The first phrasing of each is the canonical one (used for eval prompts).
-POSITION_PHRASES: dict[str, tuple[str, ...]] = {
-    "left": ("on the left", "on the left side"),
-    "right": ("on the right", "on the right side"),
-    "top": ("at the top", "near the top"),
-    "bottom": ("at the bottom", "near the bottom"),
-    "center": ("in the center", "in the middle"),
-}
-RELATION_PHRASES: dict[str, tuple[str, ...]] = {
-    "left of": ("to the left of", "left of"),
-    "right of": ("to the right of", "right of"),
-    "above": ("above", "over"),
-    "below": ("below", "under"),
-}
-
-
-@dataclass(frozen=True)
-class Group:
-    """`count` objects of one shape (and color, size, absolute position when stated)."""
-
-    shape: str
-    color: str | None = None
-    count: int = 1
-    size: str | None = None
-    position: str | None = None
-
-
-@dataclass(frozen=True)
-class CaptionSpec:
-    """What a caption asserts: its object groups, a relation between groups 0 and 1, a background."""
-
-    groups: tuple[Group, ...]
-    relation: str | None = None
-    background: str | None = None
-
-    @property
-    def kind(self) -> str:
-        """One of KINDS."""
-        if self.relation is not None:
-            return "relation"
-        if self.groups[0].position is not None:
-            return "position"
-        if len(self.groups) > 1:
-            return "list"
-        return "count" if self.groups[0].count > 1 else "single"
 
 
 def plural(shape: str) -> str:
@@ -378,18 +414,8 @@ def parse_caption(text: str) -> CaptionSpec:
 # ---------------------------------------------------------------- specs
 
 
-def _rng(rng_or_seed: int | np.random.Generator) -> np.random.Generator:
-    if isinstance(rng_or_seed, np.random.Generator):
-        return rng_or_seed
-    return np.random.default_rng(rng_or_seed)
-
-
 def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
-
-
-def _allowed_pairs() -> list[tuple[str, str]]:
-    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
 
 
 def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None = None) -> CaptionSpec:
@@ -400,10 +426,11 @@ def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None
         kind = KINDS[int(rng.choice(len(KINDS), p=_KIND_WEIGHTS))]
     if kind not in KINDS:
         raise ValueError(f"unknown caption kind {kind!r}; expected one of {', '.join(KINDS)}")
-    allowed = _allowed_pairs()
+    allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
     heldout = split == "heldout"
     first = _pick(rng, HELDOUT_PAIRS if heldout else allowed)
-    background = _pick(rng, list(BACKGROUNDS)) if kind in ("single", "count", "list") and rng.random() < 0.2 else None
+    with_bg = kind in ("single", "count", "list") and rng.random() < 0.2
+    background = _pick(rng, list(BACKGROUNDS)) if with_bg else None
     if kind == "single":
         size = _pick(rng, list(SIZES)) if rng.random() < 0.3 else None
         color = None if not heldout and rng.random() < 0.15 else first[0]
@@ -418,8 +445,9 @@ def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None
             if rng.random() < 0.5:  # the same fact, stated the other way round
                 pa, rel, pb = pb, INVERSE_RELATION[rel], pa
             return CaptionSpec((Group(pa[1], pa[0]), Group(pb[1], pb[0])), rel, None)
+        pool = [p for p in (list(HELDOUT_PAIRS) + allowed if heldout else allowed) if p != first]
         while True:
-            second = _pick(rng, [p for p in (HELDOUT_PAIRS + tuple(allowed) if heldout else allowed) if p != first])
+            second = _pick(rng, pool)
             pair = [first, second] if rng.random() < 0.5 else [second, first]
             spec = CaptionSpec(tuple(Group(s, c) for c, s in pair), _pick(rng, RELATIONS), None)
             if heldout or not spec_is_heldout(spec):
@@ -440,11 +468,6 @@ def sample_spec(rng: np.random.Generator, split: str = "train", kind: str | None
 # ---------------------------------------------------------------- layout
 
 
-def _sample_extent(rng: np.random.Generator, size_name: str, canvas: int) -> float:
-    lo, hi = SIZES[size_name]
-    return float(rng.uniform(lo, hi)) * canvas
-
-
 def _free_range(half: float, canvas: int) -> tuple[float, float]:
     m = MARGIN * canvas
     return m + half, canvas - m - half
@@ -459,25 +482,34 @@ def _fits_apart(a: SceneObject, others: Sequence[SceneObject], canvas: int) -> b
     return True
 
 
+class _Req(NamedTuple):
+    """An object still to be placed."""
+
+    shape: str
+    color: str
+    size: str
+    extent: float
+
+
 def _half_sizes(shape: str, extent: float) -> tuple[float, float]:
     pts = _UNIT_POLYGONS[shape] * extent
     return float(pts[:, 0].max()), float(pts[:, 1].max())
 
 
-def _place_free(rng, req, canvas: int, placed: list[SceneObject]) -> SceneObject | None:
-    shape, color, size_name, extent = req
-    hx, hy = _half_sizes(shape, extent)
+def _place_free(
+    rng: np.random.Generator, req: _Req, canvas: int, placed: list[SceneObject]
+) -> SceneObject | None:
+    hx, hy = _half_sizes(req.shape, req.extent)
     (x0, x1), (y0, y1) = _free_range(hx, canvas), _free_range(hy, canvas)
     for _ in range(60):
-        obj = _make_object(shape, color, size_name, extent, (rng.uniform(x0, x1), rng.uniform(y0, y1)))
+        obj = _make_object(*req, (rng.uniform(x0, x1), rng.uniform(y0, y1)))
         if _fits_apart(obj, placed, canvas):
             return obj
     return None
 
 
-def _place_in_region(rng, req, canvas: int, position: str) -> SceneObject | None:
-    shape, color, size_name, extent = req
-    hx, hy = _half_sizes(shape, extent)
+def _place_in_region(rng: np.random.Generator, req: _Req, canvas: int, position: str) -> SceneObject | None:
+    hx, hy = _half_sizes(req.shape, req.extent)
     (x0, x1), (y0, y1) = _free_range(hx, canvas), _free_range(hy, canvas)
     inset = REGION_INSET * canvas
     third = canvas / 3
@@ -487,14 +519,16 @@ def _place_in_region(rng, req, canvas: int, position: str) -> SceneObject | None
     xr, yr = (max(xr[0], x0), min(xr[1], x1)), (max(yr[0], y0), min(yr[1], y1))
     if xr[0] > xr[1] or yr[0] > yr[1]:
         return None
-    return _make_object(shape, color, size_name, extent, (rng.uniform(*xr), rng.uniform(*yr)))
+    return _make_object(*req, (rng.uniform(*xr), rng.uniform(*yr)))
 
 
-def _place_relation(rng, req_a, req_b, canvas: int, relation: str) -> list[SceneObject] | None:
+def _place_relation(
+    rng: np.random.Generator, req_a: _Req, req_b: _Req, canvas: int, relation: str
+) -> list[SceneObject] | None:
     """Place A and B so that "A <relation> B" holds with a clear margin; None when the sizes cannot fit."""
     horizontal = relation in ("left of", "right of")
     ax = 0 if horizontal else 1  # the relation axis
-    ha, hb = _half_sizes(req_a[0], req_a[3]), _half_sizes(req_b[0], req_b[3])
+    ha, hb = _half_sizes(req_a.shape, req_a.extent), _half_sizes(req_b.shape, req_b.extent)
     # Along the axis: "first" is the object with the smaller coordinate.
     a_first = relation in ("left of", "above")
     h_first, h_second = (ha, hb) if a_first else (hb, ha)
@@ -517,7 +551,7 @@ def _place_relation(rng, req_a, req_b, canvas: int, relation: str) -> list[Scene
     across_b = rng.uniform(lo, hi)
     ca = (along[0], across_a) if horizontal else (across_a, along[0])
     cb = (along[1], across_b) if horizontal else (across_b, along[1])
-    return [_make_object(*req_a[:3], req_a[3], ca), _make_object(*req_b[:3], req_b[3], cb)]
+    return [_make_object(*req_a, ca), _make_object(*req_b, cb)]
 
 
 def scene_for_spec(
@@ -544,7 +578,7 @@ def scene_for_spec(
                 if size_name is None:
                     p_large = 0.0 if attempt >= 40 else (0.5 if n_objects <= 2 else 0.2)
                     size_name = "large" if rng.random() < p_large else "small"
-                reqs.append((g.shape, color, size_name, _sample_extent(rng, size_name, size)))
+                reqs.append(_Req(g.shape, color, size_name, float(rng.uniform(*SIZES[size_name])) * size))
         objects: list[SceneObject] | None
         if spec.relation is not None:
             objects = _place_relation(rng, reqs[0], reqs[1], size, spec.relation)
@@ -568,7 +602,7 @@ def scene_for_spec(
 
 def make_sample(rng_or_seed: int | np.random.Generator, size: int = 64, split: str = "train") -> Sample:
     """One captioned image: a caption spec, a scene satisfying it, the caption text and the render."""
-    rng = _rng(rng_or_seed)
+    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     spec = sample_spec(rng, split)
     scene = scene_for_spec(spec, rng, size, split)
     caption = format_caption(spec, rng)

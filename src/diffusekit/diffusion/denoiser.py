@@ -52,8 +52,10 @@ def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
     if sigma.ndim == 0:
         return sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
-        raise ValueError(f"sigma must be a scalar or shape ({x.shape[0]},) for a batch of {x.shape[0]}, "
-                         f"got {tuple(sigma.shape)}")
+        raise ValueError(
+            f"sigma must be a scalar or shape ({x.shape[0]},) for a batch of {x.shape[0]}, "
+            f"got {tuple(sigma.shape)}"
+        )
     return sigma
 
 
@@ -112,16 +114,20 @@ class Denoiser:
         c_concat = cond.pop("c_concat", None)
         if c_concat is not None:
             if c_concat.shape[0] != x.shape[0] or c_concat.shape[2:] != x.shape[2:]:
-                raise ValueError(f"c_concat must match the latent's batch and spatial size {tuple(x.shape)}, "
-                                 f"got {tuple(c_concat.shape)}")
+                raise ValueError(
+                    f"c_concat must match the latent's batch and spatial size {tuple(x.shape)}, "
+                    f"got {tuple(c_concat.shape)}"
+                )
             x_in = torch.cat([x_in, c_concat.to(x_in)], dim=1)  # (B, C + C', H, W)
         if self.model_dtype is not None:
             x_in = x_in.to(self.model_dtype)
         t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(x.device)  # (B,)
         out = self.model(x_in, t, **cond)
         if out.shape != x.shape:
-            raise ValueError(f"model returned shape {tuple(out.shape)} for a latent of shape {tuple(x.shape)}; "
-                             "it must predict one value per latent element (eps or v)")
+            raise ValueError(
+                f"model returned shape {tuple(out.shape)} for a latent of shape {tuple(x.shape)}; "
+                "it must predict one value per latent element (eps or v)"
+            )
         return output_to_denoised(x, sigma, out.to(x.dtype), self.prediction)
 
 
@@ -143,7 +149,9 @@ def _batch_conds(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str
         elif c is u or c == u:
             batched[key] = c
         else:
-            raise ValueError(f"cond[{key!r}] and uncond[{key!r}] differ and are not tensors; cannot batch them")
+            raise ValueError(
+                f"cond[{key!r}] and uncond[{key!r}] differ and are not tensors; cannot batch them"
+            )
     return batched
 
 
@@ -170,14 +178,21 @@ class CFGDenoiser:
         self.prediction = prediction
 
     def __call__(
-        self, x: Tensor, sigma: Tensor | float, *, cond: Mapping[str, Any], uncond: Mapping[str, Any] | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        *,
+        cond: Mapping[str, Any],
+        uncond: Mapping[str, Any] | None = None,
     ) -> Tensor:
         sigma = _per_sample(sigma, x)  # (B,)
         if self.scale == 1.0:
             return self.denoiser(x, sigma, **cond)
         if uncond is None:
-            raise ValueError(f"CFG scale {self.scale} needs an uncond (negative prompt) conditioning; "
-                             "pass uncond=... or use scale 1.0")
+            raise ValueError(
+                f"CFG scale {self.scale} needs an uncond (negative prompt) conditioning; "
+                "pass uncond=... or use scale 1.0"
+            )
         x_in = torch.cat([x, x])  # (2B, C, H, W)
         out = self.denoiser(x_in, torch.cat([sigma, sigma]), **_batch_conds(cond, uncond))
         d_uncond, d_cond = out.chunk(2)  # (B, C, H, W) each

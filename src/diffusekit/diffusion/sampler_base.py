@@ -60,7 +60,9 @@ def gaussian_noise(
             raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}; pass one per batch item")
 
         def draw_each(sigma: float, sigma_next: float) -> Tensor:
-            parts = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens]
+            parts = [
+                torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in gens
+            ]
             return torch.cat([p.to(device) for p in parts])
 
         return draw_each
@@ -84,8 +86,10 @@ def brownian_tree_noise(
     try:
         import torchsde
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("brownian_tree_noise needs the optional 'torchsde' package (pip install torchsde); "
-                          "gaussian_noise works without it") from err
+        raise ImportError(
+            "brownian_tree_noise needs the optional 'torchsde' package (pip install torchsde); "
+            "gaussian_noise works without it"
+        ) from err
     if not 0.0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     seeds = [seed] if isinstance(seed, int) else list(seed)
@@ -100,7 +104,9 @@ def brownian_tree_noise(
         lo, hi = min(sigma, sigma_next), max(sigma, sigma_next)
         sign = 1.0 if sigma_next >= sigma else -1.0  # increments follow the direction of travel
         w = torch.stack([tree(lo, hi) for tree in trees]) if batched else trees[0](lo, hi)
-        scale = (torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)).sqrt()  # as k-diffusion
+        scale = (
+            torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)
+        ).sqrt()  # as k-diffusion
         return (w * sign / scale).to(like.device)
 
     return draw
@@ -111,15 +117,19 @@ def resolve_noise(noise: NoiseSource | torch.Generator | None, like: Tensor) -> 
     if noise is None or isinstance(noise, torch.Generator):
         return gaussian_noise(like, noise)
     if not callable(noise):
-        raise TypeError(f"noise must be a callable noise(sigma, sigma_next), a torch.Generator or None, "
-                        f"got {type(noise).__name__}")
+        raise TypeError(
+            f"noise must be a callable noise(sigma, sigma_next), a torch.Generator or None, "
+            f"got {type(noise).__name__}"
+        )
     return noise
 
 
 def prepare(x: Tensor, sigmas: Tensor) -> tuple[Tensor, list[float]]:
     """Validate a schedule; return x as float32 and the sigmas as Python floats (step math in float64)."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sigmas.shape)}")
+        raise ValueError(
+            f"sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sigmas.shape)}"
+        )
     sig = [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
     if any(not math.isfinite(s) or s < 0 for s in sig) or any(s == 0 for s in sig[:-1]):
         raise ValueError(f"sigmas must be finite and positive (only the last may be 0), got {sig}")
@@ -134,7 +144,9 @@ def denoise(denoiser: Callable[..., Tensor], x: Tensor, sigma: float, extra_args
     return denoiser(x, sigma_in, **(extra_args or {})).to(torch.float32)
 
 
-def report(callback: Callback | None, i: int, total: int, x: Tensor, sig: list[float], denoised: Tensor) -> None:
+def report(
+    callback: Callback | None, i: int, total: int, x: Tensor, sig: list[float], denoised: Tensor
+) -> None:
     if callback is not None:
         callback(StepInfo(index=i, total=total, x=x, sigma=sig[i], sigma_next=sig[i + 1], denoised=denoised))
 

@@ -19,25 +19,14 @@ names ("DPM++ 2M Karras"); ``a1111_names`` goes back for infotext.
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .sampler_base import (
-    Callback,
-    NoiseSource,
-    StepInfo,
-    ancestral_step,
-    brownian_tree_noise,
-    denoise,
-    gaussian_noise,
-    prepare,
-    report,
-    resolve_noise,
-)
+from .sampler_base import Callback, NoiseSource, StepInfo, brownian_tree_noise, gaussian_noise
 from .samplers_multistep import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
@@ -46,11 +35,24 @@ from .samplers_multistep import (
     sample_plms,
     sample_unipc,
 )
+from .samplers_singlestep import (
+    sample_ddim,
+    sample_dpm2,
+    sample_dpm2_ancestral,
+    sample_dpmpp_2m_sde_heun,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lcm,
+)
 from .schedules import SCHEDULES, DiscreteSchedule, get_sigmas
 
 __all__ = [
     "SAMPLERS",
     "SCHEDULE_A1111_LABELS",
+    "SCHEDULE_A1111_NAMES",
     "Callback",
     "NoiseSource",
     "SamplerSpec",
@@ -79,332 +81,7 @@ __all__ = [
     "sampler_sigmas",
 ]
 
-DenoiserFn = Callable[..., Tensor]
 SamplerFn = Callable[..., Tensor]
-_MAX_CHURN_GAMMA = 2**0.5 - 1
-
-
-def _churn(
-    x: Tensor, i: int, sig: list[float], noise_fn: Callable[[], NoiseSource], churn: tuple[float, float, float, float]
-) -> tuple[Tensor, float]:
-    """Karras et al. (2022) Algorithm 2 "churn": raise sigma to sigma_hat by adding fresh noise."""
-    s_churn, s_tmin, s_tmax, s_noise = churn
-    gamma = min(s_churn / (len(sig) - 1), _MAX_CHURN_GAMMA) if s_tmin <= sig[i] <= s_tmax else 0.0
-    sigma_hat = sig[i] * (gamma + 1)
-    if gamma > 0:
-        x = x + noise_fn()(sig[i], sigma_hat) * s_noise * math.sqrt(sigma_hat**2 - sig[i] ** 2)
-    return x, sigma_hat
-
-
-@torch.no_grad()
-def sample_euler(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Euler steps on the probability-flow ODE, Karras et al. 2022 Algorithm 2 (churn optional)."""
-    x, sig = prepare(x, sigmas)
-    n = len(sig) - 1
-    for i in range(n):
-        x, sigma_hat = _churn(x, i, sig, lambda: resolve_noise(noise, x), (s_churn, s_tmin, s_tmax, s_noise))
-        denoised = denoise(denoiser, x, sigma_hat, extra_args)
-        report(callback, i, n, x, sig, denoised)
-        x = x + (x - denoised) / sigma_hat * (sig[i + 1] - sigma_hat)
-    return x
-
-
-def _ancestral_euler_loop(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    extra_args: dict | None,
-    callback: Callback | None,
-    noise: NoiseSource | torch.Generator | None,
-    eta: float,
-    s_noise: float,
-) -> Tensor:
-    x, sig = prepare(x, sigmas)
-    noise_fn = resolve_noise(noise, x) if eta else None
-    n = len(sig) - 1
-    for i in range(n):
-        denoised = denoise(denoiser, x, sig[i], extra_args)
-        report(callback, i, n, x, sig, denoised)
-        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        x = x + (x - denoised) / sig[i] * (sigma_down - sig[i])
-        if sigma_up > 0 and noise_fn is not None:
-            x = x + noise_fn(sig[i], sig[i + 1]) * s_noise * sigma_up
-    return x
-
-
-@torch.no_grad()
-def sample_euler_ancestral(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Ancestral sampling with Euler steps (k-diffusion's "Euler a"): step to sigma_down, add noise."""
-    return _ancestral_euler_loop(denoiser, x, sigmas, extra_args, callback, noise, eta, s_noise)
-
-
-@torch.no_grad()
-def sample_ddim(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 0.0,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """DDIM, Song et al. 2021, in sigma form: deterministic Euler for eta=0, ancestral noise for eta>0.
-
-    In the VE latent x / sqrt(abar) the DDIM update is exactly an Euler step, and DDIM's eta
-    noise is k-diffusion's ancestral sigma_up, so this is Euler-ancestral with eta defaulting to 0.
-    """
-    return _ancestral_euler_loop(denoiser, x, sigmas, extra_args, callback, noise, eta, s_noise)
-
-
-@torch.no_grad()
-def sample_heun(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Heun's second-order method, Karras et al. 2022 Algorithm 2; the last step (to 0) is Euler."""
-    x, sig = prepare(x, sigmas)
-    n = len(sig) - 1
-    for i in range(n):
-        x, sigma_hat = _churn(x, i, sig, lambda: resolve_noise(noise, x), (s_churn, s_tmin, s_tmax, s_noise))
-        denoised = denoise(denoiser, x, sigma_hat, extra_args)
-        report(callback, i, n, x, sig, denoised)
-        d = (x - denoised) / sigma_hat
-        dt = sig[i + 1] - sigma_hat
-        if sig[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = (x_2 - denoise(denoiser, x_2, sig[i + 1], extra_args)) / sig[i + 1]
-            x = x + (d + d_2) / 2 * dt
-    return x
-
-
-@torch.no_grad()
-def sample_dpm2(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = float("inf"),
-    s_noise: float = 1.0,
-) -> Tensor:
-    """DPM-Solver-2 style midpoint steps (Lu et al. 2022, as k-diffusion's sample_dpm_2); last step Euler."""
-    x, sig = prepare(x, sigmas)
-    n = len(sig) - 1
-    for i in range(n):
-        x, sigma_hat = _churn(x, i, sig, lambda: resolve_noise(noise, x), (s_churn, s_tmin, s_tmax, s_noise))
-        denoised = denoise(denoiser, x, sigma_hat, extra_args)
-        report(callback, i, n, x, sig, denoised)
-        d = (x - denoised) / sigma_hat
-        if sig[i + 1] == 0:
-            x = x + d * (sig[i + 1] - sigma_hat)
-        else:
-            sigma_mid = math.sqrt(sigma_hat * sig[i + 1])  # geometric midpoint = midpoint in log-sigma
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = (x_2 - denoise(denoiser, x_2, sigma_mid, extra_args)) / sigma_mid
-            x = x + d_2 * (sig[i + 1] - sigma_hat)
-    return x
-
-
-@torch.no_grad()
-def sample_dpm2_ancestral(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Ancestral sampling with DPM-Solver-2 midpoint steps to sigma_down (k-diffusion's "DPM2 a")."""
-    x, sig = prepare(x, sigmas)
-    noise_fn = resolve_noise(noise, x) if eta else None
-    n = len(sig) - 1
-    for i in range(n):
-        denoised = denoise(denoiser, x, sig[i], extra_args)
-        report(callback, i, n, x, sig, denoised)
-        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        d = (x - denoised) / sig[i]
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sig[i])
-            continue
-        sigma_mid = math.sqrt(sig[i] * sigma_down)
-        x_2 = x + d * (sigma_mid - sig[i])
-        d_2 = (x_2 - denoise(denoiser, x_2, sigma_mid, extra_args)) / sigma_mid
-        x = x + d_2 * (sigma_down - sig[i])
-        if sigma_up > 0 and noise_fn is not None:
-            x = x + noise_fn(sig[i], sig[i + 1]) * s_noise * sigma_up
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """Ancestral sampling with DPM-Solver++(2S) steps, Lu et al. 2022 (k-diffusion)."""
-    x, sig = prepare(x, sigmas)
-    noise_fn = resolve_noise(noise, x) if eta else None
-    n = len(sig) - 1
-    for i in range(n):
-        denoised = denoise(denoiser, x, sig[i], extra_args)
-        report(callback, i, n, x, sig, denoised)
-        sigma_down, sigma_up = ancestral_step(sig[i], sig[i + 1], eta)
-        if sigma_down == 0:
-            x = denoised
-        else:
-            h = math.log(sig[i] / sigma_down)
-            sigma_mid = math.sqrt(sig[i] * sigma_down)  # lambda + h / 2
-            x_2 = (sigma_mid / sig[i]) * x - math.expm1(-h / 2) * denoised
-            denoised_2 = denoise(denoiser, x_2, sigma_mid, extra_args)
-            x = (sigma_down / sig[i]) * x - math.expm1(-h) * denoised_2
-        if sigma_up > 0 and noise_fn is not None:
-            x = x + noise_fn(sig[i], sig[i + 1]) * s_noise * sigma_up
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_sde(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 0.5,
-) -> Tensor:
-    """DPM-Solver++ (stochastic), Lu et al. 2022 / k-diffusion: two ancestral half-steps per step.
-
-    The two draws of a step cover (sigma, sigma_mid) and (sigma, sigma_next); A1111 feeds them from
-    one Brownian tree (``brownian_tree_noise``) so they are correlated, i.i.d. normals also work.
-    """
-    if not 0.0 < r < 1.0:
-        raise ValueError(f"r (the intermediate point in log-sigma) must be in (0, 1), got {r}")
-    x, sig = prepare(x, sigmas)
-    noise_fn = resolve_noise(noise, x) if eta else None
-    n = len(sig) - 1
-    for i in range(n):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = denoise(denoiser, x, s, extra_args)
-        report(callback, i, n, x, sig, denoised)
-        if s_next == 0:
-            x = denoised
-            continue
-        # Brownian increments move by ~sqrt(dt) when a query time moves by dt, so the noise levels
-        # of this step are computed as k-diffusion does (float32 via lambda = -log sigma): then a
-        # Brownian noise source sees bit-identical query times and replays A1111/diffusers exactly.
-        lam = -torch.tensor([s, s_next], dtype=torch.float32).log()  # (2,)
-        lam_mid = lam[0] + (lam[1] - lam[0]) * r
-        s, s_next, sigma_mid = (float(v) for v in torch.stack([lam[0], lam[1], lam_mid]).neg().exp())
-        h = math.log(s / s_next)
-        sd, su = ancestral_step(s, sigma_mid, eta)
-        x_2 = (sd / s) * x - (sd / s - 1) * denoised
-        if su > 0 and noise_fn is not None:
-            x_2 = x_2 + noise_fn(s, sigma_mid) * s_noise * su
-        denoised_2 = denoise(denoiser, x_2, sigma_mid, extra_args)
-        sd, su = ancestral_step(s, s_next, eta)
-        fac = 1 / (2 * r)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (sd / s) * x - (sd / s - 1) * denoised_d
-        if su > 0 and noise_fn is not None:
-            x = x + noise_fn(s, s_next) * s_noise * su
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde_heun(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
-    """DPM-Solver++(2M) SDE with the Heun-type second-order term (A1111's "DPM++ 2M SDE Heun")."""
-    return sample_dpmpp_2m_sde(
-        denoiser, x, sigmas, extra_args=extra_args, callback=callback, noise=noise, eta=eta, s_noise=s_noise,
-        solver_type="heun",
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def sample_lcm(
-    denoiser: DenoiserFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    extra_args: dict | None = None,
-    callback: Callback | None = None,
-    noise: NoiseSource | torch.Generator | None = None,
-) -> Tensor:
-    """Latent Consistency Model multistep sampling, Luo et al. 2023: denoise, then re-noise to sigma_next.
-
-    The consistency boundary scalings of diffusers' LCMScheduler (c_skip <= 7e-6 at t >= 19) are
-    not applied, as in ComfyUI.
-    """
-    x, sig = prepare(x, sigmas)
-    noise_fn = resolve_noise(noise, x)
-    n = len(sig) - 1
-    for i in range(n):
-        denoised = denoise(denoiser, x, sig[i], extra_args)
-        report(callback, i, n, x, sig, denoised)
-        x = denoised
-        if sig[i + 1] > 0:
-            x = x + noise_fn(sig[i], sig[i + 1]) * sig[i + 1]
-    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +104,10 @@ class SamplerSpec:
     discard_penultimate: bool = False  # A1111 builds steps + 1 sigmas and drops the next-to-last
     aliases: tuple[str, ...] = ()
 
+    def accepts(self, option: str) -> bool:
+        """Whether the sampler function takes keyword ``option`` (e.g. "eta", "s_churn", "order")."""
+        return option in inspect.signature(self.fn).parameters
+
 
 def _spec(id: str, fn: SamplerFn, label: str, schedule: str, *aliases: str, **flags: bool) -> SamplerSpec:
     return SamplerSpec(id=id, fn=fn, label=label, default_schedule=schedule, aliases=aliases, **flags)
@@ -436,31 +117,100 @@ SAMPLERS: dict[str, SamplerSpec] = {
     s.id: s
     for s in (
         _spec("euler", sample_euler, "Euler", "normal", "k_euler"),
-        _spec("euler_a", sample_euler_ancestral, "Euler a", "normal", "k_euler_a", "k_euler_ancestral",
-              stochastic=True, ancestral=True),
+        _spec(
+            "euler_a",
+            sample_euler_ancestral,
+            "Euler a",
+            "normal",
+            "k_euler_a",
+            "k_euler_ancestral",
+            stochastic=True,
+            ancestral=True,
+        ),
         _spec("heun", sample_heun, "Heun", "normal", "k_heun", second_order=True),
-        _spec("dpm2", sample_dpm2, "DPM2", "karras", "k_dpm_2", a1111_names_schedule=True, second_order=True,
-              discard_penultimate=True),
-        _spec("dpm2_a", sample_dpm2_ancestral, "DPM2 a", "karras", "k_dpm_2_a", a1111_names_schedule=True,
-              stochastic=True, ancestral=True, second_order=True, discard_penultimate=True),
+        _spec(
+            "dpm2",
+            sample_dpm2,
+            "DPM2",
+            "karras",
+            "k_dpm_2",
+            a1111_names_schedule=True,
+            second_order=True,
+            discard_penultimate=True,
+        ),
+        _spec(
+            "dpm2_a",
+            sample_dpm2_ancestral,
+            "DPM2 a",
+            "karras",
+            "k_dpm_2_a",
+            a1111_names_schedule=True,
+            stochastic=True,
+            ancestral=True,
+            second_order=True,
+            discard_penultimate=True,
+        ),
         _spec("lms", sample_lms, "LMS", "normal", "k_lms"),
-        _spec("dpmpp_2s_a", sample_dpmpp_2s_ancestral, "DPM++ 2S a", "karras", "k_dpmpp_2s_a",
-              a1111_names_schedule=True, stochastic=True, ancestral=True, second_order=True),
+        _spec(
+            "dpmpp_2s_a",
+            sample_dpmpp_2s_ancestral,
+            "DPM++ 2S a",
+            "karras",
+            "k_dpmpp_2s_a",
+            a1111_names_schedule=True,
+            stochastic=True,
+            ancestral=True,
+            second_order=True,
+        ),
         _spec("dpmpp_2m", sample_dpmpp_2m, "DPM++ 2M", "karras", "k_dpmpp_2m", a1111_names_schedule=True),
-        _spec("dpmpp_sde", sample_dpmpp_sde, "DPM++ SDE", "karras", "k_dpmpp_sde", a1111_names_schedule=True,
-              stochastic=True, sde=True, second_order=True),
-        _spec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", "exponential", "k_dpmpp_2m_sde",
-              a1111_names_schedule=True, stochastic=True, sde=True),
-        _spec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde_heun, "DPM++ 2M SDE Heun", "exponential",
-              "k_dpmpp_2m_sde_heun", a1111_names_schedule=True, stochastic=True, sde=True),
-        _spec("dpmpp_3m_sde", sample_dpmpp_3m_sde, "DPM++ 3M SDE", "exponential", "k_dpmpp_3m_sde",
-              a1111_names_schedule=True, stochastic=True, sde=True, discard_penultimate=True),
+        _spec(
+            "dpmpp_sde",
+            sample_dpmpp_sde,
+            "DPM++ SDE",
+            "karras",
+            "k_dpmpp_sde",
+            a1111_names_schedule=True,
+            stochastic=True,
+            sde=True,
+            second_order=True,
+        ),
+        _spec(
+            "dpmpp_2m_sde",
+            sample_dpmpp_2m_sde,
+            "DPM++ 2M SDE",
+            "exponential",
+            "k_dpmpp_2m_sde",
+            a1111_names_schedule=True,
+            stochastic=True,
+            sde=True,
+        ),
+        _spec(
+            "dpmpp_2m_sde_heun",
+            sample_dpmpp_2m_sde_heun,
+            "DPM++ 2M SDE Heun",
+            "exponential",
+            "k_dpmpp_2m_sde_heun",
+            a1111_names_schedule=True,
+            stochastic=True,
+            sde=True,
+        ),
+        _spec(
+            "dpmpp_3m_sde",
+            sample_dpmpp_3m_sde,
+            "DPM++ 3M SDE",
+            "exponential",
+            "k_dpmpp_3m_sde",
+            a1111_names_schedule=True,
+            stochastic=True,
+            sde=True,
+            discard_penultimate=True,
+        ),
         _spec("ddim", sample_ddim, "DDIM", "ddim_uniform"),
         _spec("plms", sample_plms, "PLMS", "ddim_uniform"),
         _spec("unipc", sample_unipc, "UniPC", "sgm_uniform"),
         _spec("lcm", sample_lcm, "LCM", "normal", "k_lcm", stochastic=True),
     )
-}  # fmt: skip
+}
 
 # A1111 schedule types: display label -> our schedule id (None: the sampler's default).
 SCHEDULE_A1111_NAMES: dict[str, str | None] = {
@@ -487,7 +237,11 @@ SCHEDULE_A1111_LABELS: dict[str, str] = {
     "beta": "Beta",
 }
 # A1111's internal scheduler names and aliases, also accepted (and as suffixes of combined names).
-_SCHEDULE_EXTRA_NAMES: dict[str, str | None] = {"uniform": "normal", "ddim": "ddim_uniform", "sgmuniform": "sgm_uniform"}
+_SCHEDULE_EXTRA_NAMES: dict[str, str | None] = {
+    "uniform": "normal",
+    "ddim": "ddim_uniform",
+    "sgmuniform": "sgm_uniform",
+}
 _LEGACY_SUFFIXES = {"_ka": "karras", "_exp": "exponential"}  # k_dpmpp_2m_ka, k_dpmpp_3m_sde_exp, ...
 
 
@@ -495,10 +249,9 @@ def _norm(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-_SAMPLER_LOOKUP: dict[str, str] = {}
-for _s in SAMPLERS.values():
-    for _key in (_s.id, _s.label, *_s.aliases):
-        _SAMPLER_LOOKUP[_norm(_key)] = _s.id
+_SAMPLER_LOOKUP: dict[str, str] = {
+    _norm(key): spec.id for spec in SAMPLERS.values() for key in (spec.id, spec.label, *spec.aliases)
+}
 _SCHEDULE_LOOKUP: dict[str, str | None] = {
     **{_norm(k): v for k, v in SCHEDULE_A1111_NAMES.items()},
     **_SCHEDULE_EXTRA_NAMES,
@@ -547,14 +300,18 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
                 from_name = resolve_schedule(suffix, sampler_id)
                 break
     if sampler_id is None:
-        raise ValueError(f"unknown sampler {name!r}; valid: {_valid_samplers()} "
-                         "(A1111 names may end with a schedule type, e.g. 'DPM++ 2M Karras')")
+        raise ValueError(
+            f"unknown sampler {name!r}; valid: {_valid_samplers()} "
+            "(A1111 names may end with a schedule type, e.g. 'DPM++ 2M Karras')"
+        )
     explicit = resolve_schedule(schedule, sampler_id)
     if from_name is None:
         return sampler_id, explicit
     if schedule is not None and _SCHEDULE_LOOKUP.get(_norm(schedule)) is not None and explicit != from_name:
-        raise ValueError(f"sampler name {name!r} implies schedule {from_name!r} but schedule={schedule!r} "
-                         f"was also given ({explicit!r}); drop one of them")
+        raise ValueError(
+            f"sampler name {name!r} implies schedule {from_name!r} but schedule={schedule!r} "
+            f"was also given ({explicit!r}); drop one of them"
+        )
     return sampler_id, from_name
 
 

@@ -37,7 +37,9 @@ def _lms_coefficient(order: int, sig: list[float], i: int, j: int) -> float:
             continue
         denom = nodes[j] - nodes[k]
         shifted = [0.0] + poly  # u * poly
-        poly = [(shifted[p] - nodes[k] * (poly[p] if p < len(poly) else 0.0)) / denom for p in range(len(shifted))]
+        poly = [
+            (shifted[p] - nodes[k] * (poly[p] if p < len(poly) else 0.0)) / denom for p in range(len(shifted))
+        ]
     h = sig[i + 1] - sig[i]
     return sum(c * h ** (p + 1) / (p + 1) for p, c in enumerate(poly))
 
@@ -79,7 +81,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     noise: NoiseSource | torch.Generator | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022: second-order multistep in data prediction; first order at the ends."""
+    """DPM-Solver++(2M), Lu et al. 2022: second-order multistep, data prediction; first order at the ends."""
     x, sig = prepare(x, sigmas)
     n = len(sig) - 1
     old_denoised: Tensor | None = None
@@ -232,7 +234,9 @@ def sample_plms(
     return x
 
 
-def _unipc_coefficients(rks: list[float], hh: float, variant: str) -> tuple[list[list[float]], list[float], float]:
+def _unipc_coefficients(
+    rks: list[float], hh: float, variant: str
+) -> tuple[list[list[float]], list[float], float]:
     """UniPC's Vandermonde system R, right side b and B(h) for ratios rks (last is 1)."""
     h_phi_k = math.expm1(hh) / hh - 1
     b_h = hh if variant == "bh1" else math.expm1(hh)
@@ -246,7 +250,9 @@ def _unipc_coefficients(rks: list[float], hh: float, variant: str) -> tuple[list
 
 
 def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
-    return torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
+    return torch.linalg.solve(
+        torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    ).tolist()
 
 
 def _unipc_update(

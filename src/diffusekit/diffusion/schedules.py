@@ -52,6 +52,7 @@ __all__ = [
     "polyexponential_sigmas",
     "rescale_zero_terminal_snr",
     "scaled_linear_betas",
+    "sd_alphas_cumprod",
     "sd_schedule",
     "sgm_uniform_sigmas",
     "simple_sigmas",
@@ -61,10 +62,14 @@ __all__ = [
 ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24
 
 
-def scaled_linear_betas(beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000) -> Tensor:
+def scaled_linear_betas(
+    beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000
+) -> Tensor:
     """LDM's "scaled linear" betas: (linspace(sqrt(start), sqrt(end), T))^2, float64 (T,)."""
     if not 0.0 < beta_start < beta_end < 1.0:
-        raise ValueError(f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        raise ValueError(
+            f"need 0 < beta_start < beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
+        )
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}")
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
@@ -95,7 +100,9 @@ class DiscreteSchedule:
     def __post_init__(self) -> None:
         ac = torch.as_tensor(self.alphas_cumprod).detach().to("cpu", torch.float32)
         if ac.ndim != 1 or ac.numel() < 2:
-            raise ValueError(f"alphas_cumprod must be a 1-D table of at least 2 entries, got shape {tuple(ac.shape)}")
+            raise ValueError(
+                f"alphas_cumprod must be a 1-D table of at least 2 entries, got shape {tuple(ac.shape)}"
+            )
         if not bool(((ac > 0) & (ac <= 1)).all()):
             raise ValueError(
                 "alphas_cumprod must lie in (0, 1]; a zero-terminal-SNR table must pin its last entry "
@@ -138,8 +145,9 @@ class DiscreteSchedule:
         interpolated t, which is what diffusers does for its Karras timesteps).
         """
         sigma = torch.as_tensor(sigma)
-        log_sigma = sigma.detach().to(torch.float64).clamp_min(1e-30).log().reshape(-1)  # (N,)
-        log_sigmas = self.log_sigmas.to(log_sigma.device)  # (T,)
+        # on the CPU in float64 (not every accelerator has float64); (N,) against the (T,) table
+        log_sigma = sigma.detach().to("cpu", torch.float64).clamp_min(1e-30).log().reshape(-1)
+        log_sigmas = self.log_sigmas
         if quantize:
             t = (log_sigma[:, None] - log_sigmas[None, :]).abs().argmin(dim=1).to(torch.float64)
         else:
@@ -147,23 +155,33 @@ class DiscreteSchedule:
             lo, hi = log_sigmas[low], log_sigmas[low + 1]
             w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0)
             t = low.to(torch.float64) + w
-        return t.to(torch.float32).reshape(sigma.shape)
+        return t.to(torch.float32).reshape(sigma.shape).to(sigma.device)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at continuous timesteps t in [0, T-1] by log-linear interpolation of the table."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        device = torch.as_tensor(t).device
+        t = torch.as_tensor(t).detach().to("cpu", torch.float64)
         if bool(((t < 0) | (t > self.num_timesteps - 1)).any()):
-            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {t.min():.4g}..{t.max():.4g}")
-        log_sigmas = self.log_sigmas.to(t.device)
+            raise ValueError(
+                f"timesteps must lie in [0, {self.num_timesteps - 1}], got {t.min():.4g}..{t.max():.4g}"
+            )
+        log_sigmas = self.log_sigmas
         low = t.floor().long()
         high = t.ceil().long()
         w = t - low
-        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp().to(torch.float32)
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp().to(device, torch.float32)
 
 
 def sd_schedule(*, zero_terminal_snr: bool = False) -> DiscreteSchedule:
     """Stable Diffusion's training schedule: scaled-linear betas 0.00085..0.012 over 1,000 steps."""
-    return DiscreteSchedule.from_betas(scaled_linear_betas(0.00085, 0.012, 1000), zero_terminal_snr=zero_terminal_snr)
+    return DiscreteSchedule.from_betas(
+        scaled_linear_betas(0.00085, 0.012, 1000), zero_terminal_snr=zero_terminal_snr
+    )
+
+
+def sd_alphas_cumprod(*, zero_terminal_snr: bool = False) -> Tensor:
+    """SD's (1000,) float32 alphas_cumprod table (DDPM training noise levels), as LDM stores it."""
+    return sd_schedule(zero_terminal_snr=zero_terminal_snr).alphas_cumprod.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +198,9 @@ def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def _range(schedule: DiscreteSchedule, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+def _range(
+    schedule: DiscreteSchedule, sigma_min: float | None, sigma_max: float | None
+) -> tuple[float, float]:
     lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
     hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
     if not 0.0 < lo < hi:

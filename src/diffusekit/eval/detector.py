@@ -25,23 +25,23 @@ ALPHA_THRESHOLD = 0.5  # unmixed opacity at which a pixel counts as part of an o
 MIN_AREA = 0.004  # components smaller than this fraction of the image are specks
 CENTER_TOLERANCE = 0.06  # fraction of the image side a detected center may be off from the truth
 WINDOW_PAD = 3  # pixels of context around a component for the shape fit
+RASTER_GROWTH = 0.5  # Pillow's polygon fill reaches about half a (supersampled) pixel beyond the outline
 
 
 @dataclass(frozen=True)
 class DetectedObject:
-    """One object read from pixels: center and extent of the fitted shape, pixel bbox (x0, y0, x1, y1) of
-    its mask (exclusive), mask area, fitted blur, and the fit errors (shape_margin: runner-up minus best)."""
+    """One object read from pixels, with how well its shape and color fit (lower error is better)."""
 
     shape: str
     color: str
-    center: tuple[float, float]
-    bbox: tuple[int, int, int, int]
-    area: int
-    extent: float
-    blur: float
-    shape_error: float
-    shape_margin: float
-    color_error: float
+    center: tuple[float, float]  # center of the fitted shape's box, in pixels
+    bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) of its pixel mask, x1/y1 exclusive
+    area: int  # pixels in its mask
+    extent: float  # largest side of the fitted shape, in pixels
+    blur: float  # fitted Gaussian blur sigma, in pixels
+    shape_error: float  # L1 coverage misfit per unit mass of the chosen shape
+    shape_margin: float  # runner-up shape's error minus the chosen one's: small means ambiguous
+    color_error: float  # CIELAB distance of its core color to the chosen palette color
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -144,9 +144,14 @@ def polygon_moments(points: np.ndarray) -> tuple[float, float, float, float, flo
 
 
 @lru_cache(maxsize=1)
-def _unit_moments() -> dict[str, tuple[float, float, float, float, float]]:
-    """polygon_moments of every shape at extent 1 centered on 0."""
-    return {s: polygon_moments(shape_polygon(s, (0.0, 0.0), 1.0)) for s in SHAPES}
+def _unit_moments() -> dict[str, tuple[float, float, float, float, float, float]]:
+    """polygon_moments and perimeter of every shape at extent 1 centered on 0."""
+    out = {}
+    for s in SHAPES:
+        pts = shape_polygon(s, (0.0, 0.0), 1.0)
+        perimeter = float(np.linalg.norm(pts - np.roll(pts, -1, axis=0), axis=1).sum())
+        out[s] = (*polygon_moments(pts), perimeter)
+    return out
 
 
 def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
@@ -185,7 +190,7 @@ def fit_shapes(coverage: np.ndarray) -> list[ShapeFit]:
 
     Mass and centroid are unchanged by blur, so for each shape they fix its extent and position; the excess
     of the observed second moments over the sharp shape's gives the blur. The error is the L1 difference
-    between the observed and the rendered, blurred coverage (at that blur and a few nearby ones) per unit mass.
+    between observed and rendered, blurred coverage (at that blur and a few nearby ones) per unit mass.
     """
     h, w = coverage.shape
     mass = float(coverage.sum())
@@ -196,8 +201,11 @@ def fit_shapes(coverage: np.ndarray) -> list[ShapeFit]:
     vx = (coverage * (xs - cx) ** 2).sum() / mass
     vy = (coverage * (ys - cy) ** 2).sum() / mass
     fits = []
-    for shape, (area, ox, oy, kx, ky) in _unit_moments().items():
-        extent = math.sqrt(mass / area)
+    grow = RASTER_GROWTH / 4  # the renders below and the data generator both supersample 4x
+    for shape, (area, ox, oy, kx, ky, perimeter) in _unit_moments().items():
+        # mass = area * e^2 + perimeter * e * grow: the rasterizer fills a thin band outside the outline.
+        b = perimeter * grow
+        extent = (-b + math.sqrt(b * b + 4 * area * mass)) / (2 * area)
         sigma0 = math.sqrt(max(0.0, 0.5 * ((vx - kx * extent**2) + (vy - ky * extent**2))))
         center = (float(cx - ox * extent), float(cy - oy * extent))
         sharp = render_coverage(shape, center, extent, (h, w))
