@@ -36,6 +36,13 @@ def _params(**kw) -> GenerationParams:
     return GenerationParams(**(base | kw))
 
 
+def _ref(pipe, **kw) -> np.ndarray:
+    """The diffusers pipeline's images for the same prompt, steps, guidance and seed as _params()."""
+    base = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, output_type="np",
+                generator=torch.Generator().manual_seed(1234))  # fmt: skip
+    return pipe(PROMPT, **(base | kw)).images
+
+
 def _ours(result) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float64) / 255 for im in result.images])  # (B, H, W, 3)
 
@@ -65,8 +72,7 @@ def test_txt2img_matches_diffusers(tmp_path):
 
     ours, ref = _pair("tiny_sd1", tmp_path, StableDiffusionPipeline)
     got = ours.generate(_params())
-    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    want = _ref(ref, height=64, width=64)
     _check_close(_ours(got), want)
 
 
@@ -76,8 +82,7 @@ def test_v_prediction_txt2img_matches_diffusers(tmp_path):
     ours, ref = _pair("tiny_sd2_v", tmp_path, StableDiffusionPipeline)
     assert ref.scheduler.config.prediction_type == "v_prediction"
     got = ours.generate(_params())
-    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    want = _ref(ref, height=64, width=64)
     _check_close(_ours(got), want)
 
 
@@ -87,8 +92,7 @@ def test_img2img_matches_diffusers(tmp_path):
     ours, ref = _pair("tiny_sd1", tmp_path, StableDiffusionImg2ImgPipeline)
     init = _image(5)
     got = ours.img2img(_params(denoising_strength=0.6, img2img_steps="diffusers"), init)
-    want = ref(PROMPT, image=init, strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-               guidance_scale=6.0, generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    want = _ref(ref, image=init, strength=0.6)
     _check_close(_ours(got), want)
 
 
@@ -100,9 +104,7 @@ def test_inpaint_matches_diffusers(tmp_path, name, strength):
     init, mask = _image(6), _mask()
     params = _params(denoising_strength=strength, img2img_steps="diffusers", mask_blur=0)
     got = ours.inpaint(params, init, mask)
-    want = ref(PROMPT, image=init, mask_image=mask, strength=strength, negative_prompt=NEGATIVE, height=64, width=64,
-               num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator().manual_seed(1234),
-               output_type="np").images  # fmt: skip
+    want = _ref(ref, image=init, mask_image=mask, strength=strength, height=64, width=64)
     _check_close(_ours(got), want)
     if name == "tiny_sd1":  # the known region is kept (up to VAE round trip) outside the mask
         keep = np.asarray(mask) == 0
@@ -114,8 +116,7 @@ def test_sdxl_txt2img_matches_diffusers(tmp_path):
 
     ours, ref = _pair("tiny_sdxl", tmp_path, StableDiffusionXLPipeline)
     got = ours.generate(_params())
-    want = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(1234), output_type="np").images  # fmt: skip
+    want = _ref(ref, height=64, width=64)
     _check_close(_ours(got), want)
 
 

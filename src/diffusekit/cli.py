@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_create)
 
     from .cli_generate import add_generation_commands
+    from .cli_train import add_training_commands
 
     add_generation_commands(sub)
+    add_training_commands(sub)
     return parser
 
 

@@ -174,12 +174,28 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 CLIP_L = TextEncoderConfig()  # OpenAI CLIP ViT-L/14 text tower, HF layout
 OPENCLIP_H = TextEncoderConfig(
-    layout="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
-    projection_dim=1024, pad_token_id=0, use_layers=23, final_norm=True,
+    layout="openclip",
+    width=1024,
+    layers=24,
+    heads=16,
+    mlp_width=4096,
+    activation="gelu",
+    projection_dim=1024,
+    pad_token_id=0,
+    use_layers=23,
+    final_norm=True,
 )  # SD2 uses the penultimate layer, then ln_final
 OPENCLIP_BIGG = TextEncoderConfig(
-    layout="openclip", width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu",
-    projection_dim=1280, pad_token_id=0, use_layers=31, final_norm=False,
+    layout="openclip",
+    width=1280,
+    layers=32,
+    heads=20,
+    mlp_width=5120,
+    activation="gelu",
+    projection_dim=1280,
+    pad_token_id=0,
+    use_layers=31,
+    final_norm=False,
 )
 
 SD1 = ModelConfig(family="sd1", unet=UNetConfig(), vae=VAEConfig(), text_encoders=(CLIP_L,), name="sd1")
@@ -195,8 +211,13 @@ SD2_V = replace(SD2, prediction="v", resolution=768, name="sd2_v")
 SDXL = ModelConfig(
     family="sdxl",
     unet=UNetConfig(
-        channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
-        num_head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+        channel_mult=(1, 2, 4),
+        transformer_depth=(0, 2, 10),
+        transformer_depth_middle=10,
+        num_head_channels=64,
+        context_dim=2048,
+        use_linear_in_transformer=True,
+        adm_in_channels=2816,
     ),
     vae=VAEConfig(scaling_factor=0.13025),
     text_encoders=(replace(CLIP_L, use_layers=11, final_norm=False), OPENCLIP_BIGG),
@@ -211,13 +232,25 @@ SDXL = ModelConfig(
 _TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
 _TINY_CLIP = TextEncoderConfig(width=32, layers=3, heads=4, mlp_width=64, use_layers=3)
 _TINY_OPENCLIP = TextEncoderConfig(
-    layout="openclip", width=32, layers=3, heads=4, mlp_width=64, activation="gelu",
-    projection_dim=32, pad_token_id=0, use_layers=2, final_norm=True,
+    layout="openclip",
+    width=32,
+    layers=3,
+    heads=4,
+    mlp_width=64,
+    activation="gelu",
+    projection_dim=32,
+    pad_token_id=0,
+    use_layers=2,
+    final_norm=True,
 )
 TINY_SD1 = ModelConfig(
     family="sd1",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0), num_heads=2, context_dim=32,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        transformer_depth=(1, 1, 0),
+        num_heads=2,
+        context_dim=32,
     ),
     vae=_TINY_VAE,
     text_encoders=(_TINY_CLIP,),
@@ -237,9 +270,15 @@ TINY_SD2_V = replace(TINY_SD2, prediction="v", name="tiny_sd2_v")
 TINY_SDXL = ModelConfig(
     family="sdxl",
     unet=UNetConfig(
-        model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
-        num_head_channels=16, context_dim=64, use_linear_in_transformer=True,
-        adm_in_channels=32 + 6 * 8, size_embed_dim=8,
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        transformer_depth=(0, 1, 2),
+        transformer_depth_middle=2,
+        num_head_channels=16,
+        context_dim=64,
+        use_linear_in_transformer=True,
+        adm_in_channels=32 + 6 * 8,
+        size_embed_dim=8,
     ),
     vae=replace(_TINY_VAE, scaling_factor=0.13025),
     text_encoders=(
@@ -250,9 +289,30 @@ TINY_SDXL = ModelConfig(
     name="tiny_sdxl",
 )
 
+# ---------------------------------------------------------------------------------------------
+# The model diffusekit trains itself (64x64 shapes): SD1 layout and key names, small widths. The VAE's
+# scaling factor here is a placeholder; training measures it and the shipped file records it.
+
+DEFAULT = ModelConfig(
+    family="sd1",
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2),
+        num_res_blocks=2,
+        transformer_depth=(1, 1),
+        num_head_channels=32,
+        context_dim=128,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, scaling_factor=1.0),
+    text_encoders=(TextEncoderConfig(width=128, layers=4, heads=2, mlp_width=512, use_layers=4),),
+    resolution=64,
+    name="default",
+)
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
-    for c in (SD1, SD1_INPAINT, SD2, SD2_V, SDXL, TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL)
+    for c in (SD1, SD1_INPAINT, SD2, SD2_V, SDXL, DEFAULT)
+    + (TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL)
 }
 PRESETS["tiny"] = TINY_SD1
 

@@ -127,9 +127,13 @@ class Trainer:
         return True
 
     def run(
-        self, loss_fn: Callable[[nn.Module, int], torch.Tensor], *, progress: bool = True, stop_at: int | None = None
+        self,
+        loss_fn: Callable[[nn.Module, int], torch.Tensor],
+        *,
+        progress: bool = True,
+        stop_at: int | None = None,
     ) -> TrainState:
-        """Train until cfg.steps (or `stop_at`, for tests), saving every cfg.save_every steps and at the end."""
+        """Train to cfg.steps (or `stop_at`, for tests), saving every cfg.save_every steps and at the end."""
         cfg = self.cfg
         end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
         self.module.train()
@@ -141,7 +145,9 @@ class Trainer:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = loss_fn(self.module, step)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.name}: loss became {loss.item()} at step {step}; lower the lr")
+                raise FloatingPointError(
+                    f"{self.name}: loss became {loss.item()} at step {step}; lower the lr"
+                )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,22 +44,50 @@ class TextToLatent(nn.Module):
         self.text_encoder = text_encoder
 
 
+@dataclass
+class LatentPool:
+    """Captioned posterior moments of a fixed set of training images, encoded once by the frozen VAE.
+
+    Encoding is most of a step's cost at this model size, so stage 2 cycles over a pool instead of
+    re-encoding every batch; a fresh posterior sample is still drawn per use.
+    """
+
+    moments: torch.Tensor  # (N, 2C, h, w) mean and logvar, float32
+    captions: list[str]
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae: AutoencoderKL, sample: SampleFn, n: int, batch: int = 64) -> LatentPool:
+        moments, captions = [], []
+        for start in range(0, n, batch):
+            items = [sample(i) for i in range(start, min(n, start + batch))]
+            x = torch.cat([to_tensor(img) for img, _ in items])
+            moments.append(vae.encode_moments(x).float())
+            captions += [c for _, c in items]
+        return cls(torch.cat(moments), captions)
+
+    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+        """Posterior samples (B, C, h, w) and captions of training step `step` (cycling over the pool)."""
+        idx = [(step * batch_size + j) % len(self.captions) for j in range(batch_size)]
+        mean, logvar = self.moments[idx].chunk(2, dim=1)
+        z = mean + (0.5 * logvar.clamp(-30, 20)).exp() * torch.randn_like(mean)
+        return z, [self.captions[i] for i in idx]
+
+
 class LatentDiffusionObjective:
-    """eps-prediction MSE at uniformly drawn DDPM timesteps, with caption dropout for classifier-free guidance."""
+    """eps-prediction MSE at uniform DDPM timesteps, with caption dropout for classifier-free guidance."""
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        pool: LatentPool,
         tokenizer: CLIPTokenizer,
-        sample: SampleFn,
         *,
         batch_size: int,
         scaling_factor: float,
         caption_dropout: float = 0.1,
     ):
-        self.vae = vae.eval().requires_grad_(False)
+        self.pool = pool
         self.tokenizer = tokenizer
-        self.sample = sample
         self.batch_size = batch_size
         self.scaling_factor = scaling_factor
         self.caption_dropout = caption_dropout
@@ -69,11 +98,10 @@ class LatentDiffusionObjective:
         return ["" if random.random() < self.caption_dropout else c for c in captions]
 
     def __call__(self, model: TextToLatent, step: int) -> torch.Tensor:
-        x, captions = image_batch(self.sample, self.batch_size, step)
-        with torch.no_grad():
-            z = self.vae.encode(x).sample().float() * self.scaling_factor  # (B, C, h, w)
+        z, captions = self.pool.batch(step, self.batch_size)
+        z = z * self.scaling_factor  # (B, C, h, w)
         ids = self.tokenizer(self.captions(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
-        context = model.text_encoder(ids).hidden  # (B, 77, W)
+        context = model.text_encoder(ids, return_pooled=False).hidden  # (B, 77, W)
         t = torch.randint(0, len(self.alphas_cumprod), (z.shape[0],))
         a = self.alphas_cumprod[t].float()[:, None, None, None]
         noise = torch.randn_like(z)
@@ -82,11 +110,7 @@ class LatentDiffusionObjective:
         return F.mse_loss(pred, noise)
 
 
-@torch.no_grad()
-def latent_scale(vae: AutoencoderKL, sample: SampleFn, n: int = 256, batch: int = 64) -> float:
+def latent_scale(pool: LatentPool) -> float:
     """1 / std of the posterior-mean latents, as SD's 0.18215 was chosen, rounded to 5 decimals."""
-    zs = []
-    for start in range(0, n, batch):
-        x, _ = image_batch(sample, batch, start // batch)
-        zs.append(vae.encode(x).mean.float())
-    return round(1.0 / torch.cat(zs).std().item(), 5)
+    mean = pool.moments.chunk(2, dim=1)[0]
+    return round(1.0 / mean.std().item(), 5)

@@ -1,0 +1,1 @@
+"""Training: the loop, the objectives, and the recipe for the default model."""

@@ -1,0 +1,189 @@
+"""The recipe that trains diffusekit's default model from nothing: VAE, then U-Net + text encoder.
+
+Stage 1 trains the AutoencoderKL on shapes images; its latent scale is measured like SD's 0.18215.
+Stage 2 trains the U-Net and a CLIP-architecture text encoder jointly (the real CLIP BPE tokenizer),
+on latents of the frozen VAE. Export writes the EMA weights as one SD1-layout .safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.load import checkpoint_metadata
+from ..checkpoints.single_file import save_state_dict
+from ..data.shapes import ShapesDataset
+from ..models.clip import build_text_encoder
+from ..models.configs import DEFAULT, ModelConfig
+from ..models.init import randomize_
+from ..models.sd import StableDiffusion
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from .loop import TrainConfig, Trainer, save_atomic
+from .objectives import (
+    LatentDiffusionObjective,
+    LatentPool,
+    TextToLatent,
+    image_batch,
+    latent_scale,
+    vae_loss,
+)
+from .report import image_grid, loss_curve_png
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained model; `diffusekit train` writes it next to the outputs."""
+
+    model: ModelConfig = DEFAULT
+    data_seed: int = 0
+    vae: TrainConfig = TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
+    kl_weight: float = 1e-6
+    ldm: TrainConfig = TrainConfig(steps=12000, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.9995, seed=2)
+    caption_dropout: float = 0.1
+    pool_size: int = 100_000  # training images encoded once for stage 2
+
+    def scaled(self, factor: float) -> Recipe:
+        """The same recipe with every stage's step count multiplied by `factor` (for quick runs)."""
+        steps = lambda c: replace(c, steps=max(1, int(c.steps * factor)), warmup=min(c.warmup, 10))  # noqa: E731
+        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm))
+
+
+def dataset_sampler(recipe: Recipe, split: str = "train"):
+    """index -> (PIL image, caption) from the procedural shapes data."""
+    data = ShapesDataset(seed=recipe.data_seed, size=recipe.model.resolution, length=2**62, split=split)
+
+    def sample(index: int):
+        s = data[index]
+        return s.image, s.caption
+
+    return sample
+
+
+def _seeded(seed: int) -> None:
+    import random
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def train_vae(
+    recipe: Recipe, out: Path, *, resume: bool, stop_at: int | None = None
+) -> tuple[AutoencoderKL, Trainer]:
+    """Stage 1: the autoencoder."""
+    _seeded(recipe.vae.seed)
+    vae = AutoencoderKL(recipe.model.vae)
+    randomize_(vae, recipe.vae.seed)
+    trainer = Trainer("vae", vae, recipe.vae, out)
+    if not (resume and trainer.resume()):
+        _seeded(recipe.vae.seed)
+    sample = dataset_sampler(recipe)
+
+    def loss(module: AutoencoderKL, step: int) -> torch.Tensor:
+        x, _ = image_batch(sample, recipe.vae.batch_size, step)
+        return vae_loss(module, x, recipe.kl_weight)
+
+    trainer.run(loss, stop_at=stop_at)
+    trainer.ema.copy_to(vae)
+    return vae.eval(), trainer
+
+
+def latent_pool(recipe: Recipe, vae: AutoencoderKL, out: Path, *, resume: bool) -> LatentPool:
+    """The stage-2 latent pool, encoded once and kept in `out` so a resumed run reuses it."""
+    path = out / "latents.pt"
+    if resume and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return LatentPool(saved["moments"], saved["captions"])
+    pool = LatentPool.encode(vae.eval(), dataset_sampler(recipe), recipe.pool_size)
+    save_atomic({"moments": pool.moments, "captions": pool.captions}, path)
+    return pool
+
+
+def train_ldm(
+    recipe: Recipe, pool: LatentPool, scale: float, out: Path, *, resume: bool, stop_at: int | None = None
+) -> tuple[TextToLatent, Trainer]:
+    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents."""
+    _seeded(recipe.ldm.seed)
+    model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
+    _init_ldm(model, recipe.ldm.seed)
+    trainer = Trainer("ldm", model, recipe.ldm, out)
+    if not (resume and trainer.resume()):
+        _seeded(recipe.ldm.seed)
+    objective = LatentDiffusionObjective(
+        pool, CLIPTokenizer.bundled(), batch_size=recipe.ldm.batch_size, scaling_factor=scale,
+        caption_dropout=recipe.caption_dropout,
+    )  # fmt: skip
+    trainer.run(objective, stop_at=stop_at)
+    trainer.ema.copy_to(model)
+    return model.eval(), trainer
+
+
+@torch.no_grad()
+def _init_ldm(model: TextToLatent, seed: int) -> None:
+    """Seeded init; residual outputs start at zero (LDM's zero_module) so every block begins as identity."""
+    randomize_(model, seed)
+    zero = ("out_layers.3.weight", "out_layers.3.bias", "proj_out.weight", "proj_out.bias")
+    for name, p in model.unet.named_parameters():
+        if name.endswith(zero) or name.startswith("out.2."):
+            p.zero_()
+    for name, p in model.text_encoder.named_parameters():
+        if "embedding" in name:
+            p.mul_(0.02 / p.std())  # CLIP's N(0, 0.02) token and position embeddings
+
+
+def export(recipe: Recipe, vae: AutoencoderKL, ldm: TextToLatent, scale: float, path: Path) -> ModelConfig:
+    """Write the trained networks as one SD1-layout single file (fp16) carrying its exact config."""
+    cfg = replace(recipe.model, vae=replace(recipe.model.vae, scaling_factor=scale))
+    model = StableDiffusion(cfg)
+    model.unet.load_state_dict(ldm.unet.state_dict())
+    model.vae.load_state_dict(vae.state_dict())
+    model.text_encoders[0].load_state_dict(ldm.text_encoder.state_dict())
+    sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    save_state_dict(
+        sd, path, metadata=checkpoint_metadata(cfg, {"diffusekit.recipe": json.dumps(asdict(recipe))})
+    )
+    return cfg
+
+
+def run_recipe(
+    recipe: Recipe, out: str | Path, *, resume: bool = True, model_path: str | Path | None = None
+) -> Path:
+    """Train both stages in `out` (resumable), export the model, draw the loss curves."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
+    vae, vae_trainer = train_vae(recipe, out, resume=resume)
+    pool = latent_pool(recipe, vae, out, resume=resume)
+    scale = latent_scale(pool)
+    ldm, ldm_trainer = train_ldm(recipe, pool, scale, out, resume=resume)
+    path = Path(model_path) if model_path else out / "model.safetensors"
+    export(recipe, vae, ldm, scale, path)
+    loss_curve_png({"vae": vae_trainer.state.losses, "ldm": ldm_trainer.state.losses}, out / "loss.png")
+    sample_grid(path, out / "samples.png")
+    return path
+
+
+GRID_PROMPTS = (
+    "a red circle", "two blue squares", "a green triangle to the left of a yellow star",
+    "a purple star", "three orange diamonds", "a cyan cross above a pink circle",
+    "a white square on the right", "a yellow circle and a blue cross",
+)  # fmt: skip
+
+
+def sample_grid(model_path: Path, out: Path, prompts: tuple[str, ...] = GRID_PROMPTS, seeds: int = 2) -> Path:
+    """A grid of `seeds` images per prompt from the exported model, captioned."""
+    from ..params import GenerationParams
+    from ..pipeline import Pipeline
+
+    pipe = Pipeline.from_file(model_path)
+    images, captions = [], []
+    for prompt in prompts:
+        for seed in range(seeds):
+            images += pipe.generate(GenerationParams(prompt=prompt, seed=seed)).images
+            captions.append(prompt)
+    image_grid(images, captions, cols=seeds * 4).save(out)
+    return out
