@@ -282,3 +282,29 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
         main(["--debug", "inspect", str(junk)])
     assert main(["inspect", str(tmp_path / "nope.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_separate_vae_file_or_folder_replaces_the_models_vae(tmp_path):
+    from diffusekit.checkpoints.convert_vae import vae_config_to_diffusers, vae_to_diffusers
+
+    cfg, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other, _ = make_checkpoint("tiny_sd1", tmp_path / "other", seed=9)
+    prefix = "first_stage_model."
+    vae_sd = {k[len(prefix) :]: v for k, v in other.items() if k.startswith(prefix)}
+    save_state_dict(vae_sd, tmp_path / "vae.safetensors")  # bare keys, as VAE files are shared
+
+    def assert_vae_is_other(loaded):
+        got = loaded.model.state_dict()
+        assert all(torch.equal(got["first_stage_model." + k], v) for k, v in vae_sd.items())
+        assert any("VAE replaced" in n for n in loaded.notes)
+
+    assert_vae_is_other(load_model(path, vae=tmp_path / "vae.safetensors"))
+    folder = tmp_path / "vae_folder"  # a diffusers vae/ folder works too
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(vae_config_to_diffusers(cfg.vae)))
+    save_state_dict(vae_to_diffusers(vae_sd, cfg.vae), folder / "diffusion_pytorch_model.safetensors")
+    assert_vae_is_other(load_model(path, vae=folder))
+    save_state_dict({"foo": torch.zeros(1)}, tmp_path / "notvae.safetensors")
+    with pytest.raises(CheckpointError, match="notvae.safetensors: not a VAE"):
+        load_model(path, vae=tmp_path / "notvae.safetensors")

@@ -214,3 +214,54 @@ def test_mask_size_mismatch_and_bad_prompt_weight(tiny):
         tiny.inpaint(_params(), _image(1), _mask(32))
     with pytest.raises(ParamError, match="prompt_mode"):
         tiny.generate(_params(prompt_mode="fancy"))
+
+
+# --- inpainting variants, memory guard, CLI ------------------------------------------------------
+
+
+def test_only_masked_changes_nothing_outside_the_padded_mask(tiny):
+    init = _image(3, size=128)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[80:100, 90:110] = 255
+    params = _params(width=64, height=64, inpaint_full_res=True, inpaint_full_res_padding=8, mask_blur=2)
+    out = np.asarray(tiny.inpaint(params, init, Image.fromarray(mask)).images[0])
+    assert out.shape == (128, 128, 3)
+    changed = np.abs(out.astype(int) - np.asarray(init).astype(int)).sum(-1) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.any() and ys.min() >= 80 - 8 and xs.min() >= 90 - 8  # only near the mask (blur + pad)
+    assert ys.max() < 100 + 8 and xs.max() < 110 + 8
+
+
+def test_outpaint_extends_canvas_and_keeps_the_original(tiny):
+    init = _image(4)
+    result = tiny.outpaint(_params(mask_blur=0), init, right=32, bottom=16)
+    out = np.asarray(result.images[0])
+    assert out.shape == (80, 96, 3)
+    # the old area goes through the VAE only: close to the original, while the new area is generated
+    assert np.abs(out[:64, :64].astype(float) - np.asarray(init)).mean() < 60
+
+
+def test_memory_estimate_refuses_instead_of_dying(tiny, monkeypatch):
+    from diffusekit.memory import MemoryBudgetError
+
+    monkeypatch.setenv("DIFFUSEKIT_MEMORY_LIMIT_MB", "1")
+    with pytest.raises(MemoryBudgetError, match=r"needs about .* GiB .* lower width/height or batch_size"):
+        tiny.generate(_params(width=512, height=512))
+
+
+def test_cli_generate_writes_png_with_infotext_and_info_reads_it(tmp_path, capsys):
+    from diffusekit.cli import main
+
+    _, _, model = make_checkpoint("tiny_sd1", tmp_path)
+    out = tmp_path / "img.png"
+    args = ["generate", "a red circle", "--model", str(model), "--steps", "3", "--seed", "5", "-o", str(out)]
+    assert main([*args, "--batch", "2"]) == 0
+    assert (tmp_path / "img-1.png").is_file() and (tmp_path / "img-2.png").is_file()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "img-2.png"), "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["Seed"] == "6" and info["Steps"] == "3" and info["Model"] == "tiny_sd1"
+    assert main([*args, "--sampler", "Euler b"]) == 2
+    assert "unknown sampler 'Euler b'" in capsys.readouterr().err

@@ -107,7 +107,12 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     t0 = time.perf_counter()
     pipe = Pipeline.from_file(model, vae=args.vae, prediction=args.prediction, dtype=dtype)
     load_s = time.perf_counter() - t0
-    result = pipe.generate(params, callback=ProgressBar(not args.json), **inputs)
+    progress = ProgressBar(not args.json)
+    if "outpaint" in inputs:
+        image, pads = inputs.pop("outpaint")
+        result = pipe.outpaint(params, image, callback=progress, **pads)
+    else:
+        result = pipe.generate(params, callback=progress, **inputs)
     out = Path(args.out)
     files = []
     for i, (img, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
@@ -171,6 +176,15 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     return _run(args, params, init_image=image, mask=mask)
 
 
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    from .images import load_image
+
+    image = load_image(args.image)
+    params = _params(args, denoising_strength=args.strength, mask_blur=args.mask_blur)
+    pads = dict(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
+    return _run(args, params, outpaint=(image, pads))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .metadata import parse_infotext, read_infotext
 
@@ -209,6 +223,15 @@ def add_generation_commands(sub) -> None:
         "--fill", default="original", choices=("original", "latent_noise", "latent_nothing", "fill")
     )
     p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("outpaint", help="extend an image beyond its borders")
+    _add_common(p)
+    p.add_argument("--image", required=True)
+    for side in ("left", "right", "top", "bottom"):
+        p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--mask-blur", type=float, default=4.0)
+    p.set_defaults(func=cmd_outpaint)
 
     p = sub.add_parser("info", help="print the generation parameters stored in an image")
     p.add_argument("image")

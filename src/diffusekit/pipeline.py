@@ -220,6 +220,26 @@ class Pipeline:
     ) -> GenerationResult:
         return self.generate(params, init_image=image, mask=mask, **kw)
 
+    def outpaint(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        **kw,
+    ) -> GenerationResult:
+        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start)."""
+        canvas, mask = images.outpaint_canvas(image.convert("RGB"), left, right, top, bottom)
+        w, h = canvas.size
+        if w % 8 or h % 8:
+            raise images.ImageError(
+                f"the outpainted canvas is {w}x{h}; choose pads so both sides are multiples of 8"
+            )
+        return self.generate(params.replace(width=w, height=h), init_image=canvas, mask=mask, **kw)
+
     def generate(
         self,
         params: GenerationParams,
@@ -268,7 +288,10 @@ class Pipeline:
             all_images += imgs
             all_latents.append(latents.cpu())
             all_seeds += seeds
-            all_infos += [self.info(params, s, subseed, img2img=init_image is not None) for s in seeds]
+            all_infos += [
+                self.info(params, s, subseed, img2img=init_image is not None, inpaint=mask is not None)
+                for s in seeds
+            ]
         return GenerationResult(all_images, all_infos, all_seeds, torch.cat(all_latents))
 
     # --- the three flows ---------------------------------------------------------------------
@@ -392,7 +415,10 @@ class Pipeline:
             self._hash = autov2(self.loaded.path)
         return self._hash
 
-    def info(self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool) -> GenerationInfo:
+    def info(
+        self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool, inpaint: bool = False
+    ) -> GenerationInfo:
+        """The A1111 infotext fields of one image."""
         width, height = params.size(self.cfg.resolution)
         sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
         sampler_name, schedule_name = a1111_names(sampler_id, schedule_id)
@@ -404,6 +430,11 @@ class Pipeline:
             extras["Hires upscaler"] = {"latent": "Latent", "latent-nearest": "Latent (nearest)"}.get(
                 params.hr_upscaler, "Lanczos"
             )
+        if inpaint:
+            extras["Mask blur"] = params.mask_blur
+            if params.inpaint_full_res:
+                extras["Inpaint area"] = "Only masked"
+                extras["Masked area padding"] = params.inpaint_full_res_padding
         if params.cfg_rescale:
             extras["CFG Rescale phi"] = params.cfg_rescale
         return GenerationInfo(

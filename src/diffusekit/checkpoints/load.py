@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -195,7 +195,3 @@ def checkpoint_metadata(cfg: ModelConfig, extra: Mapping[str, str] | None = None
     meta = {CONFIG_METADATA_KEY: cfg.to_json(), "diffusekit.prediction": cfg.prediction}
     meta.update(extra or {})
     return meta
-
-
-def with_prediction(cfg: ModelConfig, prediction: str | None) -> ModelConfig:
-    return replace(cfg, prediction=prediction) if prediction else cfg
