@@ -265,3 +265,12 @@ def test_cli_generate_writes_png_with_infotext_and_info_reads_it(tmp_path, capsy
     assert info["Seed"] == "6" and info["Steps"] == "3" and info["Model"] == "tiny_sd1"
     assert main([*args, "--sampler", "Euler b"]) == 2
     assert "unknown sampler 'Euler b'" in capsys.readouterr().err
+
+
+def test_enum_params_equal_their_string_ids(tiny):
+    from diffusekit.params import Sampler, Schedule
+
+    by_enum = tiny.generate(_params(sampler=Sampler.DPMPP_2M, schedule=Schedule.KARRAS, steps=3))
+    by_name = tiny.generate(_params(sampler="DPM++ 2M Karras", schedule="automatic", steps=3))
+    assert np.array_equal(_ours(by_enum), _ours(by_name))
+    assert by_enum.infotexts == by_name.infotexts

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedules import SCHEDULES
 from .images import RESIZE_MODES
 
 MAX_SIDE = 4096
@@ -40,6 +43,11 @@ _HIRES_RANGES: dict[str, tuple[float, float, str]] = {
 }
 
 
+# str enums of the registries (members equal their string ids, so plain strings work everywhere too)
+Sampler = Enum("Sampler", {k.upper(): k for k in SAMPLERS}, type=str)
+Schedule = Enum("Schedule", {k.upper(): k for k in ("automatic", *SCHEDULES)}, type=str)
+
+
 class ParamError(ValueError):
     """A generation parameter out of range; the message names the field and what is valid."""
 
@@ -54,8 +62,8 @@ class GenerationParams:
     height: int | None = None
     steps: int = 20
     cfg_scale: float = 7.0
-    sampler: str = "DPM++ 2M"  # our id ("dpmpp_2m"), an A1111 name, or a combined "DPM++ 2M Karras"
-    schedule: str = "automatic"
+    sampler: Sampler | str = "DPM++ 2M"  # a Sampler, our id, an A1111 name or "DPM++ 2M Karras"
+    schedule: Schedule | str = "automatic"
     seed: int = -1  # -1: random; image i of a batch uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0)
     subseed_strength: float = 0.0
