@@ -51,6 +51,8 @@ def _check_close(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
     assert ref.std() > 0.05, "reference image is flat: the comparison would prove nothing"
     mad = np.abs(ours - ref).mean()
+    worst = np.abs(ours - ref).max()
+    print(f"pixel difference vs diffusers: mean {mad * 255:.4f}/255, max {worst * 255:.2f}/255")
     assert mad < 1 / 255, f"mean absolute pixel difference {mad * 255:.3f}/255"
 
 
