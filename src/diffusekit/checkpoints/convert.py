@@ -10,7 +10,7 @@ from ..models.sd import StableDiffusion
 from .detect import detect_config
 from .diffusers import read_diffusers_folder, write_diffusers_folder
 from .inspect import dtype_name
-from .load import checkpoint_metadata, load_vae_state_dict, validate_state_dict
+from .load import checkpoint_metadata, load_vae_state_dict, replace_vae, validate_state_dict
 from .single_file import CheckpointError, cast_floats, load_state_dict, save_state_dict
 from .single_file import prune as prune_training_state
 
@@ -49,24 +49,22 @@ def convert_checkpoint(
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     notes: list[str] = []
+    vae_sd = load_vae_state_dict(vae) if vae is not None else {}
+    if vae is not None:
+        notes.append(f"VAE replaced by {Path(vae).name}")
     if src.is_dir():
         sd, cfg, tokenizer, metadata = read_diffusers_folder(src, prediction=prediction)
+        sd = replace_vae(sd, vae_sd)
     else:
         sd, metadata = load_state_dict(src)
         if prune:
             before = len(sd)
             sd = prune_training_state(sd, keep_ema=keep_ema)
-            notes.append(
-                f"pruned {before - len(sd)} EMA/training entries"
-                + (" (EMA weights kept)" if keep_ema else "")
-            )
+            kept = " (EMA weights kept)" if keep_ema else ""
+            notes.append(f"pruned {before - len(sd)} EMA/training entries{kept}")
+        sd = replace_vae(sd, vae_sd)
         cfg = detect_config(sd, metadata, prediction=prediction, name=src.name)
         tokenizer = None
-    if vae is not None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")} | load_vae_state_dict(
-            vae
-        )
-        notes.append(f"VAE replaced by {Path(vae).name}")
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     network, load_notes = validate_state_dict(sd, model, src.name)

@@ -112,11 +112,13 @@ def unet_config_from_shapes(shapes: Shapes, family: str, pooled_dim: int | None)
     )
 
 
-def vae_config_from_shapes(shapes: Shapes, family: str) -> VAEConfig:
+def vae_config_from_shapes(shapes: Shapes, family: str, name: str = "checkpoint") -> VAEConfig:
     """Derive the AutoencoderKL structure from `first_stage_model.*` shapes."""
     p = VAE_PREFIX
     if f"{p}encoder.conv_in.weight" not in shapes:
-        raise CheckpointError(f"no VAE weights (no {p}encoder.conv_in.weight); pass a separate VAE file")
+        raise CheckpointError(
+            f"{name}: no VAE weights (no {p}encoder.conv_in.weight); pass a separate VAE file with --vae"
+        )
     ch = shapes[f"{p}encoder.conv_in.weight"][0]
     levels = _count(shapes, rf"{re.escape(p)}encoder\.down\.(\d+)\.")
     ch_mult = tuple(shapes[f"{p}encoder.down.{i}.block.0.conv2.weight"][0] // ch for i in range(levels))
@@ -213,7 +215,7 @@ def detect_config(
         return ModelConfig(
             family=family,
             unet=unet_config_from_shapes(shapes, family, pooled_dim),
-            vae=vae_config_from_shapes(shapes, family),
+            vae=vae_config_from_shapes(shapes, family, name),
             text_encoders=text,
             prediction=pred,
             resolution=resolution,

@@ -152,6 +152,12 @@ def load_vae_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {VAE_PREFIX + k: v for k, v in sd.items()}
 
 
+def replace_vae(sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not vae_sd:
+        return sd
+    return {k: v for k, v in sd.items() if not k.startswith(VAE_PREFIX)} | vae_sd
+
+
 def load_model(
     path: str | Path,
     *,
@@ -165,20 +171,20 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    notes = []
+    vae_sd = load_vae_state_dict(vae) if vae is not None else {}
+    if vae is not None:
+        notes.append(f"VAE replaced by {Path(vae).name}")
     if path.is_dir():
         from .diffusers import read_diffusers_folder
 
         sd, cfg, tokenizer, metadata = read_diffusers_folder(path, prediction=prediction)
+        sd = replace_vae(sd, vae_sd)
     else:
         sd, metadata = load_state_dict(path)
-        sd = prune(sd, keep_ema=keep_ema)
+        sd = replace_vae(prune(sd, keep_ema=keep_ema), vae_sd)  # before detection: the file may lack a VAE
         cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
         tokenizer = CLIPTokenizer.bundled()
-    notes = []
-    if vae is not None:
-        vae_sd = load_vae_state_dict(vae)
-        sd = {k: v for k, v in sd.items() if not k.startswith(VAE_PREFIX)} | vae_sd
-        notes.append(f"VAE replaced by {Path(vae).name}")
     model, load_notes = build_model(sd, cfg, name=path.name, device=device, dtype=dtype)
     return LoadedModel(
         model=model,
