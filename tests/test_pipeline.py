@@ -276,3 +276,9 @@ def test_enum_params_equal_their_string_ids(tiny):
     by_name = tiny.generate(_params(sampler="DPM++ 2M Karras", schedule="automatic", steps=3))
     assert np.array_equal(_ours(by_enum), _ours(by_name))
     assert by_enum.infotexts == by_name.infotexts
+
+
+def test_variation_seeds_advance_with_the_image_index(tiny):
+    result = tiny.generate(_params(seed=3, subseed=9, subseed_strength=0.5, n_iter=2, batch_size=2, steps=2))
+    assert [i.variation_seed for i in result.infos] == [9, 10, 11, 12]
+    assert [i.seed for i in result.infos] == [3, 4, 5, 6]

@@ -84,6 +84,19 @@ class BatchNoise:
         return torch.cat([torch.randn((1, *shape), generator=g) for g in self.generators]).to(self.device)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One sampler run of a generation: its images' seeds and what they share."""
+
+    params: GenerationParams
+    conds: tuple[dict, dict]  # (cond, uncond) conditioning dicts
+    seeds: list[int]
+    subseeds: list[int]
+    width: int
+    height: int
+    report: Callable[..., None]  # report(step, total, pass_index)
+
+
 class Pipeline:
     """A loaded model ready to generate; hold one per model and call it many times."""
 
@@ -269,8 +282,11 @@ class Pipeline:
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
+        conds = self._encode(params, width, height)  # the prompts are encoded once for all batches
         for it in range(params.n_iter):
-            seeds = [seed + it * params.batch_size + j for j in range(params.batch_size)]
+            first = it * params.batch_size
+            seeds = [seed + first + j for j in range(params.batch_size)]
+            subseeds = [subseed + first + j for j in range(params.batch_size)]  # image i: subseed + i
 
             def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
                 if cancel is not None and cancel.is_set():
@@ -278,10 +294,8 @@ class Pipeline:
                 if callback is not None:
                     callback(Progress(step, total, pass_index, passes, _it))
 
-            if init_image is None:
-                latents = self._txt2img(params, seeds, subseed, width, height, report)
-            else:
-                latents = self._img2img(params, seeds, subseed, init_image, mask, width, height, report)
+            run = _Batch(params, conds, seeds, subseeds, width, height, report)
+            latents = self._txt2img(run) if init_image is None else self._img2img(run, init_image, mask)
             imgs = self.decode(latents)
             if mask is not None and params.inpaint_full_res:
                 imgs = [self._paste_only_masked(params, init_image, mask, im) for im in imgs]
@@ -289,19 +303,18 @@ class Pipeline:
             all_latents.append(latents.cpu())
             all_seeds += seeds
             all_infos += [
-                self.info(params, s, subseed, img2img=init_image is not None, inpaint=mask is not None)
-                for s in seeds
+                self.info(params, s, sub, img2img=init_image is not None, inpaint=mask is not None)
+                for s, sub in zip(seeds, subseeds, strict=True)
             ]
         return GenerationResult(all_images, all_infos, all_seeds, torch.cat(all_latents))
 
     # --- the three flows ---------------------------------------------------------------------
 
-    def _initial_noise(
-        self, noise: BatchNoise, seeds: list[int], subseed: int, params, shape
-    ) -> torch.Tensor:
+    def _initial_noise(self, noise: BatchNoise, subseeds: list[int], params, shape) -> torch.Tensor:
+        """Each image's seed noise, slerped towards its variation-seed noise by subseed_strength."""
         x = noise.randn(shape)  # (B, C, h, w)
         if params.subseed_strength > 0:
-            subs = BatchNoise([subseed + (s - seeds[0]) for s in seeds], self.device).randn(shape)
+            subs = BatchNoise(subseeds, self.device).randn(shape)
             x = torch.stack([slerp(params.subseed_strength, a, b) for a, b in zip(x, subs, strict=True)])
         return x
 
@@ -309,11 +322,12 @@ class Pipeline:
         d = self.cfg.vae.downscale
         return (self.cfg.unet.out_channels, height // d, width // d)
 
-    def _txt2img(self, params, seeds, subseed, width, height, report) -> torch.Tensor:
+    def _txt2img(self, run: _Batch) -> torch.Tensor:
+        params, conds, seeds = run.params, run.conds, run.seeds
+        width, height, report = run.width, run.height, run.report
         noise = BatchNoise(seeds, self.device)
-        x = self._initial_noise(noise, seeds, subseed, params, self._latent_shape(width, height))
+        x = self._initial_noise(noise, run.subseeds, params, self._latent_shape(width, height))
         sigmas = self._sigmas(params, params.steps)
-        conds = self._encode(params, width, height)
         c_concat = self._empty_inpaint_concat(x.shape[0], width, height)
         if c_concat is not None:
             conds = tuple({**c, "c_concat": c_concat} for c in conds)
@@ -367,16 +381,17 @@ class Pipeline:
                 img = Image.composite(blurred, img, mask.point(lambda v: 255 if v > 127 else 0))
         return img, mask
 
-    def _img2img(self, params, seeds, subseed, init_image, mask, width, height, report) -> torch.Tensor:
+    def _img2img(self, run: _Batch, init_image: Image.Image, mask: Image.Image | None) -> torch.Tensor:
+        params, conds, seeds = run.params, run.conds, run.seeds
+        width, height, report = run.width, run.height, run.report
         img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, width, height)
         pixels = images.to_tensor(img).expand(len(seeds), -1, -1, -1)  # (B, 3, H, W)
         noise = BatchNoise(seeds, self.device)
         # An inpainting model at full strength starts from pure noise and never needs the init latent.
         from_noise = self.cfg.is_inpaint and mask_img is not None and params.denoising_strength >= 1.0
         init = None if from_noise else self.encode_image(pixels, noise)  # (B, 4, h, w)
-        start_noise = self._initial_noise(noise, seeds, subseed, params, self._latent_shape(width, height))
+        start_noise = self._initial_noise(noise, run.subseeds, params, self._latent_shape(width, height))
         sigmas = self._img2img_sigmas(params, params.steps, params.denoising_strength)
-        conds = self._encode(params, width, height)
         blend = None
         if mask_img is not None:
             m = images.mask_to_tensor(mask_img)  # (1, 1, H, W), 1 = repaint
