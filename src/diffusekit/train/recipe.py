@@ -43,7 +43,7 @@ class Recipe:
     data_seed: int = 0
     vae: TrainConfig = TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
     kl_weight: float = 1e-6
-    ldm: TrainConfig = TrainConfig(steps=4500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
+    ldm: TrainConfig = TrainConfig(steps=3500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
 
