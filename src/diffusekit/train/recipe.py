@@ -170,7 +170,7 @@ def run_recipe(
 GRID_PROMPTS = (
     "a red circle", "two blue squares", "a green triangle to the left of a yellow star",
     "a purple star", "three orange diamonds", "a cyan cross above a pink circle",
-    "a white square on the right", "a yellow circle and a blue cross",
+    "a green square on the right", "a yellow circle and a blue cross",
 )  # fmt: skip
 
 
