@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,9 +185,3 @@ def _print_progress(name: str, state: TrainState, end: int, start_step: int, t0:
     if state.step == end:
         sys.stderr.write("\n")
     sys.stderr.flush()
-
-
-def batches(sample: Callable[[int], object], batch_size: int, step: int) -> Iterator[object]:
-    """The samples of training step `step`: indices step*batch_size ... (a pure function of the step)."""
-    base = step * batch_size
-    return (sample(base + j) for j in range(batch_size))
