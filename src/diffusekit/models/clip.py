@@ -100,11 +100,24 @@ class _HFLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _normal_(p: torch.Tensor, std: float) -> None:
+    """Default init, skipped on the meta device: torch's first meta normal_ costs ~1 s of lazy setup."""
+    if not p.is_meta:
+        nn.init.normal_(p, std=std)
+
+
+class _Embedding(nn.Embedding):
+    """nn.Embedding (same keys) whose N(0, 1) init is skipped on the meta device."""
+
+    def reset_parameters(self) -> None:
+        _normal_(self.weight, 1.0)
+
+
 class _HFEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, factory: dict) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, **factory)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width, **factory)
+        self.token_embedding = _Embedding(cfg.vocab_size, cfg.width, **factory)
+        self.position_embedding = _Embedding(cfg.max_positions, cfg.width, **factory)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, W)
         return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
@@ -294,16 +307,16 @@ class OpenCLIPTextModel(_TextEncoder):
         _check_heads(cfg)
         factory = {"device": device, "dtype": dtype}
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, **factory)
+        self.token_embedding = _Embedding(cfg.vocab_size, cfg.width, **factory)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.max_positions, cfg.width, **factory))
         self.transformer = _Transformer(cfg, factory)
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, **factory)
         if cfg.projection_dim is not None:
             self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.projection_dim, **factory))
-            nn.init.normal_(self.text_projection, std=1.0 / math.sqrt(cfg.width))
+            _normal_(self.text_projection, 1.0 / math.sqrt(cfg.width))
         else:
             self.text_projection = None
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        _normal_(self.positional_embedding, 0.01)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
