@@ -7,20 +7,12 @@ from pathlib import Path
 import torch
 
 from ..models.sd import StableDiffusion
-from .detect import detect_config
-from .diffusers import read_diffusers_folder, write_diffusers_folder
-from .inspect import dtype_name
-from .load import checkpoint_metadata, load_vae_state_dict, replace_vae, validate_state_dict
-from .single_file import CheckpointError, cast_floats, load_state_dict, save_state_dict
-from .single_file import prune as prune_training_state
+from .diffusers import write_diffusers_folder
+from .inspect import disk_bytes, dtype_name
+from .load import checkpoint_metadata, read_checkpoint, validate_state_dict
+from .single_file import CheckpointError, cast_floats, save_state_dict
 
 FORMATS = ("single-file", "diffusers")
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
 
 
 def convert_checkpoint(
@@ -46,25 +38,9 @@ def convert_checkpoint(
         raise CheckpointError("--keep-ema chooses which U-Net weights survive pruning; use it with --prune")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: destination is the source; write to a new path")
-    if not src.exists():
-        raise CheckpointError(f"{src}: no such file or folder")
-    notes: list[str] = []
-    vae_sd = load_vae_state_dict(vae) if vae is not None else {}
-    if vae is not None:
-        notes.append(f"VAE replaced by {Path(vae).name}")
-    if src.is_dir():
-        sd, cfg, tokenizer, metadata = read_diffusers_folder(src, prediction=prediction)
-        sd = replace_vae(sd, vae_sd)
-    else:
-        sd, metadata = load_state_dict(src)
-        if prune:
-            before = len(sd)
-            sd = prune_training_state(sd, keep_ema=keep_ema)
-            kept = " (EMA weights kept)" if keep_ema else ""
-            notes.append(f"pruned {before - len(sd)} EMA/training entries{kept}")
-        sd = replace_vae(sd, vae_sd)
-        cfg = detect_config(sd, metadata, prediction=prediction, name=src.name)
-        tokenizer = None
+    sd, cfg, tokenizer, _, notes = read_checkpoint(
+        src, prediction=prediction, vae=vae, prune_training=prune, keep_ema=keep_ema
+    )
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     network, load_notes = validate_state_dict(sd, model, src.name)
@@ -86,7 +62,7 @@ def convert_checkpoint(
         "format": fmt,
         "family": cfg.family,
         "dtype": "/".join(dtypes),
-        "bytes_before": _size(src),
-        "bytes_after": _size(dst),
+        "bytes_before": disk_bytes(src),
+        "bytes_after": disk_bytes(dst),
         "notes": notes,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.configs import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig
+from ..models.configs import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig, VAEConfig
 from ..models.tokenizer import CLIPTokenizer
 from .convert_clip import (
     text_config_from_transformers,
@@ -35,11 +35,13 @@ from .convert_vae import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from .single_file import CheckpointError, load_state_dict, save_state_dict
+from .single_file import CheckpointError, load_state_dict, save_state_dict, strip_prefix
 
+_DIFFUSERS_WEIGHTS = tuple(f"diffusion_pytorch_model{v}" for v in ("", ".fp16", ".bf16"))
+_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what we write for unet/ and vae/
 _WEIGHT_NAMES = {
-    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16", "diffusion_pytorch_model.bf16"),
-    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16", "diffusion_pytorch_model.bf16"),
+    "unet": _DIFFUSERS_WEIGHTS,
+    "vae": _DIFFUSERS_WEIGHTS,
     "text_encoder": ("model", "model.fp16", "model.bf16", "pytorch_model", "pytorch_model.fp16"),
 }
 _PIPELINE_CLASS = {
@@ -78,6 +80,12 @@ def _family(root: Path, index: Mapping) -> str:
     return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
 
 
+def read_vae_folder(folder: Path) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """A diffusers ``vae/`` folder -> (AutoencoderKL state dict in LDM keys, its config)."""
+    vae_cfg = vae_config_from_diffusers(_read_json(folder / "config.json"))
+    return vae_from_diffusers(_read_weights(folder, "vae"), vae_cfg), vae_cfg
+
+
 def read_diffusers_folder(
     root: str | Path, *, prediction: str | None = None
 ) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer, dict[str, str]]:
@@ -85,15 +93,11 @@ def read_diffusers_folder(
     root = Path(root)
     index = _read_json(root / "model_index.json")
     family = _family(root, index)
-    unet_cfg = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
-    vae_cfg = vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
-    sd = {
-        UNET_PREFIX + k: v
-        for k, v in unet_from_diffusers(_read_weights(root / "unet", "unet"), unet_cfg).items()
-    }
-    sd |= {
-        VAE_PREFIX + k: v for k, v in vae_from_diffusers(_read_weights(root / "vae", "vae"), vae_cfg).items()
-    }
+    unet_json = _read_json(root / "unet" / "config.json")
+    unet_cfg = unet_config_from_diffusers(unet_json)
+    unet_sd = unet_from_diffusers(_read_weights(root / "unet", "unet"), unet_cfg)
+    vae_sd, vae_cfg = read_vae_folder(root / "vae")
+    sd = {UNET_PREFIX + k: v for k, v in unet_sd.items()} | {VAE_PREFIX + k: v for k, v in vae_sd.items()}
     layouts = {"sd1": ("hf",), "sd2": ("openclip",), "sdxl": ("hf", "openclip")}[family]
     text_cfgs = []
     for i, (layout, prefix) in enumerate(zip(layouts, TEXT_PREFIXES[family], strict=True)):
@@ -118,7 +122,7 @@ def read_diffusers_folder(
         vae=vae_cfg,
         text_encoders=tuple(text_cfgs),
         prediction=pred or "eps",
-        resolution=int(unet_cfg_sample_size(root) or {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]),
+        resolution=_resolution(unet_json, vae_cfg, family),
         name=root.name,
     )
     tok_dir = root / "tokenizer"
@@ -131,10 +135,12 @@ def read_diffusers_folder(
     )
 
 
-def unet_cfg_sample_size(root: Path) -> int | None:
-    """The native image size: the U-Net's latent sample_size times the VAE downscale (8)."""
-    size = _read_json(root / "unet" / "config.json").get("sample_size")
-    return int(size) * 8 if isinstance(size, int) else None
+def _resolution(unet_json: Mapping, vae_cfg: VAEConfig, family: str) -> int:
+    """The native image size: the U-Net's latent sample_size times the VAE downscale (else the family's)."""
+    size = unet_json.get("sample_size")
+    if isinstance(size, int):
+        return size * vae_cfg.downscale
+    return {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]
 
 
 def write_diffusers_folder(
@@ -154,25 +160,20 @@ def write_diffusers_folder(
         (root / sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         save_state_dict(weights, root / sub / weights_name)
 
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
     unet_config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(cfg.unet)}
     unet_config["sample_size"] = cfg.resolution // cfg.vae.downscale
     write(
         "unet",
         unet_config,
-        unet_to_diffusers(part(UNET_PREFIX), cfg.unet),
-        "diffusion_pytorch_model.safetensors",
+        unet_to_diffusers(strip_prefix(sd, UNET_PREFIX), cfg.unet),
+        _WEIGHTS_FILE,
     )
     vae_config = {
         "_class_name": "AutoencoderKL",
         **vae_config_to_diffusers(cfg.vae),
         "sample_size": cfg.resolution,
     }
-    write(
-        "vae", vae_config, vae_to_diffusers(part(VAE_PREFIX), cfg.vae), "diffusion_pytorch_model.safetensors"
-    )
+    write("vae", vae_config, vae_to_diffusers(strip_prefix(sd, VAE_PREFIX), cfg.vae), _WEIGHTS_FILE)
     components: dict[str, list] = {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
@@ -180,7 +181,7 @@ def write_diffusers_folder(
     }
     for i, (prefix, tcfg) in enumerate(zip(cfg.text_prefixes, cfg.text_encoders, strict=True)):
         suffix = "" if i == 0 else f"_{i + 1}"
-        weights, out_cfg = part(prefix), tcfg
+        weights, out_cfg = strip_prefix(sd, prefix), tcfg
         if cfg.family == "sd2":  # diffusers keeps only what SD2 uses: use_layers layers, no projection
             weights, out_cfg = trim_text_encoder(weights, tcfg, projection=False)
         arch = "CLIPTextModelWithProjection" if out_cfg.projection_dim else "CLIPTextModel"

@@ -11,10 +11,9 @@ import torch
 
 from ..models.configs import PRESETS, ModelConfig
 from ..models.sd import StableDiffusion
-from .detect import detect_config
-from .hashes import autov1, autov2, sha256_file
-from .load import validate_state_dict
-from .single_file import load_state_dict
+from .hashes import AUTOV2_LEN, autov1, sha256_file
+from .load import read_checkpoint, validate_state_dict
+from .single_file import detect_format
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
@@ -99,32 +98,28 @@ def inspect_state_dict(
     )
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
 def inspect_checkpoint(
     path: str | Path, *, prediction: str | None = None, hashes: bool = True
 ) -> InspectReport:
     """Inspect a single file or a diffusers folder without materializing the model."""
     path = Path(path)
+    sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction)
     if path.is_dir():
-        from .diffusers import read_diffusers_folder
-
-        sd, cfg, _, _ = read_diffusers_folder(path, prediction=prediction)
         fmt = "diffusers folder"
-        file_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     else:
-        sd, metadata = load_state_dict(path)
-        cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
-        fmt = "safetensors" if _is_safetensors(path) else "pickle (.ckpt)"
-        file_bytes = path.stat().st_size
-    report = inspect_state_dict(sd, cfg, path=str(path), fmt=fmt, file_bytes=file_bytes)
+        fmt = "safetensors" if detect_format(path) == "safetensors" else "pickle (.ckpt)"
+    report = inspect_state_dict(sd, cfg, path=str(path), fmt=fmt, file_bytes=disk_bytes(path))
     if hashes and path.is_file():
-        report.hashes = {"sha256": sha256_file(path), "autov2": autov2(path), "autov1": autov1(path)}
+        sha = sha256_file(path)  # one pass over the file: AutoV2 is its prefix
+        report.hashes = {"sha256": sha, "autov2": sha[:AUTOV2_LEN], "autov1": autov1(path)}
     return report
-
-
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def _gib(n: int) -> str:

@@ -6,7 +6,6 @@ device, then assigned without copying (mmap'd safetensors stay mmap'd).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 import torch
 
 from ..models.clip import UNUSED_KEY_SUFFIXES
-from ..models.configs import VAE_PREFIX, ModelConfig
+from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from .detect import CONFIG_METADATA_KEY, detect_config
-from .single_file import CheckpointError, cast_floats, load_state_dict, prune
+from .single_file import CheckpointError, cast_floats, load_state_dict, prune, strip_prefix
 
 # Top-level keys of LDM/SGM training checkpoints that hold no weights of the networks.
 _SCHEDULE_BUFFERS = (
@@ -51,7 +50,7 @@ class LoadedModel:
 
 
 def _component_prefixes(cfg: ModelConfig) -> tuple[str, ...]:
-    return ("model.diffusion_model.", VAE_PREFIX, *cfg.text_prefixes)
+    return (UNET_PREFIX, VAE_PREFIX, *cfg.text_prefixes)
 
 
 def validate_state_dict(
@@ -110,43 +109,25 @@ def build_model(
         keep = cast_floats(keep, dtype)
     keep = {k: v.to(device) for k, v in keep.items()}
     model.load_state_dict(keep, strict=True, assign=True)
-    _materialize_buffers(model, device)
     return model.eval().requires_grad_(False), notes
-
-
-def _materialize_buffers(model: torch.nn.Module, device: torch.device | str) -> None:
-    """Non-persistent buffers built on meta (e.g. position ids) are rebuilt by their modules."""
-    for module in model.modules():
-        meta = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
-        if not meta:
-            continue
-        reset = getattr(module, "reset_buffers", None)
-        if reset is None:
-            raise RuntimeError(f"{type(module).__name__} has meta buffers {meta} and no reset_buffers()")
-        reset(device)
 
 
 def load_vae_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A separate VAE file (bare, `first_stage_model.`-prefixed or diffusers keys) -> single-file keys."""
-    from .convert_vae import vae_config_from_diffusers, vae_from_diffusers
-
     path = Path(path)
     if path.is_dir():
-        config = json.loads((path / "config.json").read_text())
-        files = sorted(path.glob("diffusion_pytorch_model*.safetensors")) or sorted(path.glob("*.bin"))
-        if not files:
-            raise CheckpointError(f"{path}: VAE folder has no diffusion_pytorch_model weights")
-        sd, _ = load_state_dict(files[0])
-        sd = vae_from_diffusers(sd, vae_config_from_diffusers(config))
+        from .diffusers import read_vae_folder
+
+        sd, _ = read_vae_folder(path)
     else:
         sd, _ = load_state_dict(path)
         if any(k.startswith(VAE_PREFIX) for k in sd):
-            sd = {k[len(VAE_PREFIX) :]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+            sd = strip_prefix(sd, VAE_PREFIX)
         elif any(k.startswith("encoder.down_blocks.") for k in sd):
             raise CheckpointError(
                 f"{path}: diffusers-layout VAE weights without their config.json; pass the VAE folder instead"
             )
-        sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.") and k != "model_ema.num_updates"}
+        sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     if "encoder.conv_in.weight" not in sd:
         raise CheckpointError(f"{path}: not a VAE (no encoder.conv_in.weight)")
     return {VAE_PREFIX + k: v for k, v in sd.items()}
@@ -156,6 +137,43 @@ def replace_vae(sd: dict[str, torch.Tensor], vae_sd: dict[str, torch.Tensor]) ->
     if not vae_sd:
         return sd
     return {k: v for k, v in sd.items() if not k.startswith(VAE_PREFIX)} | vae_sd
+
+
+def read_checkpoint(
+    path: str | Path,
+    *,
+    prediction: str | None = None,
+    vae: str | Path | None = None,
+    prune_training: bool = False,
+    keep_ema: bool = False,
+) -> tuple[dict[str, torch.Tensor], ModelConfig, CLIPTokenizer | None, dict[str, str], list[str]]:
+    """(single-file state dict, config, the folder's tokenizer or None, metadata, notes) of a file or folder.
+
+    `prune_training` drops a single file's EMA/optimizer entries (`keep_ema`: the EMA U-Net weights win);
+    `vae` replaces the VAE before the family is detected, so a file without a VAE works too.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    notes = []
+    vae_sd = load_vae_state_dict(vae) if vae is not None else {}
+    if vae is not None:
+        notes.append(f"VAE replaced by {Path(vae).name}")
+    if path.is_dir():
+        from .diffusers import read_diffusers_folder
+
+        sd, cfg, tokenizer, metadata = read_diffusers_folder(path, prediction=prediction)
+        return replace_vae(sd, vae_sd), cfg, tokenizer, metadata, notes
+    sd, metadata = load_state_dict(path)
+    if prune_training:
+        before = len(sd)
+        sd = prune(sd, keep_ema=keep_ema)
+        if len(sd) < before:
+            kept = " (EMA weights kept)" if keep_ema else ""
+            notes.append(f"pruned {before - len(sd)} EMA/training entries{kept}")
+    sd = replace_vae(sd, vae_sd)
+    cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
+    return sd, cfg, None, metadata, notes
 
 
 def load_model(
@@ -169,26 +187,13 @@ def load_model(
 ) -> LoadedModel:
     """Load a single-file checkpoint or a diffusers folder (optionally replacing its VAE)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    notes = []
-    vae_sd = load_vae_state_dict(vae) if vae is not None else {}
-    if vae is not None:
-        notes.append(f"VAE replaced by {Path(vae).name}")
-    if path.is_dir():
-        from .diffusers import read_diffusers_folder
-
-        sd, cfg, tokenizer, metadata = read_diffusers_folder(path, prediction=prediction)
-        sd = replace_vae(sd, vae_sd)
-    else:
-        sd, metadata = load_state_dict(path)
-        sd = replace_vae(prune(sd, keep_ema=keep_ema), vae_sd)  # before detection: the file may lack a VAE
-        cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
-        tokenizer = CLIPTokenizer.bundled()
+    sd, cfg, tokenizer, metadata, notes = read_checkpoint(
+        path, prediction=prediction, vae=vae, prune_training=True, keep_ema=keep_ema
+    )
     model, load_notes = build_model(sd, cfg, name=path.name, device=device, dtype=dtype)
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer or CLIPTokenizer.bundled(),
         path=path,
         metadata=dict(metadata),
         notes=notes + load_notes,
