@@ -95,6 +95,7 @@ class _Batch:
     width: int
     height: int
     report: Callable[..., None]  # report(step, total, pass_index)
+    hires_conds: tuple[dict, dict] | None = None  # conditioning at the hires size (SDXL's size ids differ)
 
 
 class Pipeline:
@@ -114,6 +115,7 @@ class Pipeline:
         self.cfg = loaded.cfg
         self.schedule = sd_schedule()
         self._hash: str | None = None
+        self._bang_tokenizer: CLIPTokenizer | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> Pipeline:
@@ -128,8 +130,9 @@ class Pipeline:
         if params.prompt_mode == "plain":
             # diffusers' OpenCLIP tokenizers (SD2, SDXL's second) register the pad token "!" as special,
             # which splits every "!" of a prompt into its own token; A1111 uses one tokenizer for all.
-            bang = CLIPTokenizer.bundled(pad_token="!")
-            tok = [tok if e.cfg.pad_token_id == tok.eos_id else bang for e in enc]
+            if self._bang_tokenizer is None:
+                self._bang_tokenizer = CLIPTokenizer.bundled(pad_token="!")
+            tok = [tok if e.cfg.pad_token_id == tok.eos_id else self._bang_tokenizer for e in enc]
         kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
         with torch.inference_mode():
             cond = encode_prompt(params.prompt, tok, enc, **kw)
@@ -205,10 +208,7 @@ class Pipeline:
             if noise is None:
                 z = post.mode()
             else:
-                eps = torch.cat(
-                    [torch.randn(post.mean.shape[1:], generator=g)[None] for g in noise.generators]
-                )
-                z = post.mean + post.std * eps.to(post.mean)
+                z = post.mean + post.std * noise.randn(tuple(post.mean.shape[1:])).to(post.mean)
         return z.float() * self.cfg.vae.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -283,6 +283,15 @@ class Pipeline:
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
         conds = self._encode(params, width, height)  # the prompts are encoded once for all batches
+        hires_conds = None
+        if params.enable_hr and init_image is None:  # only SDXL's conditioning depends on the size
+            sdxl = self.cfg.unet.adm_in_channels is not None
+            hires_conds = self._encode(params, final_w, final_h) if sdxl else conds
+        region = None
+        if mask is not None:
+            mask = images.blur_mask(mask, params.mask_blur)
+            if params.inpaint_full_res:
+                region = images.masked_region(mask, params.inpaint_full_res_padding, width, height)
         for it in range(params.n_iter):
             first = it * params.batch_size
             seeds = [seed + first + j for j in range(params.batch_size)]
@@ -294,11 +303,15 @@ class Pipeline:
                 if callback is not None:
                     callback(Progress(step, total, pass_index, passes, _it))
 
-            run = _Batch(params, conds, seeds, subseeds, width, height, report)
-            latents = self._txt2img(run) if init_image is None else self._img2img(run, init_image, mask)
+            run = _Batch(params, conds, seeds, subseeds, width, height, report, hires_conds)
+            if init_image is None:
+                latents = self._txt2img(run)
+            else:
+                latents = self._img2img(run, init_image, mask, region)
             imgs = self.decode(latents)
-            if mask is not None and params.inpaint_full_res:
-                imgs = [self._paste_only_masked(params, init_image, mask, im) for im in imgs]
+            if region is not None:  # "only masked": paste the inpainted crop back through the mask
+                base = init_image.convert("RGB")
+                imgs = [images.paste_region(base, im, region, mask) for im in imgs]
             all_images += imgs
             all_latents.append(latents.cpu())
             all_seeds += seeds
@@ -337,21 +350,19 @@ class Pipeline:
             return latents
         # hires fix: upscale, then an img2img pass at the larger size with fresh noise from the same seeds
         hr_w, hr_h = params.hires_size(self.cfg.resolution)
+        noise2 = BatchNoise(seeds, self.device)
         if params.hr_upscaler.startswith("latent"):
             mode = "nearest" if params.hr_upscaler == "latent-nearest" else "bilinear"
             shape = self._latent_shape(hr_w, hr_h)
             up = F.interpolate(latents, size=shape[1:], mode=mode, **({} if mode == "nearest" else
                                {"align_corners": False}))  # fmt: skip
-            noise2 = BatchNoise(seeds, self.device)
         else:
             pil = [im.resize((hr_w, hr_h), Image.Resampling.LANCZOS) for im in self.decode(latents)]
-            noise2 = BatchNoise(seeds, self.device)
             up = self.encode_image(torch.cat([images.to_tensor(p) for p in pil]), noise2)
         steps2 = params.hr_second_pass_steps or params.steps
         sigmas2 = self._img2img_sigmas(params, steps2, params.hr_denoising_strength)
         x2 = up + noise2.randn(up.shape[1:]) * sigmas2[0]
-        conds2 = self._encode(params, hr_w, hr_h)
-        return self._sample(params, x2, sigmas2, conds2, noise2, blend=None,
+        return self._sample(params, x2, sigmas2, run.hires_conds, noise2, blend=None,
                             report=lambda s, t: report(s, t, 2))  # fmt: skip
 
     def _empty_inpaint_concat(self, batch: int, width: int, height: int) -> torch.Tensor | None:
@@ -363,14 +374,11 @@ class Pipeline:
         mask = torch.ones(1, 1, *z.shape[2:])
         return torch.cat([mask, z], dim=1).expand(batch, -1, -1, -1).to(self.device)
 
-    def _prepare_init(self, params, init_image, mask, width, height):
-        """The init image (and mask) at the working size; for "only masked", the crop around the mask."""
-        if mask is not None:
-            mask = images.blur_mask(mask, params.mask_blur)
-            if params.inpaint_full_res:
-                region = images.masked_region(mask, params.inpaint_full_res_padding, width, height)
-                box = (region.left, region.top, region.right, region.bottom)
-                init_image, mask = init_image.crop(box), mask.crop(box)
+    def _prepare_init(self, params, init_image, mask, region, width, height):
+        """The init image and (blurred) mask at the working size; with a region, the crop around the mask."""
+        if region is not None:
+            box = (region.left, region.top, region.right, region.bottom)
+            init_image, mask = init_image.crop(box), mask.crop(box)
         img = images.resize_image(
             init_image, width, height, "resize" if mask is not None else params.resize_mode
         )
@@ -381,10 +389,12 @@ class Pipeline:
                 img = Image.composite(blurred, img, mask.point(lambda v: 255 if v > 127 else 0))
         return img, mask
 
-    def _img2img(self, run: _Batch, init_image: Image.Image, mask: Image.Image | None) -> torch.Tensor:
+    def _img2img(
+        self, run: _Batch, init_image: Image.Image, mask: Image.Image | None, region: images.CropRegion | None
+    ) -> torch.Tensor:
         params, conds, seeds = run.params, run.conds, run.seeds
         width, height, report = run.width, run.height, run.report
-        img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, width, height)
+        img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, region, width, height)
         pixels = images.to_tensor(img).expand(len(seeds), -1, -1, -1)  # (B, 3, H, W)
         noise = BatchNoise(seeds, self.device)
         # An inpainting model at full strength starts from pure noise and never needs the init latent.
@@ -412,12 +422,6 @@ class Pipeline:
                 init = init * (1 - m_lat) + noise.randn(init.shape[1:]) * m_lat
         x = start_noise * sigmas[0] if init is None else init + start_noise * sigmas[0]
         return self._sample(params, x, sigmas, conds, noise, blend=blend, report=lambda s, t: report(s, t, 1))
-
-    def _paste_only_masked(self, params, init_image, mask, result: Image.Image) -> Image.Image:
-        width, height = params.size(self.cfg.resolution)
-        blurred = images.blur_mask(mask, params.mask_blur)
-        region = images.masked_region(blurred, params.inpaint_full_res_padding, width, height)
-        return images.paste_region(init_image.convert("RGB"), result, region, blurred)
 
     # --- metadata ----------------------------------------------------------------------------
 
