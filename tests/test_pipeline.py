@@ -282,3 +282,15 @@ def test_variation_seeds_advance_with_the_image_index(tiny):
     result = tiny.generate(_params(seed=3, subseed=9, subseed_strength=0.5, n_iter=2, batch_size=2, steps=2))
     assert [i.variation_seed for i in result.infos] == [9, 10, 11, 12]
     assert [i.seed for i in result.infos] == [3, 4, 5, 6]
+
+
+def test_outpaint_canvas_keeps_the_original_and_masks_only_the_new_area():
+    from diffusekit.images import outpaint_canvas
+
+    init = _image(4)
+    canvas, mask = outpaint_canvas(init, left=8, right=16, top=0, bottom=24)
+    assert canvas.size == mask.size == (88, 88)
+    assert np.array_equal(np.asarray(canvas)[0:64, 8:72], np.asarray(init))
+    m = np.asarray(mask)
+    assert (m[0:64, 8:72] == 0).all() and (m[:, :8] == 255).all() and (m[64:] == 255).all()
+    assert np.array_equal(np.asarray(canvas)[70, 8:72], np.asarray(init)[63])  # edges stretched outward
