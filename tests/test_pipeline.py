@@ -27,7 +27,7 @@ def _pair(name, tmp_path, pipeline_cls):
     # k-diffusion's "normal" schedule is diffusers' Euler with timesteps linspace(999, 0, steps)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config, timestep_spacing="linspace")
     ref.set_progress_bar_config(disable=True)
-    return Pipeline.from_file(path), ref
+    return Pipeline.from_file(path, precision="fp32"), ref  # fp32: the bit-for-bit parity path
 
 
 def _params(**kw) -> GenerationParams:

@@ -67,7 +67,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--cfg-rescale", type=float, default=0.0)
     p.add_argument("--prompt-mode", default="a1111", choices=("a1111", "a1111_no_norm", "plain"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="compute precision")
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="compute precision; auto: bf16 for SD-size models on CPUs with native bf16, else fp32 "
+        "(fp16 on CUDA); fp32 is the reference path",
+    )  # fmt: skip
     p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
 
@@ -97,15 +101,12 @@ def _params(args: argparse.Namespace, **extra):
 
 
 def _run(args: argparse.Namespace, params, **inputs) -> int:
-    import torch
-
     from .metadata import save_png
     from .pipeline import Pipeline
 
     model = Path(args.model) if args.model else default_model_path()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     t0 = time.perf_counter()
-    pipe = Pipeline.from_file(model, vae=args.vae, prediction=args.prediction, dtype=dtype)
+    pipe = Pipeline.from_file(model, vae=args.vae, prediction=args.prediction, precision=args.precision)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:

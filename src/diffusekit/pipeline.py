@@ -30,6 +30,7 @@ from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
 from .params import GenerationParams
 from .prompts import encode_prompt, pad_to_same_length
+from .runtime import prepare, resolve_precision, to_compute
 
 
 class Cancelled(Exception):
@@ -111,20 +112,37 @@ class Pipeline:
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = loaded.model.to(self.device, dtype)
+        self.model = to_compute(loaded.model, self.device, dtype)
+        self.fast = prepare(self.model, dtype, self.device)
         self.cfg = loaded.cfg
         self.schedule = sd_schedule()
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs) -> Pipeline:
-        load_kw = {k: kwargs.pop(k) for k in ("prediction", "vae", "keep_ema") if k in kwargs}
-        return cls(load_model(path, **load_kw), **kwargs)
+    def from_file(
+        cls,
+        path: str | Path,
+        *,
+        precision: str = "auto",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        **load_kw,
+    ) -> Pipeline:
+        """Load a checkpoint (`load_kw`: prediction, vae, keep_ema) for generation.
+
+        `precision` "auto" picks bf16 on CPUs with native bf16 for SD-size models and fp32 otherwise
+        (see runtime.resolve_precision); "fp32" is the parity path. An explicit `dtype` wins.
+        """
+        loaded = load_model(path, **load_kw)
+        if dtype is None:
+            dtype = resolve_precision(precision, device, loaded.cfg)
+        return cls(loaded, device=device, dtype=dtype)
 
     # --- conditioning ------------------------------------------------------------------------
 
-    def _encode(self, params: GenerationParams, width: int, height: int) -> tuple[dict, dict]:
+    def encode(self, params: GenerationParams, width: int, height: int) -> tuple[dict, dict]:
+        """The prompt and negative prompt as U-Net conditioning dicts (context, and y for SDXL)."""
         enc = self.model.text_encoders
         tok = self.loaded.tokenizer
         if params.prompt_mode == "plain":
@@ -149,8 +167,15 @@ class Pipeline:
             out.append(c)
         return out[0], out[1]
 
+    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y=None) -> torch.Tensor:
+        """One U-Net evaluation: (B, C, h, w) latents at timesteps (B,) -> (B, C, h, w) float32 output."""
+        x = self.fast.input(x.to(self.device))
+        if context.dtype != self.dtype:
+            context = context.to(self.device, self.dtype)
+        return self.model.unet(x, t.to(self.device), context, y).float()
+
     def _unet(self, x: torch.Tensor, t: torch.Tensor, *, context, y=None) -> torch.Tensor:
-        return self.model.unet(x.to(self.dtype), t.to(self.device), context, y).float()
+        return self.unet_call(x, t, context, y)
 
     # --- the sampling loop -------------------------------------------------------------------
 
@@ -204,7 +229,7 @@ class Pipeline:
         """(B, 3, H, W) in [-1, 1] -> scaled latents; posterior sample drawn per image from its generator."""
         vae = self.model.vae
         with torch.inference_mode():
-            post = vae.encode(img.to(self.device, self.dtype))
+            post = vae.encode(self.fast.input(img.to(self.device)))
             if noise is None:
                 z = post.mode()
             else:
@@ -216,7 +241,7 @@ class Pipeline:
         out = []
         with torch.inference_mode():
             for z in latents.split(1):
-                x = self.model.vae.decode((z / self.cfg.vae.scaling_factor).to(self.device, self.dtype))
+                x = self.model.vae.decode(self.fast.input((z / self.cfg.vae.scaling_factor).to(self.device)))
                 out += images.to_pil(x.float())
         return out
 
@@ -282,11 +307,11 @@ class Pipeline:
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
-        conds = self._encode(params, width, height)  # the prompts are encoded once for all batches
+        conds = self.encode(params, width, height)  # the prompts are encoded once for all batches
         hires_conds = None
         if params.enable_hr and init_image is None:  # only SDXL's conditioning depends on the size
             sdxl = self.cfg.unet.adm_in_channels is not None
-            hires_conds = self._encode(params, final_w, final_h) if sdxl else conds
+            hires_conds = self.encode(params, final_w, final_h) if sdxl else conds
         region = None
         if mask is not None:
             mask = images.blur_mask(mask, params.mask_blur)

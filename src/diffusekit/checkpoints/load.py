@@ -105,8 +105,8 @@ def build_model(
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     keep, notes = validate_state_dict(sd, model, name)
-    if dtype is not None:
-        keep = cast_floats(keep, dtype)
+    if dtype is not None:  # a cast never holds the mapped file and the cast copy resident together
+        keep = cast_floats(keep, dtype, release_mapped=True)
     keep = {k: v.to(device) for k, v in keep.items()}
     model.load_state_dict(keep, strict=True, assign=True)
     return model.eval().requires_grad_(False), notes

@@ -15,7 +15,9 @@ their key paths listed, as a JSON list, under ``metadata[DROPPED_KEY]``.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import pickletools
 import re
@@ -589,10 +591,59 @@ def prune(sd: Mapping[str, torch.Tensor], keep_ema: bool = False) -> dict[str, t
     return out
 
 
-def cast_floats(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast floating-point tensors to ``dtype``; integer/bool tensors (and already-cast ones) pass through."""
+def cast_floats(
+    sd: Mapping[str, torch.Tensor], dtype: torch.dtype, *, release_mapped: bool = False
+) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to ``dtype``; integer/bool tensors (and already-cast ones) pass through.
+
+    `release_mapped`: after casting a tensor that is a view of a memory-mapped file, drop its pages from
+    this process (they stay in the page cache), so casting a mapped checkpoint never holds both copies.
+    """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(
             f"cast_floats needs a floating-point torch.dtype (e.g. torch.float16), got {dtype!r}"
         )
-    return {key: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for key, t in sd.items()}
+    mapped = _file_mappings() if release_mapped else []
+    out = {}
+    for key, t in sd.items():
+        out[key] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        if mapped and out[key] is not t:
+            _release_pages(t, mapped)
+    return out
+
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private, non-executable file mappings (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        perms = fields[1] if len(fields) == 6 else ""
+        if perms[:1] == "r" and perms[2:] == "-p" and fields[4] != "0" and fields[5].startswith("/"):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the whole pages under `tensor` from this process's resident set, if they lie inside a file
+    mapping. Only for a checkpoint's tensors that were just cast (never written, never read again):
+    touched again, the pages would be re-read from the file."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(lo <= start and end <= hi for lo, hi in mapped):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

@@ -88,6 +88,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False, **dd)
         self.to_v = nn.Linear(context_dim, inner, bias=False, **dd)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim, **dd))
+        self.attention_dtype: torch.dtype | None = None  # set by runtime.prepare: run SDPA in this dtype
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         ctx = x if context is None else context  # (B, T, Dc)
@@ -95,7 +96,12 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
         v = self.to_v(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        if self.attention_dtype is not None and self.attention_dtype != q.dtype:
+            dtype = q.dtype
+            q, k, v = q.to(self.attention_dtype), k.to(self.attention_dtype), v.to(self.attention_dtype)
+            out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, h, N, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, h * d)
         return self.to_out(out)
 

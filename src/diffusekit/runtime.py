@@ -1,0 +1,110 @@
+"""Compute precision and the inference fast path: which dtype to run in, and how to lay a model out for it.
+
+`resolve_precision` turns the user's choice ("auto", "fp32", "bf16", "fp16") into a dtype for a device and
+model; `prepare` applies the layout choices that only pay off outside the fp32 parity path (channels-last
+convolutions, fp32 attention kernels on CPU). Nothing here is global: everything acts on the objects passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models.configs import ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Below this many U-Net parameters a model is too small for bf16 matmuls to beat fp32 on a CPU (the
+# per-op overhead and casts dominate), so "auto" keeps fp32 there, which is also the parity path.
+AUTO_BF16_MIN_UNET_PARAMS = 200_000_000
+
+
+class PrecisionError(ValueError):
+    """An unknown precision name, or one the device cannot run."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 dot products natively (AVX512-BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's probes (private)
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def unet_parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the config's U-Net, counted on the meta device (allocates nothing)."""
+    from .models.unet import UNetModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNetModel(cfg.unet).parameters())
+
+
+def resolve_precision(
+    precision: str, device: torch.device | str, cfg: ModelConfig | None = None
+) -> torch.dtype:
+    """The compute dtype for `precision` on `device`.
+
+    "auto": fp16 on CUDA; bf16 on a CPU with native bf16 for SD-size models; fp32 otherwise.
+    "fp32" is the bit-for-bit parity path; "bf16"/"fp16" are honoured where the device can run them.
+    """
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            big = cfg is None or unet_parameter_count(cfg) >= AUTO_BF16_MIN_UNET_PARAMS
+            return torch.bfloat16 if big else torch.float32
+        return torch.float32
+    if precision == "fp16" and device.type == "cpu":
+        raise PrecisionError(
+            "fp16 compute is not supported on CPU (no fast fp16 kernels); use bf16 or fp32 there, "
+            "or auto to let diffusekit choose"
+        )
+    return _DTYPES[precision]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What `prepare` changed; kept on the pipeline so it can lay inputs out the same way."""
+
+    dtype: torch.dtype
+    channels_last: bool
+    fp32_attention: bool
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) U-Net or VAE input in the compute dtype and memory format they were prepared for."""
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def prepare(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> FastPath:
+    """Lay `model` out for inference in `dtype`; fp32 is left untouched (the parity path).
+
+    Channels-last lets oneDNN run convolutions without reordering every activation. On CPU, attention
+    runs in fp32 even when the model computes in bf16: the fused CPU attention kernel is faster in fp32
+    than in bf16 for SD's head sizes, and the softmax keeps full precision.
+    """
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return FastPath(dtype, channels_last=False, fp32_attention=False)
+    model.to(memory_format=torch.channels_last)
+    fp32_attention = device.type == "cpu" and dtype == torch.bfloat16
+    for module in model.modules():
+        if hasattr(module, "attention_dtype"):
+            module.attention_dtype = torch.float32 if fp32_attention else None
+    return FastPath(dtype, channels_last=True, fp32_attention=fp32_attention)
+
+
+def to_compute(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """Move/cast `model` in place to `device` and `dtype`; tensors already there are kept (a memory-mapped
+    checkpoint in the compute dtype stays mapped), and a cast releases the mapped pages it read."""
+    from .checkpoints.single_file import cast_floats
+
+    state = model.state_dict(keep_vars=True)
+    if any(t.is_floating_point() and t.dtype != dtype for t in state.values()):
+        cast = cast_floats({k: t.detach() for k, t in state.items()}, dtype, release_mapped=True)
+        model.load_state_dict(cast, strict=True, assign=True)
+    return model.to(device, dtype)  # non-persistent buffers; a no-op for what is already in place

@@ -1,0 +1,113 @@
+"""Compute precision choice, the bf16 fast path, and casting a mapped checkpoint without holding it twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from diffusekit.checkpoints.single_file import cast_floats, load_state_dict, save_state_dict
+from diffusekit.models.configs import SD1, TINY_SD1
+from diffusekit.params import GenerationParams
+from diffusekit.pipeline import Pipeline
+from diffusekit.runtime import PrecisionError, cpu_has_native_bf16, resolve_precision
+from helpers import make_checkpoint
+
+
+def test_precision_names_and_devices():
+    assert resolve_precision("fp32", "cpu") == torch.float32
+    assert resolve_precision("bf16", "cpu") == torch.bfloat16
+    assert resolve_precision("auto", "cuda") == torch.float16
+    with pytest.raises(PrecisionError, match=r"unknown precision 'half'; valid: auto, fp32, bf16, fp16"):
+        resolve_precision("half", "cpu")
+    with pytest.raises(PrecisionError, match="fp16 compute is not supported on CPU"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_auto_precision_is_bf16_only_for_sd_size_models_on_bf16_cpus():
+    assert resolve_precision("auto", "cpu", TINY_SD1) == torch.float32  # too small to gain from bf16
+    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resolve_precision("auto", "cpu", SD1) == expected
+
+
+def test_prepare_leaves_fp32_alone_and_lays_out_bf16(tmp_path):
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    ref = Pipeline.from_file(path, precision="fp32")
+    assert not ref.fast.channels_last
+    assert ref.model.unet.input_blocks[0][0].weight.is_contiguous()
+    fast = Pipeline.from_file(path, precision="bf16")
+    assert fast.fast.channels_last and fast.fast.fp32_attention
+    conv = fast.model.unet.input_blocks[0][0].weight
+    assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
+    attn = [m for m in fast.model.unet.modules() if hasattr(m, "attention_dtype")]
+    assert attn and all(m.attention_dtype == torch.float32 for m in attn)
+    assert all(p.dtype == torch.bfloat16 for p in fast.model.parameters())
+
+
+def test_bf16_image_differs_from_fp32_far_less_than_another_seed(tmp_path):
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    params = GenerationParams(prompt="a red circle", steps=6, sampler="euler", seed=3, width=64, height=64)
+    fp32, bf16 = Pipeline.from_file(path, precision="fp32"), Pipeline.from_file(path, precision="bf16")
+    pixels = lambda pipe, **kw: np.asarray(pipe.generate(replace(params, **kw)).images[0], np.float32)  # noqa: E731
+    ref = pixels(fp32)
+    precision_change = np.abs(pixels(bf16) - ref).mean()
+    seed_change = np.abs(pixels(fp32, seed=4) - ref).mean()
+    assert 0 < precision_change < 0.25 * seed_change, (precision_change, seed_change)
+
+
+def test_fp32_attention_matches_bf16_attention_within_bf16_noise():
+    from diffusekit.models.unet import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(64, 32, heads=2, dim_head=32, dd={}).to(torch.bfloat16)
+    x, ctx = torch.randn(2, 50, 64).bfloat16(), torch.randn(2, 7, 32).bfloat16()
+    plain = attn(x, ctx).float()
+    attn.attention_dtype = torch.float32
+    upcast = attn(x, ctx)
+    assert upcast.dtype == torch.bfloat16
+    assert (plain - upcast.float()).abs().max() < 0.02 * plain.abs().max()
+
+
+def test_cast_release_keeps_the_file_readable(tmp_path):
+    torch.manual_seed(0)
+    sd = {f"w{i}": torch.randn(300, 257).half() for i in range(4)}  # sizes that straddle pages
+    save_state_dict(sd, tmp_path / "m.safetensors")
+    mapped, _ = load_state_dict(tmp_path / "m.safetensors")
+    cast = cast_floats(mapped, torch.bfloat16, release_mapped=True)
+    for key, t in sd.items():
+        assert torch.equal(cast[key], t.to(torch.bfloat16))
+        assert torch.equal(mapped[key], t)  # released pages read back from the file intact
+
+
+_PEAK_SCRIPT = """
+import json, sys, torch
+from diffusekit.checkpoints.single_file import cast_floats, load_state_dict
+status = lambda field: int(open("/proc/self/status").read().split(field + ":")[1].split()[0])  # kB
+mapped, _ = load_state_dict(sys.argv[1])
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+cast = cast_floats(mapped, torch.bfloat16, release_mapped=sys.argv[2] == "1")
+print(json.dumps({"added_kb": status("VmHWM") - base}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux-only")
+def test_casting_a_mapped_file_does_not_hold_both_copies(tmp_path):
+    n = 32 * 2**20  # 64 MiB of fp16 in 16 tensors
+    sd = {f"w{i}": torch.ones(n // 16, dtype=torch.float16) for i in range(16)}
+    path = tmp_path / "big.safetensors"
+    save_state_dict(sd, path)
+
+    def added_mib(release: bool) -> float:
+        run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(int(release))],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return json.loads(run.stdout)["added_kb"] / 1024
+
+    kept, released = added_mib(False), added_mib(True)
+    assert kept > 120, kept  # the 64 MiB mapping + the 64 MiB bf16 copy
+    assert released < 72, (kept, released)  # the copy + about one tensor's pages (4 MiB)
