@@ -28,6 +28,7 @@ from .memory import check_fits, estimate
 from .metadata import GenerationInfo, format_infotext
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
+from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
 from .params import GenerationParams
 from .prompts import encode_prompt, pad_to_same_length
 from .runtime import prepare, resolve_precision, to_compute
@@ -99,6 +100,11 @@ class _Batch:
     hires_conds: tuple[dict, dict] | None = None  # conditioning at the hires size (SDXL's size ids differ)
 
 
+# Above this estimated activation size a VAE decode/encode runs in exact row strips (same result, less
+# memory): from 512x512 up for SD-size VAEs, never for the 64x64 default model.
+VAE_CHUNK_BYTES = 256 * 2**20
+
+
 class Pipeline:
     """A loaded model ready to generate; hold one per model and call it many times."""
 
@@ -115,6 +121,7 @@ class Pipeline:
         self.model = to_compute(loaded.model, self.device, dtype)
         self.fast = prepare(self.model, dtype, self.device)
         self.cfg = loaded.cfg
+        self.vae_chunk_bytes = VAE_CHUNK_BYTES
         self.schedule = sd_schedule()
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
@@ -229,7 +236,8 @@ class Pipeline:
         """(B, 3, H, W) in [-1, 1] -> scaled latents; posterior sample drawn per image from its generator."""
         vae = self.model.vae
         with torch.inference_mode():
-            post = vae.encode(self.fast.input(img.to(self.device)))
+            x = self.fast.input(img.to(self.device))
+            post = encode_chunked(vae, x) if self._chunk_vae(img.shape[-1], img.shape[-2]) else vae.encode(x)
             if noise is None:
                 z = post.mode()
             else:
@@ -241,9 +249,17 @@ class Pipeline:
         out = []
         with torch.inference_mode():
             for z in latents.split(1):
-                x = self.model.vae.decode(self.fast.input((z / self.cfg.vae.scaling_factor).to(self.device)))
+                z = self.fast.input((z / self.cfg.vae.scaling_factor).to(self.device))  # (1, C, h, w)
+                d = self.cfg.vae.downscale
+                chunk = self._chunk_vae(z.shape[-1] * d, z.shape[-2] * d)
+                x = decode_chunked(self.model.vae, z) if chunk else self.model.vae.decode(z)
                 out += images.to_pil(x.float())
         return out
+
+    def _chunk_vae(self, width: int, height: int) -> bool:
+        """Run the VAE in exact row strips when its plain activations would exceed VAE_CHUNK_BYTES."""
+        dtype_bytes = torch.finfo(self.dtype).bits // 8
+        return should_chunk(self.cfg.vae, width, height, dtype_bytes, self.vae_chunk_bytes)
 
     # --- public jobs -------------------------------------------------------------------------
 

@@ -57,11 +57,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         b, c, h, w = x.shape
         y = self.norm(x)
-        # flatten(2).transpose is a view for both contiguous and channels-last inputs.
-        q = self.q(y).flatten(2).transpose(1, 2)  # (B, HW, C)
-        k = self.k(y).flatten(2).transpose(1, 2)
-        v = self.v(y).flatten(2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), scale 1/sqrt(C)
+        # One head as a 4-D contiguous (B, 1, HW, C): the form CPU SDPA runs fused, without ever
+        # materializing the (HW x HW) score matrix (3-D transposed views take the quadratic path).
+        q = self.q(y).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)  # (B, 1, HW, C)
+        k = self.k(y).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
+        v = self.v(y).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C), scale 1/sqrt(C)
         out = out.transpose(1, 2).unflatten(2, (h, w))  # (B, C, H, W)
         return x + self.proj_out(out)
 
