@@ -13,6 +13,7 @@ import torch
 
 from diffusekit.checkpoints.single_file import cast_floats, load_state_dict, save_state_dict
 from diffusekit.models.configs import SD1, TINY_SD1
+from diffusekit.models.unet import UNetModel
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.runtime import PrecisionError, cpu_has_native_bf16, resolve_precision
@@ -30,9 +31,13 @@ def test_precision_names_and_devices():
 
 
 def test_auto_precision_is_bf16_only_for_sd_size_models_on_bf16_cpus():
-    assert resolve_precision("auto", "cpu", TINY_SD1) == torch.float32  # too small to gain from bf16
+    def unet_params(cfg):
+        with torch.device("meta"):
+            return sum(p.numel() for p in UNetModel(cfg.unet).parameters())
+
+    assert resolve_precision("auto", "cpu", unet_params(TINY_SD1)) == torch.float32  # too small for bf16
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert resolve_precision("auto", "cpu", SD1) == expected
+    assert resolve_precision("auto", "cpu", unet_params(SD1)) == expected
 
 
 def test_prepare_leaves_fp32_alone_and_lays_out_bf16(tmp_path):

@@ -143,7 +143,8 @@ class Pipeline:
         """
         loaded = load_model(path, **load_kw)
         if dtype is None:
-            dtype = resolve_precision(precision, device, loaded.cfg)
+            unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
+            dtype = resolve_precision(precision, device, unet_params)
         return cls(loaded, device=device, dtype=dtype)
 
     # --- conditioning ------------------------------------------------------------------------
@@ -181,9 +182,6 @@ class Pipeline:
             context = context.to(self.device, self.dtype)
         return self.model.unet(x, t.to(self.device), context, y).float()
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, *, context, y=None) -> torch.Tensor:
-        return self.unet_call(x, t, context, y)
-
     # --- the sampling loop -------------------------------------------------------------------
 
     def _sample(
@@ -200,7 +198,7 @@ class Pipeline:
         """Run the sampler from x (at sigmas[0]) with CFG; `blend` keeps an inpainting known region."""
         spec = SAMPLERS[resolve_sampler(params.sampler, params.schedule)[0]]
         denoiser = CFGDenoiser(
-            Denoiser(self._unet, self.schedule, prediction=self.cfg.prediction),
+            Denoiser(self.unet_call, self.schedule, prediction=self.cfg.prediction),
             scale=params.cfg_scale,
             rescale=params.cfg_rescale,
         )
@@ -237,7 +235,8 @@ class Pipeline:
         vae = self.model.vae
         with torch.inference_mode():
             x = self.fast.input(img.to(self.device))
-            post = encode_chunked(vae, x) if self._chunk_vae(img.shape[-1], img.shape[-2]) else vae.encode(x)
+            chunk = self._chunk_vae(img.shape[-1], img.shape[-2], batch=img.shape[0])
+            post = encode_chunked(vae, x) if chunk else vae.encode(x)
             if noise is None:
                 z = post.mode()
             else:
@@ -256,10 +255,10 @@ class Pipeline:
                 out += images.to_pil(x.float())
         return out
 
-    def _chunk_vae(self, width: int, height: int) -> bool:
-        """Run the VAE in exact row strips when its plain activations would exceed VAE_CHUNK_BYTES."""
+    def _chunk_vae(self, width: int, height: int, batch: int = 1) -> bool:
+        """Run the VAE in exact row strips when its plain activations would exceed `vae_chunk_bytes`."""
         dtype_bytes = torch.finfo(self.dtype).bits // 8
-        return should_chunk(self.cfg.vae, width, height, dtype_bytes, self.vae_chunk_bytes)
+        return should_chunk(self.cfg.vae, width, height, dtype_bytes, self.vae_chunk_bytes, batch)
 
     # --- public jobs -------------------------------------------------------------------------
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models.configs import ModelConfig
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,18 +30,10 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def unet_parameter_count(cfg: ModelConfig) -> int:
-    """Parameters of the config's U-Net, counted on the meta device (allocates nothing)."""
-    from .models.unet import UNetModel
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in UNetModel(cfg.unet).parameters())
-
-
 def resolve_precision(
-    precision: str, device: torch.device | str, cfg: ModelConfig | None = None
+    precision: str, device: torch.device | str, unet_params: int | None = None
 ) -> torch.dtype:
-    """The compute dtype for `precision` on `device`.
+    """The compute dtype for `precision` on `device`, for a model whose U-Net has `unet_params` parameters.
 
     "auto": fp16 on CUDA; bf16 on a CPU with native bf16 for SD-size models; fp32 otherwise.
     "fp32" is the bit-for-bit parity path; "bf16"/"fp16" are honoured where the device can run them.
@@ -55,7 +45,7 @@ def resolve_precision(
         if device.type == "cuda":
             return torch.float16
         if device.type == "cpu" and cpu_has_native_bf16():
-            big = cfg is None or unet_parameter_count(cfg) >= AUTO_BF16_MIN_UNET_PARAMS
+            big = unet_params is None or unet_params >= AUTO_BF16_MIN_UNET_PARAMS
             return torch.bfloat16 if big else torch.float32
         return torch.float32
     if precision == "fp16" and device.type == "cpu":

@@ -16,6 +16,7 @@ their key paths listed, as a JSON list, under ``metadata[DROPPED_KEY]``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -645,5 +646,9 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

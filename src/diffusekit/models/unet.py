@@ -96,12 +96,10 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
         v = self.to_v(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
-        if self.attention_dtype is not None and self.attention_dtype != q.dtype:
-            dtype = q.dtype
-            q, k, v = q.to(self.attention_dtype), k.to(self.attention_dtype), v.to(self.attention_dtype)
-            out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, h, N, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        dtype, compute = q.dtype, self.attention_dtype or q.dtype  # .to() is a no-op when they agree
+        out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute)).to(
+            dtype
+        )  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, h * d)
         return self.to_out(out)
 
