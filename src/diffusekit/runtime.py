@@ -62,7 +62,7 @@ class FastPath:
 
     dtype: torch.dtype
     channels_last: bool
-    fp32_attention: bool
+    attention: str  # the U-Net's attention kernel, see models/attention.py
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) U-Net or VAE input in the compute dtype and memory format they were prepared for."""
@@ -73,19 +73,19 @@ class FastPath:
 def prepare(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> FastPath:
     """Lay `model` out for inference in `dtype`; fp32 is left untouched (the parity path).
 
-    Channels-last lets oneDNN run convolutions without reordering every activation. On CPU, attention
-    runs in fp32 even when the model computes in bf16: the fused CPU attention kernel is faster in fp32
-    than in bf16 for SD's head sizes, and the softmax keeps full precision.
+    Channels-last lets oneDNN run convolutions without reordering every activation. On CPU in bf16,
+    attention runs sliced (a bf16 matmul per head and slice of queries), which beats the fused CPU
+    SDPA kernel there; elsewhere it stays SDPA.
     """
     device = torch.device(device)
     if dtype == torch.float32:
-        return FastPath(dtype, channels_last=False, fp32_attention=False)
+        return FastPath(dtype, channels_last=False, attention="sdpa")
     model.to(memory_format=torch.channels_last)
-    fp32_attention = device.type == "cpu" and dtype == torch.bfloat16
+    kernel = "sliced" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
     for module in model.modules():
-        if hasattr(module, "attention_dtype"):
-            module.attention_dtype = torch.float32 if fp32_attention else None
-    return FastPath(dtype, channels_last=True, fp32_attention=fp32_attention)
+        if hasattr(module, "kernel"):
+            module.kernel = kernel
+    return FastPath(dtype, channels_last=True, attention=kernel)
 
 
 def to_compute(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusekit.models.attention import attention
 from diffusekit.models.configs import UNetConfig
 
 __all__ = ["UNetModel", "timestep_embedding", "size_embedding"]
@@ -75,7 +76,7 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head (cross-)attention without q/k/v biases, via scaled_dot_product_attention."""
+    """Multi-head (cross-)attention without q/k/v biases; the kernel is chosen by `runtime.prepare`."""
 
     def __init__(
         self, query_dim: int, context_dim: int, heads: int, dim_head: int, dd: dict[str, Any]
@@ -88,7 +89,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False, **dd)
         self.to_v = nn.Linear(context_dim, inner, bias=False, **dd)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim, **dd))
-        self.attention_dtype: torch.dtype | None = None  # set by runtime.prepare: run SDPA in this dtype
+        self.kernel = "sdpa"  # set by runtime.prepare (see models/attention.py)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         ctx = x if context is None else context  # (B, T, Dc)
@@ -96,10 +97,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
         v = self.to_v(ctx).view(b, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, T, d)
-        dtype, compute = q.dtype, self.attention_dtype or q.dtype  # .to() is a no-op when they agree
-        out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute)).to(
-            dtype
-        )  # (B, h, N, d)
+        out = attention(q, k, v, self.kernel)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # (B, N, h * d)
         return self.to_out(out)
 
