@@ -349,6 +349,17 @@ def test_cast_floats_only_touches_floating_point():
         cast_floats(sd, torch.int8)
 
 
+def test_cast_floats_lays_4d_tensors_out_in_the_requested_format(tmp_path):
+    sd = {"conv": torch.randn(8, 6, 3, 3).half(), "lin": torch.randn(8, 6).half()}
+    save_state_dict(sd, tmp_path / "m.safetensors")
+    mapped, _ = load_state_dict(tmp_path / "m.safetensors")
+    out = cast_floats(mapped, torch.bfloat16, release_mapped=True, memory_format=torch.channels_last)
+    assert out["conv"].is_contiguous(memory_format=torch.channels_last) and not out["conv"].is_contiguous()
+    assert out["lin"].is_contiguous()
+    for key, t in sd.items():
+        assert out[key].dtype == torch.bfloat16 and torch.equal(out[key], t.to(torch.bfloat16))
+
+
 # ------------------------------------------------------------------------------------------ bad files
 
 

@@ -31,7 +31,7 @@ from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
 from .params import GenerationParams
 from .prompts import encode_prompt, pad_to_same_length
-from .runtime import prepare, resolve_precision, to_compute
+from .runtime import prepare, resolve_precision
 
 
 class Cancelled(Exception):
@@ -118,8 +118,8 @@ class Pipeline:
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = to_compute(loaded.model, self.device, dtype)
-        self.fast = prepare(self.model, dtype, self.device)
+        self.model = loaded.model
+        self.fast = prepare(self.model, dtype, self.device)  # casts and lays out in place
         self.cfg = loaded.cfg
         self.vae_chunk_bytes = VAE_CHUNK_BYTES
         self.schedule = sd_schedule()

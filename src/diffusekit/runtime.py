@@ -71,30 +71,40 @@ class FastPath:
 
 
 def prepare(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> FastPath:
-    """Lay `model` out for inference in `dtype`; fp32 is left untouched (the parity path).
+    """Cast `model` in place to `dtype` on `device` and lay it out for inference there.
 
-    Channels-last lets oneDNN run convolutions without reordering every activation. On CPU in bf16,
-    attention runs sliced (a bf16 matmul per head and slice of queries), which beats the fused CPU
-    SDPA kernel there; elsewhere it stays SDPA.
+    fp32 keeps the default layout (the parity path). Otherwise convolutions run channels-last, which
+    lets oneDNN skip reordering every activation; the cast writes 4-D weights in that layout directly,
+    in the same pass. On CPU in bf16, attention runs sliced (a bf16 matmul per head and slice of
+    queries), which beats the fused CPU SDPA kernel there; elsewhere it stays SDPA.
     """
     device = torch.device(device)
-    if dtype == torch.float32:
-        return FastPath(dtype, channels_last=False, attention="sdpa")
-    model.to(memory_format=torch.channels_last)
+    fast = dtype != torch.float32
     kernel = "sliced" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
+    to_compute(model, device, dtype, torch.channels_last if fast else None)
+    if not fast:
+        return FastPath(dtype, channels_last=False, attention="sdpa")
+    model.to(memory_format=torch.channels_last)  # weights that needed no cast (a bf16 file, say)
     for module in model.modules():
         if hasattr(module, "kernel"):
             module.kernel = kernel
     return FastPath(dtype, channels_last=True, attention=kernel)
 
 
-def to_compute(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def to_compute(
+    model: nn.Module,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format | None = None,
+) -> nn.Module:
     """Move/cast `model` in place to `device` and `dtype`; tensors already there are kept (a memory-mapped
-    checkpoint in the compute dtype stays mapped), and a cast releases the mapped pages it read."""
+    checkpoint in the compute dtype stays mapped), a cast releases the mapped pages it read and writes
+    4-D weights in `memory_format` when given."""
     from .checkpoints.single_file import cast_floats
 
     state = model.state_dict(keep_vars=True)
     if any(t.is_floating_point() and t.dtype != dtype for t in state.values()):
-        cast = cast_floats({k: t.detach() for k, t in state.items()}, dtype, release_mapped=True)
+        detached = {k: t.detach() for k, t in state.items()}
+        cast = cast_floats(detached, dtype, release_mapped=True, memory_format=memory_format)
         model.load_state_dict(cast, strict=True, assign=True)
     return model.to(device, dtype)  # non-persistent buffers; a no-op for what is already in place

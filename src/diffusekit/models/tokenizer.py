@@ -79,20 +79,21 @@ def bytes_to_unicode() -> dict[int, str]:
 @functools.cache
 def _letter_number_classes() -> tuple[str, str]:
     """Regex class bodies for `\\p{L}` and `\\p{N}` (general categories L* and N*), built from unicodedata."""
-    spans: dict[str, list[tuple[int, int]]] = {"L": [], "N": []}
-    for cp in range(0x110000):
-        spans_of = spans.get(unicodedata.category(chr(cp))[0])
-        if spans_of is None:
-            continue
-        if spans_of and spans_of[-1][1] == cp - 1:
-            spans_of[-1] = (spans_of[-1][0], cp)
-        else:
-            spans_of.append((cp, cp))
+    category = unicodedata.category
+    chars = [chr(cp) for cp in range(0x110000)]
+    letters = [ord(c) for c in chars if category(c)[0] == "L"]
+    numbers = [ord(c) for c in chars if category(c)[0] == "N"]
 
-    def body(ranges: list[tuple[int, int]]) -> str:
-        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+    def body(codes: list[int]) -> str:
+        spans: list[list[int]] = []  # [first, last] runs of consecutive code points
+        for cp in codes:
+            if spans and spans[-1][1] == cp - 1:
+                spans[-1][1] = cp
+            else:
+                spans.append([cp, cp])
+        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
 
-    return body(spans["L"]), body(spans["N"])
+    return body(letters), body(numbers)
 
 
 class _Patterns(NamedTuple):
