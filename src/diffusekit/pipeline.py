@@ -12,6 +12,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from . import __version__, images
+from .accel import Accel, DeepCache, apply_accel
 from .checkpoints.load import LoadedModel, load_model
 from .diffusion.denoiser import CFGDenoiser, Denoiser, HookedDenoiser
 from .diffusion.sampler_base import gaussian_noise
 from .diffusion.samplers import SAMPLERS, a1111_names, resolve_sampler, sampler_sigmas
 from .diffusion.schedules import img2img_sigmas, sd_schedule
-from .memory import check_fits, estimate
+from .memory import MemoryEstimate, check_fits, estimate, resident_bytes
 from .metadata import GenerationInfo, format_infotext
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
@@ -114,12 +116,15 @@ class Pipeline:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        accel: Accel | None = None,
     ):
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = loaded.model
         self.fast = prepare(self.model, dtype, self.device)  # casts and lays out in place
+        self.accel = accel or Accel()  # opt-in accelerators; DeepCache acts per sampler run in _sample
+        apply_accel(self.model, self.accel)
         self.cfg = loaded.cfg
         self.vae_chunk_bytes = VAE_CHUNK_BYTES
         self.schedule = sd_schedule()
@@ -134,18 +139,20 @@ class Pipeline:
         precision: str = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        accel: Accel | None = None,
         **load_kw,
     ) -> Pipeline:
         """Load a checkpoint (`load_kw`: prediction, vae, keep_ema) for generation.
 
         `precision` "auto" picks bf16 on CPUs with native bf16 for SD-size models and fp32 otherwise
         (see runtime.resolve_precision); "fp32" is the parity path. An explicit `dtype` wins.
+        `accel` turns on opt-in accelerators (diffusekit.accel); they change the images a little.
         """
         loaded = load_model(path, **load_kw)
         if dtype is None:
             unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
             dtype = resolve_precision(precision, device, unet_params)
-        return cls(loaded, device=device, dtype=dtype)
+        return cls(loaded, device=device, dtype=dtype, accel=accel)
 
     # --- conditioning ------------------------------------------------------------------------
 
@@ -175,11 +182,24 @@ class Pipeline:
             out.append(c)
         return out[0], out[1]
 
-    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y=None) -> torch.Tensor:
-        """One U-Net evaluation: (B, C, h, w) latents at timesteps (B,) -> (B, C, h, w) float32 output."""
+    def unet_call(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        y=None,
+        *,
+        cache: DeepCache | None = None,
+    ) -> torch.Tensor:
+        """One U-Net evaluation: (B, C, h, w) latents at timesteps (B,) -> (B, C, h, w) float32 output.
+
+        With a DeepCache (one per sampler run) the call goes through it and may reuse deep features.
+        """
         x = self.fast.input(x.to(self.device))
         if context.dtype != self.dtype:
             context = context.to(self.device, self.dtype)
+        if cache is not None:
+            return cache(self.model.unet, x, t.to(self.device), context, y).float()
         return self.model.unet(x, t.to(self.device), context, y).float()
 
     # --- the sampling loop -------------------------------------------------------------------
@@ -197,8 +217,10 @@ class Pipeline:
     ) -> torch.Tensor:
         """Run the sampler from x (at sigmas[0]) with CFG; `blend` keeps an inpainting known region."""
         spec = SAMPLERS[resolve_sampler(params.sampler, params.schedule)[0]]
+        cache = self.accel.deepcache()  # fresh per sampler run: its first U-Net call is always full
+        unet = self.unet_call if cache is None else partial(self.unet_call, cache=cache)
         denoiser = CFGDenoiser(
-            Denoiser(self.unet_call, self.schedule, prediction=self.cfg.prediction),
+            Denoiser(unet, self.schedule, prediction=self.cfg.prediction),
             scale=params.cfg_scale,
             rescale=params.cfg_rescale,
         )
@@ -254,6 +276,21 @@ class Pipeline:
                 x = decode_chunked(self.model.vae, z) if chunk else self.model.vae.decode(z)
                 out += images.to_pil(x.float())
         return out
+
+    def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
+        """Predicted peak memory of `generate(params)`: resident now plus the larger activation peak."""
+        params = params.validate(self.cfg.resolution)
+        if params.enable_hr:
+            width, height = params.hires_size(self.cfg.resolution)
+        else:
+            width, height = params.size(self.cfg.resolution)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return estimate(
+            self.cfg, width, height, params.batch_size,
+            resident=resident_bytes(weight_bytes),
+            dtype_bytes=torch.finfo(self.dtype).bits // 8,
+            vae_chunked=self._chunk_vae(width, height),
+        )  # fmt: skip
 
     def _chunk_vae(self, width: int, height: int, batch: int = 1) -> bool:
         """Run the VAE in exact row strips when its plain activations would exceed `vae_chunk_bytes`."""
@@ -314,10 +351,7 @@ class Pipeline:
             )
         width, height = params.size(self.cfg.resolution)
         final_w, final_h = params.hires_size(self.cfg.resolution) if params.enable_hr else (width, height)
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        check_fits(estimate(self.cfg, final_w, final_h, params.batch_size, weight_bytes=weight_bytes,
-                            dtype_bytes=torch.finfo(self.dtype).bits // 8),
-                   what=f"{final_w}x{final_h} x{params.batch_size}")  # fmt: skip
+        check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         passes = 2 if params.enable_hr and init_image is None else 1
@@ -516,5 +550,5 @@ class Pipeline:
             else (params.hr_denoising_strength if params.enable_hr else None),
             clip_skip=params.clip_skip,
             version=f"diffusekit {__version__}",
-            extras=extras | dict(params.extras),
+            extras=extras | self.accel.infotext() | dict(params.extras),
         )
