@@ -72,6 +72,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="compute precision; auto: bf16 for SD-size models on CPUs with native bf16, else fp32 "
         "(fp16 on CUDA); fp32 is the reference path",
     )  # fmt: skip
+    p.add_argument("--deepcache", type=int, default=1, metavar="N",
+                   help="DeepCache: run the whole U-Net every N-th call, reuse its deep features in "
+                   "between (1 = off; 3 is a common choice)")  # fmt: skip
+    p.add_argument("--deepcache-branch", type=int, default=0, metavar="B",
+                   help="DeepCache: cached path via the first/last B+1 U-Net blocks (0 fastest)")  # fmt: skip
+    p.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging: merge this share of top-level tokens before self-attention "
+                   "(0 = off, at most 0.75; 0.5 is a common choice)")  # fmt: skip
+    p.add_argument("--int8", action="store_true", help="dynamic int8 U-Net transformer weights (CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
     p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
 
@@ -100,13 +110,29 @@ def _params(args: argparse.Namespace, **extra):
     )
 
 
+def _accel(args: argparse.Namespace):
+    """The accelerators asked for on the command line (validated, with the valid ranges on error)."""
+    from .accel import Accel
+
+    return Accel(
+        deepcache_interval=args.deepcache,
+        deepcache_branch=args.deepcache_branch,
+        tome_ratio=args.tome,
+        int8=args.int8,
+        compile=args.compile,
+    )
+
+
 def _run(args: argparse.Namespace, params, **inputs) -> int:
     from .metadata import save_png
     from .pipeline import Pipeline
 
     model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
-    pipe = Pipeline.from_file(model, vae=args.vae, prediction=args.prediction, precision=args.precision)
+    accel = _accel(args)
+    pipe = Pipeline.from_file(
+        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel
+    )
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:

@@ -323,6 +323,16 @@ class UNetModel(nn.Module):
         `y` (B, adm_in_channels) is SDXL's pooled text + size embedding. Inputs are cast to the weights'
         dtype; the result has the dtype of `x`.
         """
+        emb, context = self.conditioning(x, timesteps, context, y)
+        skips = self.run_input_blocks(x.to(self.dtype), emb, context)  # one per input block
+        h = self.middle_block(skips[-1], emb, context)  # (B, C_last, H / 2^(L-1), W / 2^(L-1))
+        h = self.run_output_blocks(h, skips, emb, context)
+        return self.out(h).to(x.dtype)  # (B, out, H, W)
+
+    def conditioning(
+        self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Check `forward`'s inputs; return embedding (B, 4 * mc) and the context, in the compute dtype."""
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W); got shape {tuple(x.shape)}")
@@ -333,23 +343,39 @@ class UNetModel(nn.Module):
                 f"y must be given exactly when adm_in_channels is set (here {cfg.adm_in_channels}); "
                 f"got y={'None' if y is None else tuple(y.shape)}"
             )
-        b = x.shape[0]
         if timesteps.ndim == 0:
-            timesteps = timesteps.expand(b)
+            timesteps = timesteps.expand(x.shape[0])
         dtype = self.dtype
-
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))  # (B, 4 * mc)
         if self.label_emb is not None and y is not None:
             emb = emb + self.label_emb(y.to(dtype))
-        context = context.to(dtype)
+        return emb, context.to(dtype)
 
-        h = x.to(dtype)  # (B, in, H, W)
+    def run_input_blocks(
+        self, h: Tensor, emb: Tensor, context: Tensor, stop: int | None = None
+    ) -> list[Tensor]:
+        """Run `input_blocks[:stop]` on `h` (B, in, H, W); return every block's output (the skips)."""
         skips: list[Tensor] = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:stop]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)  # (B, C_last, H / 2^(L-1), W / 2^(L-1))
-        for block in self.output_blocks:
+        return skips
+
+    def run_output_blocks(
+        self,
+        h: Tensor,
+        skips: list[Tensor],
+        emb: Tensor,
+        context: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Tensor:
+        """Run `output_blocks[start:stop]` from `h`, popping the skip each block concatenates off `skips`.
+
+        `skips` must end with the skip of `output_blocks[start]`: every input block's output for start 0,
+        the first `len(output_blocks) - start` of them otherwise (DeepCache's shallow path).
+        """
+        for block in self.output_blocks[start:stop]:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = block(h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
-        return self.out(h).to(x.dtype)  # (B, out, H, W)
+        return h
