@@ -7,7 +7,7 @@ Usage:
 
 Metrics (names for --only): load, text, unet512, unet768, vae512, vae1024, image512, matmul, and sdcpp
 (stable-diffusion.cpp, run only where its Python package imports). Every measurement runs in a fresh
-`python bench/perf.py --worker SPEC` process that prints one JSON line; the parent alternates diffusekit
+`python bench/perf_worker.py SPEC` process that prints one JSON line; the parent alternates diffusekit
 ("ours") and diffusers runs for each metric, `--repeats` times, and reports median and min.
 
 Weights: the SD1.5 architecture with seeded random weights, cached as one fp16 safetensors file
@@ -17,53 +17,53 @@ Prompt, negative prompt, seed and sampler (Euler, 20 steps, CFG 7.5) are the sam
 
 Writes OUT/perf.json (every raw number and the machine) and OUT/perf.md (the table, also printed).
 `--config tiny_sd1` runs the same harness on the tiny preset: a smoke test of the harness, not a benchmark.
+
+Files: this one is the CLI and the parent side (settings, variants, weights, running workers, summaries,
+perf.json); bench/perf_worker.py is everything that runs inside a worker (the ours/diffusers sides, the
+measurements) and holds the shared constants (prompt, sampler, sizes, metric names); bench/perf_report.py
+renders perf.md. bench/ is not a package: the two are imported by plain name, which works from any cwd
+because Python puts the running script's folder (bench/) first on sys.path.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import itertools
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed, sharp focus"
-NEGATIVE = "blurry, low quality, watermark"
-SEED = 1
-STEPS = 20
-CFG_SCALE = 7.5
-SAMPLER = "Euler"
-IMAGE_SIZE = 512
-BATCH_CFG = 2  # one CFG U-Net call: cond + uncond
-TEXT_TOKENS = 77
-TIMESTEP = 500.0
-TEXT_INNER = 3  # text encoding is short: best of 3 calls (after a warm-up) within each process
-MATMUL_INNER = 5
+from perf_report import _median, render_markdown
+from perf_worker import (
+    CFG_SCALE,
+    METRICS,
+    NEGATIVE,
+    PROMPT,
+    SAMPLER,
+    SEED,
+    STEPS,
+    UNET_SIZES,
+    VAE_SIZES,
+    worker_main,
+)
 
-UNET_SIZES = {"unet512": 512, "unet768": 768}
-VAE_SIZES = {"vae512": 512, "vae1024": 1024}
-METRICS = ("load", "text", *UNET_SIZES, *VAE_SIZES, "image512", "matmul", "sdcpp")
 CONFIGS = {"sd1": "sd15-random-fp16.safetensors", "tiny_sd1": "tiny-sd1-random-fp16.safetensors"}
 MATMUL_N = {"sd1": 4096, "tiny_sd1": 1024}  # the smoke test keeps the matmul probe cheap
 CACHE_DIR = Path("~/.cache/diffusekit-bench").expanduser()
 PRECISIONS = {"ours": ("auto", "fp32", "bf16"), "diffusers": ("fp32", "bf16")}
 SDCPP_WTYPES = ("f16", "q8_0")
-COLUMN_ORDER = ("diffusers fp32", "diffusers bf16", "ours auto", "ours fp32", "ours bf16")
-RATIOS = ("diffusers fp32", "diffusers bf16")  # "X / ours": speedup of ours auto, higher is better
 SUMMARY_KEYS = (
     "value",
     "load_s",
@@ -235,304 +235,6 @@ def sdcpp_available() -> bool:
     return importlib.util.find_spec("stable_diffusion_cpp") is not None
 
 
-# --- worker: measurements in a fresh process -------------------------------------------------------
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def memory_stats() -> dict[str, float]:
-    """ru_maxrss (may include the parent's RSS at spawn) and VmHWM (this process image only), in MB."""
-    return {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_hwm_mb": _status_mb("VmHWM"),
-    }
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-class OursSide:
-    """diffusekit's Pipeline loaded from the fp16 single file at a diffusekit precision."""
-
-    def __init__(self, model: str, precision: str) -> None:
-        t0 = time.perf_counter()
-        import torch
-
-        from diffusekit.params import GenerationParams
-        from diffusekit.pipeline import Pipeline
-
-        self.torch, self.params_cls = torch, GenerationParams
-        t1 = time.perf_counter()
-        self.pipe = Pipeline.from_file(model, precision=precision)
-        self.load_s, self.import_s = time.perf_counter() - t1, t1 - t0
-        self.dtype = str(self.pipe.dtype).removeprefix("torch.")
-        self.context_dim: int = self.pipe.cfg.unet.context_dim
-
-    def params(self, width: int, height: int) -> Any:
-        return self.params_cls(
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            width=width,
-            height=height,
-            steps=STEPS,
-            cfg_scale=CFG_SCALE,
-            sampler=SAMPLER,
-            seed=SEED,
-        )
-
-    def encode(self) -> object:
-        return self.pipe.encode(self.params(IMAGE_SIZE, IMAGE_SIZE), IMAGE_SIZE, IMAGE_SIZE)
-
-    def unet(self, x: Any, t: Any, context: Any) -> Any:
-        with self.torch.inference_mode():
-            return self.pipe.unet_call(x, t, context)
-
-    def decode(self, latents_scaled: Any) -> object:
-        return self.pipe.decode(latents_scaled)
-
-    def generate(self) -> object:
-        return self.pipe.generate(self.params(IMAGE_SIZE, IMAGE_SIZE)).images
-
-
-class DiffusersSide:
-    """diffusers' StableDiffusionPipeline from the converted folder, Euler scheduler, fp32 or bf16."""
-
-    def __init__(self, folder: str, precision: str) -> None:
-        t0 = time.perf_counter()
-        import torch
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
-        self.torch = torch
-        self.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-        t1 = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder,
-            torch_dtype=self.torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
-        self.load_s, self.import_s = time.perf_counter() - t1, t1 - t0
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        self.dtype = str(self.torch_dtype).removeprefix("torch.")
-        self.context_dim = int(pipe.unet.config.cross_attention_dim)
-
-    def encode(self) -> object:
-        with self.torch.inference_mode():
-            return self.pipe.encode_prompt(PROMPT, self.torch.device("cpu"), 1, True, NEGATIVE)
-
-    def unet(self, x: Any, t: Any, context: Any) -> Any:
-        dt = self.torch_dtype
-        with self.torch.inference_mode():
-            return self.pipe.unet(x.to(dt), t, encoder_hidden_states=context.to(dt)).sample
-
-    def decode(self, latents_scaled: Any) -> object:
-        vae = self.pipe.vae
-        with self.torch.inference_mode():
-            return vae.decode(latents_scaled.to(self.torch_dtype) / vae.config.scaling_factor).sample
-
-    def generate(self) -> object:
-        generator = self.torch.Generator().manual_seed(SEED)
-        return self.pipe(
-            PROMPT,
-            negative_prompt=NEGATIVE,
-            width=IMAGE_SIZE,
-            height=IMAGE_SIZE,
-            num_inference_steps=STEPS,
-            guidance_scale=CFG_SCALE,
-            generator=generator,
-        ).images
-
-
-Side = OursSide | DiffusersSide
-
-
-def load_side(spec: dict[str, Any]) -> Side:
-    if spec["side"] == "ours":
-        return OursSide(spec["model"], spec["precision"])
-    if spec["side"] == "diffusers":
-        return DiffusersSide(spec["folder"], spec["precision"])
-    raise ValueError(f"unknown side {spec['side']!r}")
-
-
-def _side_fields(side: Side) -> dict[str, Any]:
-    return {"load_s": side.load_s, "import_s": side.import_s, "dtype": side.dtype}
-
-
-def _warm_then_time(fn: Callable[[], object], inner: int = 1) -> float:
-    """Seconds of the fastest of `inner` calls after one untimed warm-up call."""
-    fn()
-    return min(timed(fn) for _ in range(inner))
-
-
-def measure_load(spec: dict[str, Any]) -> dict[str, Any]:
-    side = load_side(spec)
-    return {"value": side.load_s, "rss_after_load_mb": _status_mb("VmRSS"), **_side_fields(side)}
-
-
-def measure_text(spec: dict[str, Any]) -> dict[str, Any]:
-    side = load_side(spec)
-    return {"value": _warm_then_time(side.encode, TEXT_INNER), "inner": TEXT_INNER, **_side_fields(side)}
-
-
-def measure_unet(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    side = load_side(spec)
-    size = UNET_SIZES[spec["metric"]] // 8
-    g = torch.Generator().manual_seed(SEED)
-    x = torch.randn(BATCH_CFG, 4, size, size, generator=g)
-    t = torch.full((BATCH_CFG,), TIMESTEP)
-    context = torch.randn(BATCH_CFG, TEXT_TOKENS, side.context_dim, generator=g)
-    seconds = _warm_then_time(lambda: side.unet(x, t, context))
-    return {"value": seconds, "latent": [BATCH_CFG, 4, size, size], **_side_fields(side)}
-
-
-def measure_vae(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    side = load_side(spec)
-    size = VAE_SIZES[spec["metric"]] // 8
-    z = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(SEED))  # scaled latents
-    return {
-        "value": _warm_then_time(lambda: side.decode(z)),
-        "latent": [1, 4, size, size],
-        **_side_fields(side),
-    }
-
-
-def measure_image(spec: dict[str, Any]) -> dict[str, Any]:
-    """One 20-step txt2img from a cold process: imports + load + generate (no warm-up)."""
-    side = load_side(spec)
-    generate_s = timed(side.generate)
-    total_s = time.perf_counter() - spec["_t0"]
-    return {"value": total_s, "total_s": total_s, "generate_s": generate_s, **_side_fields(side)}
-
-
-def measure_matmul(spec: dict[str, Any]) -> dict[str, Any]:
-    """Best GFLOP/s of torch.mm on (n, n) x (n, n) in one dtype."""
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["precision"]]
-    n = spec["matmul_n"]
-    g = torch.Generator().manual_seed(SEED)
-    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    best = _warm_then_time(lambda: torch.mm(a, b), MATMUL_INNER)
-    return {"value": 2 * n**3 / best / 1e9, "seconds": best, "n": n, "inner": MATMUL_INNER, "load_s": 0.0}
-
-
-def unet_flops(sizes: dict[str, int], config: str) -> dict[str, int]:
-    """FLOPs of one CFG U-Net call per size, counted on the meta device (no memory, no compute)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from diffusekit.models.configs import preset
-    from diffusekit.models.unet import UNetModel
-
-    cfg = preset(config).unet
-    out = {}
-    with torch.device("meta"):
-        model = UNetModel(cfg)
-        for name, px in sizes.items():
-            x = torch.empty(BATCH_CFG, cfg.in_channels, px // 8, px // 8)
-            context = torch.empty(BATCH_CFG, TEXT_TOKENS, cfg.context_dim)
-            with FlopCounterMode(display=False) as counter:
-                model(x, torch.full((BATCH_CFG,), TIMESTEP), context)
-            out[name] = int(counter.get_total_flops())
-    return out
-
-
-def measure_flops(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"flops": unet_flops(UNET_SIZES, spec["config"]), "load_s": 0.0}
-
-
-def _accepted(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-    """The kwargs `fn` accepts (all of them if its signature is unknown or takes **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def measure_sdcpp(spec: dict[str, Any]) -> dict[str, Any]:
-    """stable-diffusion.cpp's Python binding: 20-step Euler 512 txt2img on the same single file."""
-    t0 = time.perf_counter()
-    from stable_diffusion_cpp import StableDiffusion
-
-    t1 = time.perf_counter()
-    threads = spec.get("threads") or -1
-    sd = StableDiffusion(
-        **_accepted(
-            StableDiffusion,
-            model_path=spec["model"],
-            wtype=spec["precision"],
-            n_threads=threads,
-            verbose=False,
-        )
-    )
-    load_s = time.perf_counter() - t1
-    generate = getattr(sd, "generate_image", None) or sd.txt_to_img
-    kwargs = _accepted(
-        generate,
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        width=IMAGE_SIZE,
-        height=IMAGE_SIZE,
-        sample_steps=STEPS,
-        cfg_scale=CFG_SCALE,
-        sample_method="euler",
-        seed=SEED,
-    )
-    generate_s = timed(lambda: generate(**kwargs))
-    total_s = time.perf_counter() - spec["_t0"]
-    return {
-        "value": total_s,
-        "total_s": total_s,
-        "generate_s": generate_s,
-        "load_s": load_s,
-        "import_s": t1 - t0,
-        "dtype": spec["precision"],
-    }
-
-
-MEASURES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "load": measure_load,
-    "text": measure_text,
-    **dict.fromkeys(UNET_SIZES, measure_unet),
-    **dict.fromkeys(VAE_SIZES, measure_vae),
-    "image512": measure_image,
-    "matmul": measure_matmul,
-    "flops": measure_flops,
-    "sdcpp": measure_sdcpp,
-}
-
-
-def worker_main(spec_json: str) -> None:
-    """Run one measurement and print its JSON line (the only stdout line of a worker)."""
-    t0 = time.perf_counter()
-    spec = json.loads(spec_json) | {"_t0": t0}
-    import torch
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    result = MEASURES[spec["metric"]](spec)
-    result |= memory_stats() | {"threads": torch.get_num_threads(), "process_s": time.perf_counter() - t0}
-    print(json.dumps(result), flush=True)
-
-
 # --- parent: orchestration -------------------------------------------------------------------------
 
 
@@ -551,8 +253,8 @@ def worker_env(threads: int | None) -> dict[str, str]:
 
 
 def run_worker(spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-    """Run `perf.py --worker SPEC` in a fresh interpreter; its last stdout line is the result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    """Run `perf_worker.py SPEC` in a fresh interpreter; its last stdout line is the result."""
+    cmd = [sys.executable, str(Path(__file__).resolve().with_name("perf_worker.py")), json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         done = subprocess.run(
@@ -641,11 +343,6 @@ def run_metric(s: Settings, metric: str, report: dict[str, Any]) -> None:
             write_json(s.out / "perf.json", report)
 
 
-def _median(report: dict[str, Any], metric: str, label: str, key: str = "value") -> float | None:
-    stats = report["summary"].get(metric, {}).get(label, {}).get(key)
-    return stats["median"] if stats else None
-
-
 def derive_unet(report: dict[str, Any]) -> dict[str, Any]:
     """Achieved GFLOP/s and fraction of the measured bf16 (and fp32) matmul peak for every U-Net row."""
     flops = report.get("flops") or {}
@@ -678,167 +375,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-# --- markdown --------------------------------------------------------------------------------------
-
-
-def _cell(stats: dict[str, float] | None, digits: int = 3) -> str:
-    if not stats:
-        return "-"
-    med, lo = stats["median"], stats["min"]
-    return f"{med:.{digits}f}" if stats["n"] == 1 else f"{med:.{digits}f} ({lo:.{digits}f})"
-
-
-def _columns(report: dict[str, Any]) -> list[str]:
-    labels = {label for m, by in report["summary"].items() if m not in ("matmul", "sdcpp") for label in by}
-    return [c for c in COLUMN_ORDER if c in labels] + sorted(labels - set(COLUMN_ORDER))
-
-
-# (row title, metric, summary key, digits); time and memory rows: lower is better
-TABLE_ROWS: tuple[tuple[str, str, str, int], ...] = (
-    ("load (s)", "load", "value", 2),
-    ("RSS after load (MB)", "load", "rss_after_load_mb", 0),
-    ("text: prompt + negative (s)", "text", "value", 3),
-    ("U-Net 512, CFG batch 2 (s/call)", "unet512", "value", 3),
-    ("U-Net 768, CFG batch 2 (s/call)", "unet768", "value", 3),
-    ("VAE decode 512 (s)", "vae512", "value", 3),
-    ("VAE decode 1024 (s)", "vae1024", "value", 3),
-    ("image512: end to end, in process (s)", "image512", "total_s", 2),
-    ("image512: process wall time (s)", "image512", "wall_s", 2),
-    ("image512: load (s)", "image512", "load_s", 2),
-    ("image512: generate 20 steps (s)", "image512", "generate_s", 2),
-    ("image512: peak RSS (MB)", "image512", "peak_rss_mb", 0),
-)
-
-
-def _ratio(theirs: float | None, ours: float | None) -> str:
-    return f"{theirs / ours:.2f}x" if theirs and ours else "-"
-
-
-def table_markdown(report: dict[str, Any]) -> list[str]:
-    cols = _columns(report)
-    ours = "ours auto" if "ours auto" in cols else next((c for c in cols if c.startswith("ours")), None)
-    ratio_cols = [c for c in RATIOS if c in cols and ours]
-    head = ["metric", *cols, *(f"{c} / {ours}" for c in ratio_cols)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for title, metric, key, digits in TABLE_ROWS:
-        by = report["summary"].get(metric)
-        if not by:
-            continue
-        cells = [_cell(by.get(c, {}).get(key), digits) for c in cols]
-        ours_v = _median(report, metric, ours, key) if ours else None
-        ratios = [_ratio(_median(report, metric, c, key), ours_v) for c in ratio_cols]
-        lines.append("| " + " | ".join([title, *cells, *ratios]) + " |")
-    derived = report.get("derived", {})
-    for metric in UNET_SIZES:
-        rows = derived.get(metric)
-        if not rows:
-            continue
-        gf = [f"{rows[c]['gflops']:.0f}" if c in rows else "-" for c in cols]
-        frac = [_percent(rows[c].get("fraction_of_bf16_peak")) if c in rows else "-" for c in cols]
-        pad = [""] * len(ratio_cols)
-        lines.append("| " + " | ".join([f"{metric}: achieved GFLOP/s", *gf, *pad]) + " |")
-        lines.append("| " + " | ".join([f"{metric}: fraction of bf16 matmul peak", *frac, *pad]) + " |")
-    return lines
-
-
-def _percent(x: float | None) -> str:
-    return f"{100 * x:.0f}%" if x is not None else "-"
-
-
-def _dtypes_line(report: dict[str, Any]) -> str | None:
-    seen = sorted(
-        {
-            (label, r["dtype"])
-            for by in report["runs"].values()
-            for label, rs in by.items()
-            for r in rs
-            if label.startswith("ours") and "dtype" in r
-        }
-    )
-    return "; ".join(f"{label} ran in {dtype}" for label, dtype in seen) or None
-
-
-def matmul_markdown(report: dict[str, Any]) -> list[str]:
-    by = report["summary"].get("matmul")
-    if not by:
-        return []
-    n = report["settings"]["matmul_n"]
-    lines = [
-        "",
-        f"## Matmul peak (torch.mm, {n}x{n}, best of {MATMUL_INNER} per process)",
-        "",
-        "| dtype | best GFLOP/s | median of processes |",
-        "|---|---|---|",
-    ]
-    for label, stats in by.items():
-        v = stats.get("value")
-        if v:
-            lines.append(f"| {label.split()[-1]} | {v['max']:.0f} | {v['median']:.0f} |")
-    return lines
-
-
-def flops_markdown(report: dict[str, Any]) -> list[str]:
-    flops = report.get("flops")
-    if not flops:
-        return []
-    parts = ", ".join(f"{m}: {f / 1e9:.0f} GFLOP" for m, f in flops.items())
-    return ["", f"U-Net FLOPs per CFG call (batch 2, counted with FlopCounterMode on meta): {parts}."]
-
-
-def sdcpp_markdown(report: dict[str, Any]) -> list[str]:
-    status = report.get("stable_diffusion_cpp")
-    if status is None:  # not asked for (--only without sdcpp)
-        return []
-    lines = ["", "## stable-diffusion.cpp (20-step Euler 512 txt2img, same single file)", ""]
-    if status != "installed":
-        return [*lines, f"stable_diffusion_cpp: {status}; section skipped."]
-    by = report["summary"].get("sdcpp", {})
-    ours_total = _median(report, "image512", "ours auto", "total_s")
-    ours_gen = _median(report, "image512", "ours auto", "generate_s")
-    lines += [
-        "| variant | end to end (s) | generate (s) | peak RSS (MB) | sdcpp / ours auto, end to end "
-        "| sdcpp / ours auto, generate |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, stats in by.items():
-        total, gen = _median(report, "sdcpp", label, "total_s"), _median(report, "sdcpp", label, "generate_s")
-        lines.append(
-            f"| {label} | {_cell(stats.get('total_s'), 2)} | {_cell(stats.get('generate_s'), 2)} | "
-            f"{_cell(stats.get('peak_rss_mb'), 0)} | {_ratio(total, ours_total)} | "
-            f"{_ratio(gen, ours_gen)} |"
-        )
-    return lines
-
-
-def _threads_line(report: dict[str, Any]) -> str:
-    """The torch thread counts the workers actually ran with."""
-    seen = {
-        r["threads"] for by in report["runs"].values() for rs in by.values() for r in rs if "threads" in r
-    }
-    return "/".join(str(t) for t in sorted(seen)) or "unknown"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["settings"]
-    lines = [
-        f"# diffusekit vs diffusers on CPU ({s['config']}, {Path(s['model']).name})",
-        "",
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable cores, torch threads {_threads_line(report)}, "
-        f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}; "
-        f"load average at start {m['load_average_at_start'][0]:.2f}.",
-        f"Each cell: median (min) of {s['repeats']} fresh processes; sides alternate. Euler, {STEPS} steps, "
-        f"CFG {CFG_SCALE}, seed {SEED}. Ratio columns are speedups of ours auto (higher is better; for "
-        "memory rows, how many times less memory ours needs).",
-    ]
-    if dtypes := _dtypes_line(report):
-        lines.append(f"Precision: {dtypes}.")
-    lines += ["", *table_markdown(report), *flops_markdown(report), *matmul_markdown(report)]
-    lines += sdcpp_markdown(report)
-    if report["errors"]:
-        lines += ["", "## Failed runs", "", *(f"- {e.splitlines()[0]}" for e in report["errors"])]
-    return "\n".join(lines) + "\n"
-
-
 # --- main ------------------------------------------------------------------------------------------
 
 
@@ -864,7 +400,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads in the workers (default: torch's default)")
     p.add_argument("--matmul-n", type=int, help="matmul probe size (default 4096; 1024 for tiny_sd1)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per worker process")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # old spelling of `perf_worker.py SPEC`
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
