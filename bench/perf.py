@@ -62,8 +62,12 @@ from perf_worker import (
 CONFIGS = {"sd1": "sd15-random-fp16.safetensors", "tiny_sd1": "tiny-sd1-random-fp16.safetensors"}
 MATMUL_N = {"sd1": 4096, "tiny_sd1": 1024}  # the smoke test keeps the matmul probe cheap
 CACHE_DIR = Path("~/.cache/diffusekit-bench").expanduser()
-PRECISIONS = {"ours": ("auto", "fp32", "bf16"), "diffusers": ("fp32", "bf16")}
-SDCPP_WTYPES = ("f16", "q8_0")
+SDCPP_WTYPES = ("f16", "q8_0")  # "+fa" adds its diffusion flash attention, e.g. "f16+fa"
+PRECISIONS = {
+    "ours": ("auto", "fp32", "bf16"),
+    "diffusers": ("fp32", "bf16"),
+    "sdcpp": (*SDCPP_WTYPES, *(f"{w}+fa" for w in SDCPP_WTYPES)),
+}
 SUMMARY_KEYS = (
     "value",
     "load_s",
@@ -126,11 +130,11 @@ def default_variants(with_ours_fp32: bool) -> dict[str, list[Variant]]:
 
 
 def parse_variant_overrides(items: Iterable[str]) -> dict[str, list[Variant]]:
-    """`unet512=diffusers:fp32,ours:auto` -> {"unet512": [...]} (for the ours/diffusers metrics)."""
+    """`unet512=diffusers:fp32,ours:auto` -> {"unet512": [...]}; `sdcpp=sdcpp:f16,sdcpp:f16+fa` too."""
     out: dict[str, list[Variant]] = {}
     for item in items:
         metric, _, spec = item.partition("=")
-        if metric not in METRICS or metric in ("matmul", "sdcpp") or not spec:
+        if metric not in METRICS or metric == "matmul" or not spec:
             raise ValueError(f"bad --variants {item!r}; expected METRIC=SIDE:PREC[,SIDE:PREC...]")
         out[metric] = [Variant.parse(v) for v in spec.split(",")]
     return out

@@ -32,7 +32,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_file(model)
+    pipe = Pipeline.from_file(model, precision=args.precision)
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
 
     def generate(prompts: list[str], seeds: list[int]):
@@ -43,14 +43,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n = args.images_per_prompt
     report = evaluate(generate, images_per_prompt=n, seed=args.seed, prompt_set=args.prompts)
     print(format_table(report))
+    dtype = str(pipe.dtype).removeprefix("torch.")
     print(f"\n{model.name}: {args.images_per_prompt} images per prompt, {args.steps} steps, CFG {args.cfg}, "
-          f"{args.sampler}; {time.perf_counter() - t0:.0f} s")  # fmt: skip
+          f"{args.sampler}, {dtype}; {time.perf_counter() - t0:.0f} s")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     return 0
 
 
 def add_training_commands(sub) -> None:
+    from .runtime import PRECISIONS
+
     p = sub.add_parser("train", help="train the default model from scratch (VAE, then U-Net + text encoder)")
     p.add_argument("--out", default="train-run", help="folder for checkpoints, loss curves and samples")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1: quick run)")
@@ -68,4 +71,5 @@ def add_training_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute precision (see generate)")
     p.set_defaults(func=cmd_eval)
