@@ -19,13 +19,10 @@ CHILD = r"""
 import json, sys, time
 import torch
 from diffusekit.checkpoints.single_file import load_state_dict
+from diffusekit.memory import proc_bytes
 
 def status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return (proc_bytes(field) or float("nan")) / 2**20
 
 def peak_mib():  # VmHWM: this process image's peak RSS (ru_maxrss would include the parent's, from fork)
     return status_mib("VmHWM")

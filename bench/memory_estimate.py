@@ -23,15 +23,12 @@ import json, sys
 import torch
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
+from diffusekit.memory import proc_bytes
 
 path, precision, w, h, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 
 def status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return (proc_bytes(field) or float("nan")) / 2**20
 
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:

@@ -83,7 +83,8 @@ def estimate(
     )
 
 
-def _meminfo_bytes(path: str, field: str) -> int | None:
+def proc_bytes(field: str, path: str = "/proc/self/status") -> int | None:
+    """A kB field of a Linux /proc file (VmRSS, VmHWM, RssAnon, MemAvailable...) in bytes; None elsewhere."""
     try:
         with open(path) as f:
             for line in f:
@@ -96,12 +97,12 @@ def _meminfo_bytes(path: str, field: str) -> int | None:
 
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where unknown."""
-    return _meminfo_bytes("/proc/meminfo", "MemAvailable")
+    return proc_bytes("MemAvailable", "/proc/meminfo")
 
 
 def resident_bytes(weight_bytes: int) -> int:
     """This process's resident size now (Linux), else the weights plus a typical runtime."""
-    rss = _meminfo_bytes("/proc/self/status", "VmRSS")
+    rss = proc_bytes("VmRSS")
     return rss if rss is not None else weight_bytes + RUNTIME_BYTES
 
 
