@@ -1,13 +1,13 @@
 """The pre-run memory estimate: its terms, the strip-wise VAE, and the pipeline's use of it."""
 
 import torch
-from tests.helpers import make_checkpoint
 
 from diffusekit.memory import estimate, resident_bytes, unet_activation_bytes
 from diffusekit.models.configs import SD1
 from diffusekit.models.vae_chunked import decode_peak_bytes
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
+from helpers import make_checkpoint
 
 
 def test_estimate_adds_the_larger_activation_peak_to_what_is_resident():
