@@ -97,17 +97,14 @@ def worker_eval(spec: dict[str, Any]) -> dict[str, Any]:
 
     from diffusekit.accel import Accel
     from diffusekit.eval.detector import detect
-    from diffusekit.eval.geneval import check, eval_prompts, evaluate
+    from diffusekit.eval.geneval import check, eval_prompts, evaluate, pipeline_generator
     from diffusekit.params import GenerationParams
     from diffusekit.pipeline import Pipeline
 
     pipe = Pipeline.from_file(spec["model"], accel=Accel(**spec["accel"]))
-    base = GenerationParams(steps=spec["steps"], cfg_scale=7.0, sampler="DPM++ 2M")
+    base = GenerationParams(steps=spec["steps"], cfg_scale=7.0, sampler="DPM++ 2M")  # `diffusekit eval`'s
+    generate = pipeline_generator(pipe, base)
     t0 = time.perf_counter()
-
-    def generate(prompts: list[str], seeds: list[int]) -> list[Any]:
-        pairs = zip(prompts, seeds, strict=True)
-        return [pipe.generate(base.replace(prompt=p, seed=s)).images[0] for p, s in pairs]
 
     n, limit = spec["images_per_prompt"], spec["prompts"]
     if limit is None:  # the full evaluation: the scores `diffusekit eval` reports

@@ -39,6 +39,8 @@ torch.save(y.float(), out)
 
 
 def unet_error(model: str) -> dict[str, float]:
+    import torch  # the parent only loads the two outputs
+
     with tempfile.TemporaryDirectory() as tmp:
         outs, secs = {}, {}
         for precision in ("fp32", "bf16"):
@@ -48,8 +50,6 @@ def unet_error(model: str) -> dict[str, float]:
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             secs[precision] = float(run.stdout.strip().splitlines()[-1])
-            import torch
-
             outs[precision] = torch.load(path)
     ref, bf16 = outs["fp32"], outs["bf16"]
     return {

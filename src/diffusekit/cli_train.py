@@ -27,18 +27,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .cli_generate import default_model_path
-    from .eval.geneval import evaluate, format_table
+    from .eval.geneval import evaluate, format_table, pipeline_generator
     from .params import GenerationParams
     from .pipeline import Pipeline
 
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_file(model, precision=args.precision)
-    base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
-
-    def generate(prompts: list[str], seeds: list[int]):
-        pairs = zip(prompts, seeds, strict=True)
-        return [pipe.generate(base.replace(prompt=p, seed=s)).images[0] for p, s in pairs]
-
+    generate = pipeline_generator(
+        pipe, GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+    )
     t0 = time.perf_counter()
     n = args.images_per_prompt
     report = evaluate(generate, images_per_prompt=n, seed=args.seed, prompt_set=args.prompts)

@@ -16,9 +16,7 @@ from .models.vae_chunked import DEFAULT_STRIP_BYTES, decode_peak_bytes
 # Resident size of a Python process with torch and diffusekit imported and nothing loaded (measured on
 # Linux x86-64 with torch 2.13 CPU: 300-330 MiB); used only when the live RSS cannot be read.
 RUNTIME_BYTES = 320 * 2**20
-
-
-UNET_WORKING_PLANES = 40  # see unet_activation_bytes
+UNET_WORKING_PLANES = 40  # per CFG U-Net call, in planes of the widest level: see unet_activation_bytes
 
 
 class MemoryBudgetError(ValueError):

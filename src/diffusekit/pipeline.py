@@ -279,11 +279,7 @@ class Pipeline:
 
     def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
         """Predicted peak memory of `generate(params)`: resident now plus the larger activation peak."""
-        params = params.validate(self.cfg.resolution)
-        if params.enable_hr:
-            width, height = params.hires_size(self.cfg.resolution)
-        else:
-            width, height = params.size(self.cfg.resolution)
+        width, height = self._output_size(params.validate(self.cfg.resolution))
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return estimate(
             self.cfg, width, height, params.batch_size,
@@ -291,6 +287,12 @@ class Pipeline:
             dtype_bytes=torch.finfo(self.dtype).bits // 8,
             vae_chunked=self._chunk_vae(width, height),
         )  # fmt: skip
+
+    def _output_size(self, params: GenerationParams) -> tuple[int, int]:
+        """The size of the images `generate(params)` returns: the hires size when hires fix is on."""
+        if params.enable_hr:
+            return params.hires_size(self.cfg.resolution)
+        return params.size(self.cfg.resolution)
 
     def _chunk_vae(self, width: int, height: int, batch: int = 1) -> bool:
         """Run the VAE in exact row strips when its plain activations would exceed `vae_chunk_bytes`."""
@@ -350,7 +352,7 @@ class Pipeline:
                 f"{init_image.size[0]}x{init_image.size[1]}; they must match"
             )
         width, height = params.size(self.cfg.resolution)
-        final_w, final_h = params.hires_size(self.cfg.resolution) if params.enable_hr else (width, height)
+        final_w, final_h = self._output_size(params)
         check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)

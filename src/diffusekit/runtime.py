@@ -1,8 +1,9 @@
 """Compute precision and the inference fast path: which dtype to run in, and how to lay a model out for it.
 
 `resolve_precision` turns the user's choice ("auto", "fp32", "bf16", "fp16") into a dtype for a device and
-model; `prepare` applies the layout choices that only pay off outside the fp32 parity path (channels-last
-convolutions, fp32 attention kernels on CPU). Nothing here is global: everything acts on the objects passed.
+model; `prepare` casts a model and applies the layout choices that only pay off outside the fp32 parity
+path (channels-last convolutions, sliced attention on CPU in bf16). Nothing here is global: everything
+acts on the objects passed.
 """
 
 from __future__ import annotations

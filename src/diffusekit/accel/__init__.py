@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .deepcache import DeepCache
+from .deepcache import DeepCache, check_settings
 from .errors import AccelError
 from .tome import MAX_TOME_RATIO
 
@@ -38,20 +38,7 @@ class Accel:
     compile: bool = False  # torch.compile (inductor) of every U-Net stage
 
     def __post_init__(self) -> None:
-        if isinstance(self.deepcache_interval, bool) or not isinstance(self.deepcache_interval, int):
-            raise AccelError(f"deepcache_interval must be an int >= 1, got {self.deepcache_interval!r}")
-        if self.deepcache_interval < 1:
-            raise AccelError(
-                f"deepcache_interval must be >= 1 (1 = off, 3 = a full U-Net every 3rd call), "
-                f"got {self.deepcache_interval}"
-            )
-        if isinstance(self.deepcache_branch, bool) or not isinstance(self.deepcache_branch, int):
-            raise AccelError(f"deepcache_branch must be an int >= 0, got {self.deepcache_branch!r}")
-        if self.deepcache_branch < 0:
-            raise AccelError(
-                f"deepcache_branch must be >= 0 (0 = the shallowest path: first input and last output "
-                f"block), got {self.deepcache_branch}"
-            )
+        check_settings(self.deepcache_interval, self.deepcache_branch)
         if not isinstance(self.tome_ratio, int | float) or isinstance(self.tome_ratio, bool):
             raise AccelError(f"tome_ratio must be a number in [0, {MAX_TOME_RATIO}], got {self.tome_ratio!r}")
         if not 0.0 <= self.tome_ratio <= MAX_TOME_RATIO:

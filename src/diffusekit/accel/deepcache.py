@@ -25,7 +25,24 @@ from diffusekit.models.unet import UNetModel
 
 from .errors import AccelError
 
-__all__ = ["DeepCache", "check_branch"]
+__all__ = ["DeepCache", "check_branch", "check_settings"]
+
+
+def check_settings(interval: object, branch: object) -> None:
+    """Raise AccelError unless `interval` is an int >= 1 and `branch` an int >= 0 (any U-Net)."""
+    if isinstance(interval, bool) or not isinstance(interval, int):
+        raise AccelError(f"deepcache_interval must be an int >= 1, got {interval!r}")
+    if interval < 1:
+        raise AccelError(
+            f"deepcache_interval must be >= 1 (1 = off, 3 = a full U-Net every 3rd call), got {interval}"
+        )
+    if isinstance(branch, bool) or not isinstance(branch, int):
+        raise AccelError(f"deepcache_branch must be an int >= 0, got {branch!r}")
+    if branch < 0:
+        raise AccelError(
+            f"deepcache_branch must be >= 0 (0 = the shallowest path: first input and last output "
+            f"block), got {branch}"
+        )
 
 
 def check_branch(unet: UNetModel, branch: int) -> None:
@@ -42,10 +59,7 @@ class DeepCache:
     """Per-run DeepCache state: call it like the U-Net, `cache(unet, x, t, context, y)`."""
 
     def __init__(self, interval: int, branch: int = 0) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise AccelError(f"DeepCache interval must be an int >= 1 (1 = off), got {interval!r}")
-        if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
-            raise AccelError(f"DeepCache branch must be an int >= 0, got {branch!r}")
+        check_settings(interval, branch)
         self.interval = interval
         self.branch = branch
         self.calls = 0  # U-Net calls made through this cache

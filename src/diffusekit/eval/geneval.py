@@ -78,6 +78,17 @@ TRAIN_PAIRS: tuple[tuple[str, str], ...] = (
 Generator = Callable[[list[str], list[int]], Sequence[Image.Image]]
 
 
+def pipeline_generator(pipe, base) -> Generator:
+    """`evaluate`'s callable for a diffusekit `Pipeline`: one `pipe.generate(base.replace(prompt, seed))`
+    per image (`base`: the GenerationParams every image shares: steps, CFG, sampler)."""
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        pairs = zip(prompts, seeds, strict=True)
+        return [pipe.generate(base.replace(prompt=p, seed=s)).images[0] for p, s in pairs]
+
+    return generate
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
     """One prompt of one category, the spec it was written from, and whether it is held out."""
