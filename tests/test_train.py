@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from diffusekit.checkpoints.inspect import inspect_checkpoint
@@ -9,7 +11,7 @@ from diffusekit.models.configs import TINY_SD1
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
-from diffusekit.train.objectives import LatentPool
+from diffusekit.train.objectives import LatentPool, min_snr_weights
 from diffusekit.train.recipe import Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
 
 STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, ema_decay=0.9)
@@ -60,3 +62,20 @@ def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):
     assert pipe.cfg.vae.scaling_factor != 1.0  # measured from the latents, not the preset's placeholder
     image = pipe.generate(GenerationParams(prompt="a red circle", steps=2, seed=1)).images[0]
     assert image.size == (64, 64)
+
+
+def test_min_snr_weights():
+    a = torch.tensor([0.99, 5 / 6, 0.5, 0.01])  # SNR 99, 5, 1, 1/99
+    w = min_snr_weights(a, 5.0)
+    assert torch.allclose(w, torch.tensor([5 / 99, 1.0, 1.0, 1.0]), rtol=1e-5)
+
+
+def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):
+    """min_snr_gamma=None trains on the plain MSE; the recipe's gamma changes the loss (same draws)."""
+    stage = replace(STAGE, batch_size=32)  # some of 32 timesteps fall below SNR 5 (t < 140)
+    plain, weighted = (replace(small_recipe(), ldm=stage, min_snr_gamma=g) for g in (None, 5.0))
+    vae, _ = train_vae(plain, tmp_path / "vae", resume=False, stop_at=1)
+    pool = LatentPool.encode(vae, dataset_sampler(plain), plain.pool_size)
+    _, t_plain = train_ldm(plain, pool, 0.5, tmp_path / "a", resume=False, stop_at=1)
+    _, t_weighted = train_ldm(weighted, pool, 0.5, tmp_path / "b", resume=False, stop_at=1)
+    assert t_weighted.state.losses[0][1] < t_plain.state.losses[0][1]  # weights are <= 1

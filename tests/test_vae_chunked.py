@@ -24,8 +24,8 @@ from diffusekit.models.vae_chunked import (
 TOL = 1e-4  # max |chunked - plain| / max |plain|, fp32
 CONFIGS = {
     "tiny": TINY_SD1.vae,
-    "default": DEFAULT.vae,
-    "default_z16": replace(DEFAULT.vae, z_channels=16, embed_dim=16),
+    "default": DEFAULT.vae,  # 4x downsampling
+    "f8_z16": replace(DEFAULT.vae, ch_mult=(1, 2, 2, 2), z_channels=16, embed_dim=16),
 }
 STRIPS = [1, 150_000]  # one row per strip everywhere; a few rows, not dividing the heights
 
@@ -69,7 +69,8 @@ def test_decode_matches_plain(vae: AutoencoderKL, hw: tuple[int, int], strip_byt
     with torch.no_grad():
         ref = vae.decode(z)
     out = decode_chunked(vae, z, strip_bytes=strip_bytes)
-    assert out.shape == ref.shape == (2, 3, hw[0] * 8, hw[1] * 8)
+    f = vae.cfg.downscale
+    assert out.shape == ref.shape == (2, 3, hw[0] * f, hw[1] * f)
     assert ref.abs().max() > 0.1, "reference output is degenerate"
     assert rel_err(out, ref) <= TOL
 
@@ -81,14 +82,15 @@ def test_encode_matches_plain(vae: AutoencoderKL, hw: tuple[int, int], strip_byt
     with torch.no_grad():
         ref = vae.encode(x)
     post = encode_chunked(vae, x, strip_bytes=strip_bytes)
-    assert post.mean.shape == ref.mean.shape == (2, vae.cfg.embed_dim, hw[0] // 8, hw[1] // 8)
+    f = vae.cfg.downscale
+    assert post.mean.shape == ref.mean.shape == (2, vae.cfg.embed_dim, hw[0] // f, hw[1] // f)
     for name, a, b in [("mean", post.mean, ref.mean), ("logvar", post.logvar, ref.logvar)]:
         assert b.abs().max() > 0.1, f"{name}: reference is degenerate"
         assert rel_err(a, b) <= TOL, f"{name}: relative error {rel_err(a, b):.2e}"
 
 
 def test_large_activations_match() -> None:
-    vae = make_vae(CONFIGS["default_z16"], gain=3.0)
+    vae = make_vae(CONFIGS["f8_z16"], gain=3.0)
     z, x = torch.randn(2, 16, 6, 5), torch.rand(2, 3, 48, 40) * 2 - 1
     with torch.no_grad():
         ref, post_ref = vae.decode(z), vae.encode(x)
@@ -100,8 +102,8 @@ def test_large_activations_match() -> None:
 
 
 def test_bf16_within_bf16_noise() -> None:
-    vae32 = make_vae(CONFIGS["default_z16"])
-    vae16 = make_vae(CONFIGS["default_z16"]).to(torch.bfloat16)
+    vae32 = make_vae(CONFIGS["f8_z16"])
+    vae16 = make_vae(CONFIGS["f8_z16"]).to(torch.bfloat16)
     z, x = torch.randn(2, 16, 5, 7), torch.rand(2, 3, 56, 40) * 2 - 1
     with torch.no_grad():
         ref32, ref16 = vae32.decode(z), vae16.decode(z.bfloat16())

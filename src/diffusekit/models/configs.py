@@ -296,14 +296,14 @@ TINY_SDXL = ModelConfig(
 DEFAULT = ModelConfig(
     family="sd1",
     unet=UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2),
+        model_channels=32,
+        channel_mult=(1, 2, 4),
         num_res_blocks=2,
-        transformer_depth=(1, 1),
+        transformer_depth=(0, 1, 1),
         num_head_channels=32,
         context_dim=128,
     ),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, scaling_factor=1.0),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=1.0),
     text_encoders=(TextEncoderConfig(width=128, layers=4, heads=2, mlp_width=512, use_layers=4),),
     resolution=64,
     name="default",

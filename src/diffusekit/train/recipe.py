@@ -41,10 +41,11 @@ class Recipe:
 
     model: ModelConfig = DEFAULT
     data_seed: int = 0
-    vae: TrainConfig = TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
+    vae: TrainConfig = TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
     kl_weight: float = 1e-6
-    ldm: TrainConfig = TrainConfig(steps=3500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
+    ldm: TrainConfig = TrainConfig(steps=4500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
     caption_dropout: float = 0.1
+    min_snr_gamma: float | None = 5.0  # loss weighting of stage 2 (see LatentDiffusionObjective)
     pool_size: int = 50_000  # training images encoded once for stage 2
 
     def scaled(self, factor: float) -> Recipe:
@@ -115,7 +116,7 @@ def train_ldm(
         _seeded(recipe.ldm.seed)
     objective = LatentDiffusionObjective(
         pool, CLIPTokenizer.bundled(), batch_size=recipe.ldm.batch_size, scaling_factor=scale,
-        caption_dropout=recipe.caption_dropout,
+        caption_dropout=recipe.caption_dropout, min_snr_gamma=recipe.min_snr_gamma,
     )  # fmt: skip
     trainer.run(objective, stop_at=stop_at)
     trainer.ema.copy_to(model)
