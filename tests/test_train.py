@@ -72,7 +72,7 @@ def test_min_snr_weights():
 
 def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):
     """min_snr_gamma=None trains on the plain MSE; the recipe's gamma changes the loss (same draws)."""
-    stage = replace(STAGE, batch_size=32)  # some of 32 timesteps fall below SNR 5 (t < 140)
+    stage = replace(STAGE, batch_size=32)  # so that some timesteps are nearly clean (SNR > 5)
     plain, weighted = (replace(small_recipe(), ldm=stage, min_snr_gamma=g) for g in (None, 5.0))
     vae, _ = train_vae(plain, tmp_path / "vae", resume=False, stop_at=1)
     pool = LatentPool.encode(vae, dataset_sampler(plain), plain.pool_size)

@@ -290,8 +290,9 @@ TINY_SDXL = ModelConfig(
 )
 
 # ---------------------------------------------------------------------------------------------
-# The model diffusekit trains itself (64x64 shapes): SD1 layout and key names, small widths. The VAE's
-# scaling factor here is a placeholder; training measures it and the shipped file records it.
+# The model diffusekit trains itself (64x64 shapes): SD1 layout and key names, small widths, a 4x VAE
+# (16x16 latents; README "The default model" has the trade-off against 8x). The VAE's scaling factor
+# here is a placeholder; training measures it and the shipped file records it.
 
 DEFAULT = ModelConfig(
     family="sd1",
