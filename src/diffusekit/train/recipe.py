@@ -43,10 +43,7 @@ class Recipe:
     data_seed: int = 0
     vae: TrainConfig = TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
     kl_weight: float = 1e-6
-    ldm: TrainConfig = TrainConfig(steps=4500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
-    # A warm restart after ldm.steps: this many more steps on the lr curve of an (ldm.steps + extra)-step
-    # run (for 4,500 + 2,000: from 0.31x the peak lr back down to 0.1x), continuing weights, EMA, optimizer.
-    ldm_extra_steps: int = 2000
+    ldm: TrainConfig = TrainConfig(steps=10500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0  # loss weighting of stage 2 (see LatentDiffusionObjective)
     pool_size: int = 50_000  # training images encoded once for stage 2
@@ -54,8 +51,7 @@ class Recipe:
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's step count multiplied by `factor` (for quick runs)."""
         steps = lambda c: replace(c, steps=max(1, int(c.steps * factor)), warmup=min(c.warmup, 10))  # noqa: E731
-        extra = int(self.ldm_extra_steps * factor)
-        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_extra_steps=extra)
+        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm))
 
 
 def dataset_sampler(recipe: Recipe, split: str = "train"):
@@ -111,12 +107,7 @@ def latent_pool(recipe: Recipe, vae: AutoencoderKL, out: Path, *, resume: bool) 
 def train_ldm(
     recipe: Recipe, pool: LatentPool, scale: float, out: Path, *, resume: bool, stop_at: int | None = None
 ) -> tuple[TextToLatent, Trainer]:
-    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents.
-
-    Two lr cycles: ldm.steps on its own schedule, then `ldm_extra_steps` on the schedule of the longer run.
-    The second cycle always starts from the first one's final checkpoint, so a run killed anywhere and
-    resumed takes exactly the same path as an uninterrupted one.
-    """
+    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents."""
     _seeded(recipe.ldm.seed)
     model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
     _init_ldm(model, recipe.ldm.seed)
@@ -128,11 +119,6 @@ def train_ldm(
         caption_dropout=recipe.caption_dropout, min_snr_gamma=recipe.min_snr_gamma,
     )  # fmt: skip
     trainer.run(objective, stop_at=stop_at)
-    if recipe.ldm_extra_steps > 0 and (stop_at is None or stop_at > recipe.ldm.steps):
-        longer = replace(recipe.ldm, steps=recipe.ldm.steps + recipe.ldm_extra_steps)
-        trainer = Trainer("ldm", model, longer, out)
-        trainer.resume()  # the first cycle's checkpoint (or a later one of this cycle)
-        trainer.run(objective, stop_at=stop_at)
     trainer.ema.copy_to(model)
     return model.eval(), trainer
 
