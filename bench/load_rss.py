@@ -19,10 +19,7 @@ CHILD = r"""
 import json, sys, time
 import torch
 from diffusekit.checkpoints.single_file import load_state_dict
-from diffusekit.memory import proc_bytes
-
-def status_mib(field):
-    return (proc_bytes(field) or float("nan")) / 2**20
+from diffusekit.memory import proc_mib as status_mib
 
 def peak_mib():  # VmHWM: this process image's peak RSS (ru_maxrss would include the parent's, from fork)
     return status_mib("VmHWM")

@@ -23,12 +23,9 @@ import json, sys
 import torch
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
-from diffusekit.memory import proc_bytes
+from diffusekit.memory import proc_mib as status_mib
 
 path, precision, w, h, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-
-def status_mib(field):
-    return (proc_bytes(field) or float("nan")) / 2**20
 
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:

@@ -3,7 +3,9 @@
 Usage: python bench/train_step.py [--batch 64] [--steps 6] [--json out.json]
 Why it exists: the default model's VAE went from 8x to 4x downsampling (16x16 instead of 8x8 latents at
 64 px). This measures, side by side in one process, what a step costs with the previous U-Net on 8x8
-latents, the same U-Net on 16x16, and the narrower three-level U-Net that the recipe now uses on 16x16.
+latents, the same U-Net on 16x16, and the narrower three-level U-Net that the recipe now uses on 16x16;
+then the current U-Net with the training loop's kernels (`diffusekit.train.loop`: SDPA math backend,
+fused AdamW) against PyTorch's defaults (flash attention on CPU, foreach AdamW).
 Timing: the minimum over the steps after two warm-up steps, bf16 autocast as in the recipe.
 """
 
@@ -15,30 +17,34 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusekit.models.clip import build_text_encoder
 from diffusekit.models.configs import DEFAULT, UNetConfig
 from diffusekit.models.unet import UNetModel
 
 PREVIOUS = replace(DEFAULT.unet, model_channels=64, channel_mult=(1, 2), transformer_depth=(1, 1))
-LAYOUTS: dict[str, tuple[UNetConfig, int]] = {
-    "previous U-Net, 8x8 latents (8x VAE)": (PREVIOUS, 8),
-    "previous U-Net, 16x16 latents (4x VAE)": (PREVIOUS, 16),
-    "current U-Net, 16x16 latents (4x VAE)": (DEFAULT.unet, 16),
+# name -> (U-Net, latent side, training-loop kernels (True) or PyTorch defaults (False))
+LAYOUTS: dict[str, tuple[UNetConfig, int, bool]] = {
+    "previous U-Net, 8x8 latents (8x VAE)": (PREVIOUS, 8, True),
+    "previous U-Net, 16x16 latents (4x VAE)": (PREVIOUS, 16, True),
+    "current U-Net, 16x16 latents (4x VAE)": (DEFAULT.unet, 16, True),
+    "current U-Net, 16x16, PyTorch defaults (flash SDPA, foreach AdamW)": (DEFAULT.unet, 16, False),
 }
 
 
-def step_seconds(cfg: UNetConfig, side: int, batch: int, steps: int) -> tuple[float, int]:
+def step_seconds(cfg: UNetConfig, side: int, batch: int, steps: int, ours: bool) -> tuple[float, int]:
     """(min seconds per step after warm-up, U-Net parameters)."""
     torch.manual_seed(0)
     unet, text = UNetModel(cfg), build_text_encoder(DEFAULT.text_encoders[0])
-    opt = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=1e-4)
+    opt = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=1e-4, fused=ours)
+    backend = SDPBackend.MATH if ours else SDPBackend.FLASH_ATTENTION
     ids = torch.randint(0, 49407, (batch, 77))
     x = torch.randn(batch, cfg.in_channels, side, side)  # (B, 4, side, side)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel(backend):
             context = text(ids, return_pooled=False).hidden  # (B, 77, 128)
             out = unet(x, torch.rand(batch) * 999, context).float()
         loss = (out - x).pow(2).mean()
@@ -57,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     print("| layout | U-Net params | s/step |\n|---|---:|---:|")
-    for name, (cfg, side) in LAYOUTS.items():
-        seconds, params = step_seconds(cfg, side, args.batch, max(3, args.steps))
+    for name, (cfg, side, ours) in LAYOUTS.items():
+        seconds, params = step_seconds(cfg, side, args.batch, max(3, args.steps), ours)
         rows.append({"layout": name, "unet_params": params, "seconds_per_step": round(seconds, 3)})
         print(f"| {name} | {params / 1e6:.2f}M | {seconds:.3f} |", flush=True)
     if args.json:

@@ -20,14 +20,11 @@ from diffusekit.models.configs import SD1
 from diffusekit.models.init import randomize_
 from diffusekit.models.vae import AutoencoderKL
 from diffusekit.models.vae_chunked import decode_chunked
-from diffusekit.memory import proc_bytes
+from diffusekit.memory import proc_mib as status_mib
 
 mode, latent, dtype, strip_mib, threads, out_path = sys.argv[1:]
 torch.set_num_threads(int(threads))
 dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-
-def status_mib(field):
-    return (proc_bytes(field) or float("nan")) / 2**20
 
 vae = AutoencoderKL(SD1.vae, device="meta", dtype=dtype).to_empty(device="cpu").eval()
 randomize_(vae, 0)

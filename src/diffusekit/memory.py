@@ -93,6 +93,12 @@ def proc_bytes(field: str, path: str = "/proc/self/status") -> int | None:
     return None
 
 
+def proc_mib(field: str) -> float:
+    """`proc_bytes(field)` of this process in MiB; NaN where the field is missing (for benchmark tables)."""
+    value = proc_bytes(field)
+    return float("nan") if value is None else value / 2**20
+
+
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where unknown."""
     return proc_bytes("MemAvailable", "/proc/meminfo")
