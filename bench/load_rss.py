@@ -19,10 +19,10 @@ CHILD = r"""
 import json, sys, time
 import torch
 from diffusekit.checkpoints.single_file import load_state_dict
-from diffusekit.memory import proc_mib as status_mib
+from diffusekit.memory import proc_mib
 
 def peak_mib():  # VmHWM: this process image's peak RSS (ru_maxrss would include the parent's, from fork)
-    return status_mib("VmHWM")
+    return proc_mib("VmHWM")
 
 base = peak_mib()
 t0 = time.perf_counter()
@@ -35,7 +35,7 @@ for t in sd.values():  # touch every byte: what copying into a model costs at mo
 after_touch = peak_mib()
 print(json.dumps({
     "base_mib": base, "after_load_mib": after_load, "after_touch_mib": after_touch,
-    "anon_mib": status_mib("RssAnon"), "file_mib": status_mib("RssFile"), "load_s": t_load,
+    "anon_mib": proc_mib("RssAnon"), "file_mib": proc_mib("RssFile"), "load_s": t_load,
 }))
 """
 

@@ -23,7 +23,7 @@ import json, sys
 import torch
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
-from diffusekit.memory import proc_mib as status_mib
+from diffusekit.memory import proc_mib
 
 path, precision, w, h, batch = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 
@@ -35,7 +35,7 @@ pipe = Pipeline.from_file(path, precision=precision)
 params = GenerationParams(prompt="a photo of a cat", steps=2, sampler="euler", seed=1, width=w, height=h,
                           batch_size=batch)
 est = pipe.memory_estimate(params)
-rss_loaded = status_mib("VmRSS")
+rss_loaded = proc_mib("VmRSS")
 f = pipe.cfg.vae.downscale
 c = pipe.cfg.unet.in_channels
 x = torch.randn(2 * batch, c, h // f, w // f)
@@ -43,10 +43,10 @@ t = torch.full((2 * batch,), 500.0)
 ctx = torch.randn(2 * batch, 77, pipe.cfg.unet.context_dim)
 y = None if pipe.cfg.unet.adm_in_channels is None else torch.randn(2 * batch, pipe.cfg.unet.adm_in_channels)
 with torch.inference_mode():
-    reset_peak(); base = status_mib("VmRSS"); pipe.unet_call(x, t, ctx, y); unet = status_mib("VmHWM") - base
+    reset_peak(); base = proc_mib("VmRSS"); pipe.unet_call(x, t, ctx, y); unet = proc_mib("VmHWM") - base
     z = torch.randn(1, pipe.cfg.unet.out_channels, h // f, w // f)
-    reset_peak(); base = status_mib("VmRSS"); pipe.decode(z); vae = status_mib("VmHWM") - base
-reset_peak(); pipe.generate(params); peak = status_mib("VmHWM")
+    reset_peak(); base = proc_mib("VmRSS"); pipe.decode(z); vae = proc_mib("VmHWM") - base
+reset_peak(); pipe.generate(params); peak = proc_mib("VmHWM")
 mib = lambda b: b / 2**20
 print(json.dumps({
     "rss_loaded_mib": rss_loaded, "peak_mib": peak, "unet_mib": unet, "vae_mib": vae,

@@ -20,7 +20,7 @@ from diffusekit.models.configs import SD1
 from diffusekit.models.init import randomize_
 from diffusekit.models.vae import AutoencoderKL
 from diffusekit.models.vae_chunked import decode_chunked
-from diffusekit.memory import proc_mib as status_mib
+from diffusekit.memory import proc_mib
 
 mode, latent, dtype, strip_mib, threads, out_path = sys.argv[1:]
 torch.set_num_threads(int(threads))
@@ -32,7 +32,7 @@ z = torch.randn(1, 4, int(latent), int(latent), generator=torch.Generator().manu
 weights_mib = sum(p.nbytes for p in vae.parameters()) / 2**20
 with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
     f.write("5")
-base = status_mib("VmRSS")
+base = proc_mib("VmRSS")
 t0 = time.perf_counter()
 with torch.inference_mode():
     if mode == "plain":
@@ -40,7 +40,7 @@ with torch.inference_mode():
     else:
         img = decode_chunked(vae, z, strip_bytes=int(float(strip_mib) * 2**20))
 seconds = time.perf_counter() - t0
-peak = status_mib("VmHWM")
+peak = proc_mib("VmHWM")
 torch.save(img.float(), out_path)
 print(json.dumps({"weights_mib": weights_mib, "base_mib": base, "peak_above_base_mib": peak - base,
                   "seconds": seconds}))
