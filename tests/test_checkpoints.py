@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from diffusekit.checkpoints.inspect import inspect_checkpoint, inspect_state_dic
 from diffusekit.checkpoints.load import checkpoint_metadata, load_model
 from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict
 from diffusekit.cli import main
+from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.models.configs import preset
 from diffusekit.models.init import randomize_
 from diffusekit.models.sd import StableDiffusion
@@ -46,6 +48,19 @@ def test_v_prediction_comes_from_metadata_or_option_never_from_weights():
     assert detect_config(sd, {"modelspec.prediction_type": "v"}) == preset("sd2_v")
     assert detect_config(sd, {}, prediction="v").prediction == "v"
     assert detect_config(sd | {"v_pred": torch.empty(0, device="meta")}, {}).prediction == "v"
+
+
+def test_zero_terminal_snr_comes_from_marker_key_or_training_table():
+    with torch.device("meta"):
+        sd = StableDiffusion(preset("sd2")).state_dict()
+    marker = {"ztsnr": torch.empty(0, device="meta")}  # ComfyUI's marker key
+    assert detect_config(sd | marker, {}, prediction="v").zero_terminal_snr
+    v = {"modelspec.prediction_type": "v"}
+    zero_snr_table = {"alphas_cumprod": sd_alphas_cumprod(zero_terminal_snr=True)}  # LDM training buffer
+    assert detect_config(sd | zero_snr_table, v).zero_terminal_snr
+    assert not detect_config(sd | {"alphas_cumprod": sd_alphas_cumprod()}, v).zero_terminal_snr
+    with pytest.raises(CheckpointError, match="zero-terminal-SNR, which needs prediction 'v', not 'eps'"):
+        detect_config(sd | marker, {})
 
 
 def test_real_size_parameter_counts_via_inspect():
@@ -117,6 +132,28 @@ def test_single_file_to_diffusers_folder_and_back_is_identical(name, tmp_path):
         } | {"cond_stage_model.model.text_projection"}
         sd = {k: v for k, v in sd.items() if k not in dropped}
     assert_same_tensors(back, sd)
+
+
+def test_zero_terminal_snr_survives_a_diffusers_folder(tmp_path):
+    """The folder's scheduler config is diffusers' own switch for the rescale, and reads back."""
+    from diffusers import EulerDiscreteScheduler
+
+    cfg = replace(preset("tiny_sd2_v"), zero_terminal_snr=True)
+    sd = randomize_(StableDiffusion(cfg), 0).state_dict()
+    folder = write_diffusers_folder(sd, cfg, tmp_path / "folder")
+    ref = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    # diffusers builds its betas in float32, we in float64 (as LDM does): equal to float32 rounding
+    assert torch.allclose(ref.alphas_cumprod.float(), sd_alphas_cumprod(zero_terminal_snr=True), atol=1e-6)
+    assert ref.alphas_cumprod[-1] == 2.0**-24
+    assert ref.config.timestep_spacing == "trailing"
+    loaded = load_model(folder)
+    assert loaded.cfg.zero_terminal_snr and loaded.cfg.prediction == "v"
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(config | {"prediction_type": "epsilon"})
+    )
+    with pytest.raises(CheckpointError, match="rescale_betas_zero_snr needs prediction_type v_prediction"):
+        load_model(folder)
 
 
 def _diffusers_pipeline(name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,30 @@ def test_v_prediction_txt2img_matches_diffusers(tmp_path):
     got = ours.generate(_params())
     want = _ref(ref, height=64, width=64)
     _check_close(_ours(got), want)
+
+
+def test_zero_terminal_snr_txt2img_matches_diffusers(tmp_path):
+    """A zero-SNR v model: our automatic schedule (trailing) against diffusers' Euler with the folder's
+    rescale_betas_zero_snr and trailing spacing, from the pure-noise step down."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusekit.checkpoints.load import checkpoint_metadata
+    from diffusekit.checkpoints.single_file import save_state_dict
+    from diffusekit.models.configs import preset
+    from diffusekit.models.init import randomize_
+    from diffusekit.models.sd import StableDiffusion
+
+    cfg = replace(preset("tiny_sd2_v"), zero_terminal_snr=True)
+    sd = randomize_(StableDiffusion(cfg), 0).state_dict()
+    save_state_dict(sd, tmp_path / "z.safetensors", metadata=checkpoint_metadata(cfg))
+    ref = StableDiffusionPipeline.from_pretrained(write_diffusers_folder(sd, cfg, tmp_path / "folder"))
+    ref.set_progress_bar_config(disable=True)
+    assert ref.scheduler.config.rescale_betas_zero_snr and ref.scheduler.config.timestep_spacing == "trailing"
+    ours = Pipeline.from_file(tmp_path / "z.safetensors", precision="fp32")
+    assert ours.schedule.sigma_max == 4096.0
+    got = ours.generate(_params(schedule="automatic", steps=5))  # "simple" is exact when steps divide 1000
+    assert got.infos[0].schedule_type == "Simple"
+    _check_close(_ours(got), _ref(ref, height=64, width=64, num_inference_steps=5))
 
 
 def test_img2img_matches_diffusers(tmp_path):

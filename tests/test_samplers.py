@@ -533,9 +533,27 @@ def test_a1111_names_for_infotext():
 
 
 @pytest.mark.parametrize("sampler_id", list(SAMPLERS))
-def test_a1111_names_round_trip(sampler_id):
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_a1111_names_round_trip(sampler_id, zero_snr):
     for schedule_id in SCHEDULE_A1111_LABELS:
-        assert resolve_sampler(*a1111_names(sampler_id, schedule_id)) == (sampler_id, schedule_id)
+        names = a1111_names(sampler_id, schedule_id, zero_terminal_snr=zero_snr)
+        assert resolve_sampler(*names, zero_terminal_snr=zero_snr) == (sampler_id, schedule_id)
+
+
+def test_automatic_schedule_of_a_zero_terminal_snr_model_is_trailing():
+    """Lin et al. 2023: sample a zero-SNR model from its last timestep with trailing spacing."""
+    assert resolve_sampler("DPM++ 2M", zero_terminal_snr=True) == ("dpmpp_2m", "simple")
+    assert resolve_sampler("Euler a", "Automatic", zero_terminal_snr=True) == ("euler_a", "simple")
+    assert resolve_sampler("DDIM", zero_terminal_snr=True) == ("ddim", "simple")
+    # a schedule the user names is kept
+    assert resolve_sampler("DPM++ 2M Karras", zero_terminal_snr=True) == ("dpmpp_2m", "karras")
+    assert resolve_sampler("Euler", "karras", zero_terminal_snr=True) == ("euler", "karras")
+    assert a1111_names("euler", "simple", zero_terminal_snr=True) == ("Euler", "Simple")
+    table = sd_schedule(zero_terminal_snr=True)
+    trailing = sampler_sigmas("dpmpp_2m", "simple", 20, table)
+    karras = sampler_sigmas("dpmpp_2m", "karras", 20, table)
+    assert trailing[0] == karras[0] == 4096.0  # both start at the (pinned) zero-SNR step
+    assert int((trailing > 15).sum()) == 3 and int((karras > 15).sum()) == 13  # SD's own max is 14.6
 
 
 def test_spec_accepts_reports_keyword_options():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from diffusekit.checkpoints.inspect import inspect_checkpoint
+from diffusekit.diffusion.denoiser import output_to_denoised
+from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.models.configs import TINY_SD1
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
-from diffusekit.train.objectives import LatentPool, min_snr_weights
+from diffusekit.train.objectives import LatentPool, denoising_target, min_snr_weights, shifted_timesteps
 from diffusekit.train.recipe import Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
 
 STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, ema_decay=0.9)
@@ -68,6 +71,39 @@ def test_min_snr_weights():
     a = torch.tensor([0.99, 5 / 6, 0.5, 0.01])  # SNR 99, 5, 1, 1/99
     w = min_snr_weights(a, 5.0)
     assert torch.allclose(w, torch.tensor([5 / 99, 1.0, 1.0, 1.0]), rtol=1e-5)
+    # v: the cap applies to SNR + 1, and the (nearly) zero-SNR end keeps full weight
+    w = min_snr_weights(torch.tensor([0.99, 0.8, 0.5, 2.0**-24]), 5.0, "v")
+    assert torch.allclose(w, torch.tensor([5 / 100, 1.0, 1.0, 1.0]), rtol=1e-5)
+
+
+def test_shifted_timesteps_favour_the_noisy_end():
+    torch.manual_seed(0)
+    uniform = shifted_timesteps(100_000, 1000, 1.0)
+    shifted = shifted_timesteps(100_000, 1000, 3.0)
+    for t in (uniform, shifted):
+        assert t.dtype == torch.int64 and int(t.min()) == 0 and int(t.max()) == 999
+    assert abs(float((uniform >= 800).float().mean()) - 0.2) < 0.01
+    # P(t >= 800) = P(u >= 4/7) for shift 3; P(t < 200) = P(u < 1/13)
+    assert abs(float((shifted >= 800).float().mean()) - 3 / 7) < 0.01
+    assert abs(float((shifted < 200).float().mean()) - 1 / 13) < 0.01
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_target_is_what_the_sampler_decodes(prediction):
+    """A U-Net that outputs the training target exactly gives back the clean latent through the
+    sampler's conversion (VE latent x = x_t * sqrt(1 + sigma^2)), down to the zero-SNR step for v."""
+    zero_snr = prediction == "v"
+    abar = sd_alphas_cumprod(zero_terminal_snr=zero_snr).double()
+    t = torch.tensor([0, 400, 999])
+    a = abar[t][:, None, None, None]  # (3, 1, 1, 1)
+    z, noise = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    sigma = ((1 - abar[t]) / abar[t]).sqrt()  # (3,)
+    x = x_t * (1 + sigma[:, None, None, None] ** 2).sqrt()
+    out = output_to_denoised(x, sigma, denoising_target(z, noise, a, prediction), prediction)
+    assert torch.allclose(out, z, atol=1e-6)
+    if zero_snr:  # at zero SNR the v target is -z: nothing of the clean latent is left in x_t
+        assert torch.allclose(denoising_target(z, noise, a, "v")[2], -z[2], atol=1e-3)
 
 
 def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):

@@ -127,7 +127,7 @@ class Pipeline:
         apply_accel(self.model, self.accel)
         self.cfg = loaded.cfg
         self.vae_chunk_bytes = VAE_CHUNK_BYTES
-        self.schedule = sd_schedule()
+        self.schedule = sd_schedule(zero_terminal_snr=self.cfg.zero_terminal_snr)
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
 
@@ -216,7 +216,7 @@ class Pipeline:
         report: Callable[[int, int], None],
     ) -> torch.Tensor:
         """Run the sampler from x (at sigmas[0]) with CFG; `blend` keeps an inpainting known region."""
-        spec = SAMPLERS[resolve_sampler(params.sampler, params.schedule)[0]]
+        spec = SAMPLERS[self.resolve_sampler(params)[0]]
         cache = self.accel.deepcache()  # fresh per sampler run: its first U-Net call is always full
         unet = self.unet_call if cache is None else partial(self.unet_call, cache=cache)
         denoiser = CFGDenoiser(
@@ -242,8 +242,12 @@ class Pipeline:
                 out = blend(out, sigmas.new_zeros((batch,)))
         return out
 
+    def resolve_sampler(self, params: GenerationParams) -> tuple[str, str]:
+        """(sampler_id, schedule_id) of `params` for this model ("automatic" depends on the model)."""
+        return resolve_sampler(params.sampler, params.schedule, zero_terminal_snr=self.cfg.zero_terminal_snr)
+
     def _sigmas(self, params: GenerationParams, steps: int) -> torch.Tensor:
-        sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
+        sampler_id, schedule_id = self.resolve_sampler(params)
         return sampler_sigmas(sampler_id, schedule_id, steps, self.schedule).to(self.device)
 
     def _img2img_sigmas(self, params: GenerationParams, steps: int, strength: float) -> torch.Tensor:
@@ -343,7 +347,7 @@ class Pipeline:
     ) -> GenerationResult:
         """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask)."""
         params = params.validate(self.cfg.resolution)
-        resolve_sampler(params.sampler, params.schedule)  # unknown names fail before any work
+        self.resolve_sampler(params)  # unknown names fail before any work
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
         if mask is not None and mask.size != init_image.size:
@@ -515,8 +519,10 @@ class Pipeline:
     ) -> GenerationInfo:
         """The A1111 infotext fields of one image."""
         width, height = params.size(self.cfg.resolution)
-        sampler_id, schedule_id = resolve_sampler(params.sampler, params.schedule)
-        sampler_name, schedule_name = a1111_names(sampler_id, schedule_id)
+        sampler_id, schedule_id = self.resolve_sampler(params)
+        sampler_name, schedule_name = a1111_names(
+            sampler_id, schedule_id, zero_terminal_snr=self.cfg.zero_terminal_snr
+        )
         extras: dict[str, object] = {}
         if params.enable_hr and not img2img:
             extras["Hires upscale"] = params.hr_scale

@@ -190,6 +190,15 @@ def prediction_from_metadata(metadata: Mapping[str, str], shapes: Shapes) -> str
     return None
 
 
+def zero_terminal_snr_from_file(sd: Mapping[str, torch.Tensor], shapes: Shapes) -> bool:
+    """True if the file marks a zero-terminal-SNR model: ComfyUI's `ztsnr` marker key, or an LDM
+    training checkpoint whose stored `alphas_cumprod` table ends at (nearly) zero."""
+    if "ztsnr" in shapes:
+        return True
+    table = sd.get("alphas_cumprod")
+    return table is not None and table.ndim == 1 and table.numel() > 1 and float(table[-1]) < 1e-6
+
+
 def detect_config(
     sd: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
@@ -205,11 +214,17 @@ def detect_config(
             cfg = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{name}: unreadable {CONFIG_METADATA_KEY} metadata: {e}") from None
-        return replace(cfg, prediction=prediction) if prediction else cfg
+        try:
+            return replace(cfg, prediction=prediction) if prediction else cfg
+        except ValueError as e:  # e.g. eps forced on a zero-terminal-SNR model
+            raise CheckpointError(f"{name}: {e}") from None
     family = detect_family(shapes, name)
     text = tuple(text_config_from_shapes(shapes, p, family, i) for i, p in enumerate(TEXT_PREFIXES[family]))
     pooled_dim = text[-1].projection_dim or text[-1].width
     pred = prediction or prediction_from_metadata(metadata, shapes) or "eps"
+    zero_snr = zero_terminal_snr_from_file(sd, shapes)
+    if zero_snr and pred != "v":
+        raise CheckpointError(f"{name}: marked zero-terminal-SNR, which needs prediction 'v', not {pred!r}")
     resolution = {"sd1": 512, "sd2": 768 if pred == "v" else 512, "sdxl": 1024}[family]
     try:
         return ModelConfig(
@@ -218,6 +233,7 @@ def detect_config(
             vae=vae_config_from_shapes(shapes, family, name),
             text_encoders=text,
             prediction=pred,
+            zero_terminal_snr=zero_snr,
             resolution=resolution,
             name=f"{family}-detected",
         )

@@ -113,15 +113,19 @@ def read_diffusers_folder(
             prefix + k: v for k, v in text_from_transformers(_read_weights(sub, "text_encoder"), tcfg).items()
         }
     sched = root / "scheduler" / "scheduler_config.json"
-    pred = prediction
-    if pred is None and sched.is_file():
-        pred = "v" if _read_json(sched).get("prediction_type") == "v_prediction" else "eps"
+    pred, sched_cfg = prediction, _read_json(sched) if sched.is_file() else {}
+    if pred is None and sched_cfg:
+        pred = "v" if sched_cfg.get("prediction_type") == "v_prediction" else "eps"
+    zero_snr = bool(sched_cfg.get("rescale_betas_zero_snr", False))
+    if zero_snr and pred != "v":
+        raise CheckpointError(f"{sched}: rescale_betas_zero_snr needs prediction_type v_prediction")
     cfg = ModelConfig(
         family=family,
         unet=unet_cfg,
         vae=vae_cfg,
         text_encoders=tuple(text_cfgs),
         prediction=pred or "eps",
+        zero_terminal_snr=zero_snr,
         resolution=_resolution(unet_json, vae_cfg, family),
         name=root.name,
     )
@@ -207,6 +211,8 @@ def write_diffusers_folder(
         "timestep_spacing": "leading",
         "steps_offset": 1,
     }
+    if cfg.zero_terminal_snr:  # diffusers' flag for Lin et al.'s rescale, sampled with trailing spacing
+        scheduler |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {"_class_name": _PIPELINE_CLASS[(cfg.family, cfg.is_inpaint)], "_diffusers_version": "0.42.1"}
     index |= components

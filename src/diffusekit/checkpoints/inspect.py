@@ -46,6 +46,7 @@ class InspectReport:
     hashes: dict[str, str] = field(default_factory=dict)
     extra_keys: int = 0
     notes: list[str] = field(default_factory=list)
+    zero_terminal_snr: bool = False  # trained on the zero-terminal-SNR schedule (sampled from sigma 4096)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +89,7 @@ def inspect_state_dict(
         family=cfg.family,
         preset=matching_preset(cfg),
         prediction=cfg.prediction,
+        zero_terminal_snr=cfg.zero_terminal_snr,
         components=components,
         parameters=params,
         weight_bytes=sum(c.bytes for c in components),
@@ -132,7 +134,7 @@ def format_report(r: InspectReport) -> str:
         f"{r.path}",
         f"  format      {r.format}",
         f"  family      {r.family}" + (f" (preset {r.preset})" if r.preset else ""),
-        f"  prediction  {r.prediction}",
+        f"  prediction  {r.prediction}" + (", zero terminal SNR" if r.zero_terminal_snr else ""),
         "",
         f"  {'component':<16}{'parameters':>16}{'bytes':>14}  dtype",
     ]

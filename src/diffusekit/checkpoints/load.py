@@ -24,7 +24,7 @@ _SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "v_pred", "denoiser.sigmas", "denoiser.log_sigmas",
+    "logvar", "v_pred", "ztsnr", "denoiser.sigmas", "denoiser.log_sigmas",
 )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "SamplerSpec",
     "StepInfo",
     "a1111_names",
+    "automatic_schedule",
     "brownian_tree_noise",
     "gaussian_noise",
     "resolve_sampler",
@@ -264,24 +265,34 @@ def _valid_samplers() -> str:
     return ", ".join(f"{s.id} ({s.label!r})" for s in SAMPLERS.values())
 
 
-def resolve_schedule(name: str | None, sampler_id: str) -> str:
-    """Our schedule id for ``name`` (our id, A1111 label or name; None/"Automatic": the default)."""
+def automatic_schedule(sampler_id: str, zero_terminal_snr: bool = False) -> str:
+    """The schedule "Automatic" means: the sampler's default, or "simple" (trailing timesteps, which
+    start at the zero-SNR step) for a zero-terminal-SNR model, as Lin et al. (2023) prescribe. Karras-like
+    schedules would spend most steps between that model's sigma_max (4096) and SD's usual 14.6."""
+    return "simple" if zero_terminal_snr else SAMPLERS[sampler_id].default_schedule
+
+
+def resolve_schedule(name: str | None, sampler_id: str, *, zero_terminal_snr: bool = False) -> str:
+    """Our schedule id for ``name`` (our id, A1111 label or name; None/"Automatic": automatic_schedule)."""
     if sampler_id not in SAMPLERS:
         raise ValueError(f"unknown sampler id {sampler_id!r}; valid: {', '.join(SAMPLERS)}")
     if name is None:
-        return SAMPLERS[sampler_id].default_schedule
+        return automatic_schedule(sampler_id, zero_terminal_snr)
     key = _norm(name)
     if key not in _SCHEDULE_LOOKUP:
         valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111_NAMES])
         raise ValueError(f"unknown schedule type {name!r}; valid: {valid}")
     schedule_id = _SCHEDULE_LOOKUP[key]
-    return SAMPLERS[sampler_id].default_schedule if schedule_id is None else schedule_id
+    return automatic_schedule(sampler_id, zero_terminal_snr) if schedule_id is None else schedule_id
 
 
-def resolve_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
+def resolve_sampler(
+    name: str, schedule: str | None = None, *, zero_terminal_snr: bool = False
+) -> tuple[str, str]:
     """(sampler_id, schedule_id) from our id, an A1111 name/alias or a combined name like "DPM++ 2M Karras".
 
-    A schedule in the name wins over ``schedule`` unless they disagree, which raises.
+    A schedule in the name wins over ``schedule`` unless they disagree, which raises. An automatic
+    schedule depends on the model (`zero_terminal_snr`, see automatic_schedule).
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"sampler name must be a non-empty string, got {name!r}; valid: {_valid_samplers()}")
@@ -297,14 +308,14 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
             base = key[: -len(suffix) - 1]
             if key.endswith(" " + suffix) and base in _SAMPLER_LOOKUP:
                 sampler_id = _SAMPLER_LOOKUP[base]
-                from_name = resolve_schedule(suffix, sampler_id)
+                from_name = resolve_schedule(suffix, sampler_id, zero_terminal_snr=zero_terminal_snr)
                 break
     if sampler_id is None:
         raise ValueError(
             f"unknown sampler {name!r}; valid: {_valid_samplers()} "
             "(A1111 names may end with a schedule type, e.g. 'DPM++ 2M Karras')"
         )
-    explicit = resolve_schedule(schedule, sampler_id)
+    explicit = resolve_schedule(schedule, sampler_id, zero_terminal_snr=zero_terminal_snr)
     if from_name is None:
         return sampler_id, explicit
     if schedule is not None and _SCHEDULE_LOOKUP.get(_norm(schedule)) is not None and explicit != from_name:
@@ -315,18 +326,19 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
     return sampler_id, from_name
 
 
-def a1111_names(sampler_id: str, schedule_id: str) -> tuple[str, str]:
+def a1111_names(sampler_id: str, schedule_id: str, *, zero_terminal_snr: bool = False) -> tuple[str, str]:
     """A1111's (Sampler, Schedule type) infotext values for our ids.
 
     "Automatic" when A1111 itself would write it (the sampler's default schedule where A1111 derives
-    it from the model); schedules A1111 lacks (e.g. "lcm") are written as our id.
+    it from the model); schedules A1111 lacks (e.g. "lcm") are written as our id. For a
+    zero-terminal-SNR model the schedule is always named, since A1111's "Automatic" is not ours there.
     """
     if sampler_id not in SAMPLERS:
         raise ValueError(f"unknown sampler id {sampler_id!r}; valid: {', '.join(SAMPLERS)}")
     if schedule_id not in SCHEDULES:
         raise ValueError(f"unknown schedule id {schedule_id!r}; valid: {', '.join(SCHEDULES)}")
     spec = SAMPLERS[sampler_id]
-    if schedule_id == spec.default_schedule and not spec.a1111_names_schedule:
+    if schedule_id == spec.default_schedule and not spec.a1111_names_schedule and not zero_terminal_snr:
         return spec.label, "Automatic"
     return spec.label, SCHEDULE_A1111_LABELS.get(schedule_id, schedule_id)
 

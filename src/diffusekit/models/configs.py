@@ -117,6 +117,8 @@ class ModelConfig:
     vae: VAEConfig
     text_encoders: tuple[TextEncoderConfig, ...]
     prediction: str = "eps"  # "eps" or "v" (v-prediction, SD2 768-v)
+    # trained on the zero-terminal-SNR rescale of the noise schedule (Lin et al. 2023; needs "v")
+    zero_terminal_snr: bool = False
     resolution: int = 512  # the native image size
     name: str = field(default="custom", compare=False)
 
@@ -125,6 +127,8 @@ class ModelConfig:
             raise ValueError(f"unknown family {self.family!r}; valid: {', '.join(FAMILIES)}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise ValueError("zero_terminal_snr needs prediction='v' (eps is undefined at zero SNR)")
         if len(self.text_encoders) != len(TEXT_PREFIXES[self.family]):
             raise ValueError(
                 f"family {self.family} has {len(TEXT_PREFIXES[self.family])} text encoder(s), "

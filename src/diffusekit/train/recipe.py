@@ -46,6 +46,7 @@ class Recipe:
     ldm: TrainConfig = TrainConfig(steps=10500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0  # loss weighting of stage 2 (see LatentDiffusionObjective)
+    timestep_shift: float = 1.0  # > 1: stage 2 draws noisy timesteps more often (LatentDiffusionObjective)
     pool_size: int = 50_000  # training images encoded once for stage 2
 
     def scaled(self, factor: float) -> Recipe:
@@ -117,6 +118,8 @@ def train_ldm(
     objective = LatentDiffusionObjective(
         pool, CLIPTokenizer.bundled(), batch_size=recipe.ldm.batch_size, scaling_factor=scale,
         caption_dropout=recipe.caption_dropout, min_snr_gamma=recipe.min_snr_gamma,
+        prediction=recipe.model.prediction, zero_terminal_snr=recipe.model.zero_terminal_snr,
+        timestep_shift=recipe.timestep_shift,
     )  # fmt: skip
     trainer.run(objective, stop_at=stop_at)
     trainer.ema.copy_to(model)
