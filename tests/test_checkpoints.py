@@ -148,6 +148,7 @@ def test_zero_terminal_snr_survives_a_diffusers_folder(tmp_path):
     assert ref.config.timestep_spacing == "trailing"
     loaded = load_model(folder)
     assert loaded.cfg.zero_terminal_snr and loaded.cfg.prediction == "v"
+    assert inspect_checkpoint(folder, hashes=False).zero_terminal_snr
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(config | {"prediction_type": "epsilon"})

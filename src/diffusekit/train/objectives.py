@@ -75,7 +75,7 @@ class LatentPool:
 
 
 class LatentDiffusionObjective:
-    """Denoising MSE at uniform DDPM timesteps, with caption dropout for classifier-free guidance.
+    """Denoising MSE at DDPM timesteps, with caption dropout for classifier-free guidance.
 
     `prediction` "eps" regresses the noise; "v" regresses v = sqrt(abar) eps - sqrt(1 - abar) x0
     (Salimans & Ho 2022), which stays well defined at zero SNR, so `zero_terminal_snr` (Lin et al. 2023)
