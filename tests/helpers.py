@@ -14,10 +14,17 @@ from diffusekit.models.sd import StableDiffusion
 
 
 def make_checkpoint(
-    name: str, tmp_path: Path, *, seed: int = 0, metadata: bool = True, dtype: torch.dtype | None = None
+    name: str,
+    tmp_path: Path,
+    *,
+    seed: int = 0,
+    metadata: bool = True,
+    dtype: torch.dtype | None = None,
+    cfg: ModelConfig | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
-    """A single-file checkpoint of preset `name` with seeded random weights: (config, state dict, path)."""
-    cfg = preset(name)
+    """A single-file checkpoint of preset `name` (or of `cfg`, filed under `name`) with seeded random
+    weights: (config, state dict, path)."""
+    cfg = cfg or preset(name)
     sd = randomize_(StableDiffusion(cfg), seed).state_dict()
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}

@@ -138,8 +138,8 @@ def test_zero_terminal_snr_survives_a_diffusers_folder(tmp_path):
     """The folder's scheduler config is diffusers' own switch for the rescale, and reads back."""
     from diffusers import EulerDiscreteScheduler
 
-    cfg = replace(preset("tiny_sd2_v"), zero_terminal_snr=True)
-    sd = randomize_(StableDiffusion(cfg), 0).state_dict()
+    zero_snr = replace(preset("tiny_sd2_v"), zero_terminal_snr=True)
+    cfg, sd, _ = make_checkpoint("tiny_sd2_v", tmp_path, cfg=zero_snr)
     folder = write_diffusers_folder(sd, cfg, tmp_path / "folder")
     ref = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     # diffusers builds its betas in float32, we in float64 (as LDM does): equal to float32 rounding

@@ -95,19 +95,14 @@ def test_zero_terminal_snr_txt2img_matches_diffusers(tmp_path):
     rescale_betas_zero_snr and trailing spacing, from the pure-noise step down."""
     from diffusers import StableDiffusionPipeline
 
-    from diffusekit.checkpoints.load import checkpoint_metadata
-    from diffusekit.checkpoints.single_file import save_state_dict
     from diffusekit.models.configs import preset
-    from diffusekit.models.init import randomize_
-    from diffusekit.models.sd import StableDiffusion
 
     cfg = replace(preset("tiny_sd2_v"), zero_terminal_snr=True)
-    sd = randomize_(StableDiffusion(cfg), 0).state_dict()
-    save_state_dict(sd, tmp_path / "z.safetensors", metadata=checkpoint_metadata(cfg))
+    cfg, sd, path = make_checkpoint("tiny_sd2_v_zero_snr", tmp_path, cfg=cfg)
     ref = StableDiffusionPipeline.from_pretrained(write_diffusers_folder(sd, cfg, tmp_path / "folder"))
     ref.set_progress_bar_config(disable=True)
     assert ref.scheduler.config.rescale_betas_zero_snr and ref.scheduler.config.timestep_spacing == "trailing"
-    ours = Pipeline.from_file(tmp_path / "z.safetensors", precision="fp32")
+    ours = Pipeline.from_file(path, precision="fp32")
     assert ours.schedule.sigma_max == 4096.0
     got = ours.generate(_params(schedule="automatic", steps=5))  # "simple" is exact when steps divide 1000
     assert got.infos[0].schedule_type == "Simple"

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..diffusion.schedules import sd_alphas_cumprod
 from ..images import to_tensor
+from ..models.configs import PREDICTIONS
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import AutoencoderKL
 
@@ -101,8 +102,8 @@ class LatentDiffusionObjective:
         zero_terminal_snr: bool = False,
         timestep_shift: float = 1.0,
     ):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction {prediction!r}; valid: eps, v")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if zero_terminal_snr and prediction != "v":
             raise ValueError("zero_terminal_snr needs prediction='v' (eps is undefined at zero SNR)")
         self.pool = pool
