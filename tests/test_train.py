@@ -15,13 +15,15 @@ from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import LatentPool, denoising_target, min_snr_weights, shifted_timesteps
-from diffusekit.train.recipe import Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
+from diffusekit.train.recipe import Objective, Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
 
 STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, ema_decay=0.9)
 
 
 def small_recipe() -> Recipe:
-    return Recipe(model=TINY_SD1, vae=STAGE, ldm=STAGE, pool_size=12)
+    """The default recipe's stages (eps, then a v / zero-terminal-SNR refine) on tiny networks."""
+    model = replace(TINY_SD1, prediction="v", zero_terminal_snr=True)
+    return Recipe(model=model, vae=STAGE, ldm=STAGE, ldm_refine=replace(STAGE, seed=7), pool_size=12)
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -43,15 +45,18 @@ def test_vae_stage_resumes_exactly(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for _, v in t_straight.state.losses) and first > 0
 
 
-def test_ldm_stage_resumes_exactly(tmp_path):
-    recipe = small_recipe()
+@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1])  # in stage 2, in stage 2b
+def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
+    recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0))
     vae, _ = train_vae(recipe, tmp_path / "vae", resume=False, stop_at=1)
     pool = LatentPool.encode(vae, dataset_sampler(recipe), recipe.pool_size)
     assert pool.moments.shape == (12, 8, 8, 8) and len(pool.captions) == 12
     straight, t_straight = train_ldm(recipe, pool, 0.5, tmp_path / "a", resume=False)
-    train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=False, stop_at=2)
+    _, t_killed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=False, stop_at=kill_at)
+    assert sum(t.state.step for t in t_killed) == kill_at
     resumed, t_resumed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=True)
-    assert t_resumed.state.losses == t_straight.state.losses
+    assert [t.name for t in t_straight] == ["ldm", "refine"]
+    assert [t.state.losses for t in t_resumed] == [t.state.losses for t in t_straight]
     assert_same_state(straight, resumed)
 
 
@@ -62,9 +67,16 @@ def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):
     assert report.family == "sd1" and {c.name for c in report.components} == {"unet", "vae", "text_encoder"}
     assert all(set(c.dtypes) == {"fp16"} for c in report.components)
     pipe = Pipeline.from_file(path)
+    assert pipe.cfg.prediction == "v" and pipe.cfg.zero_terminal_snr  # what the last stage trained
     assert pipe.cfg.vae.scaling_factor != 1.0  # measured from the latents, not the preset's placeholder
     image = pipe.generate(GenerationParams(prompt="a red circle", steps=2, seed=1)).images[0]
     assert image.size == (64, 64)
+
+
+def test_recipe_model_must_describe_the_last_stage():
+    with pytest.raises(ValueError, match="last U-Net stage trains prediction='v'.*model config says"):
+        replace(small_recipe(), model=TINY_SD1)
+    assert replace(small_recipe(), model=TINY_SD1, ldm_refine=None).stages()[-1][0] == "ldm"
 
 
 def test_min_snr_weights():
@@ -74,6 +86,11 @@ def test_min_snr_weights():
     # v: the cap applies to SNR + 1, and the (nearly) zero-SNR end keeps full weight
     w = min_snr_weights(torch.tensor([0.99, 0.8, 0.5, 2.0**-24]), 5.0, "v")
     assert torch.allclose(w, torch.tensor([5 / 100, 1.0, 1.0, 1.0]), rtol=1e-5)
+    # floor: x0 weight min(SNR, 5) + 0.05, i.e. (min(SNR, 5) + 0.05) / (SNR + 1) on the v loss
+    w = min_snr_weights(torch.tensor([0.99, 0.5, 0.0]), 5.0, "v", floor=0.05)
+    assert torch.allclose(w, torch.tensor([5.05 / 100, 1.05 / 2, 0.05]), rtol=1e-5)
+    w = min_snr_weights(torch.tensor([0.99, 0.5]), 5.0, "eps", floor=0.05)
+    assert torch.allclose(w, torch.tensor([5.05 / 99, 1.05]), rtol=1e-5)
 
 
 def test_shifted_timesteps_favour_the_noisy_end():
@@ -109,9 +126,11 @@ def test_training_target_is_what_the_sampler_decodes(prediction):
 def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):
     """min_snr_gamma=None trains on the plain MSE; the recipe's gamma changes the loss (same draws)."""
     stage = replace(STAGE, batch_size=32)  # so that some timesteps are nearly clean (SNR > 5)
-    plain, weighted = (replace(small_recipe(), ldm=stage, min_snr_gamma=g) for g in (None, 5.0))
+    plain, weighted = (
+        replace(small_recipe(), ldm=stage, ldm_objective=Objective(min_snr_gamma=g)) for g in (None, 5.0)
+    )
     vae, _ = train_vae(plain, tmp_path / "vae", resume=False, stop_at=1)
     pool = LatentPool.encode(vae, dataset_sampler(plain), plain.pool_size)
     _, t_plain = train_ldm(plain, pool, 0.5, tmp_path / "a", resume=False, stop_at=1)
     _, t_weighted = train_ldm(weighted, pool, 0.5, tmp_path / "b", resume=False, stop_at=1)
-    assert t_weighted.state.losses[0][1] < t_plain.state.losses[0][1]  # weights are <= 1
+    assert t_weighted[0].state.losses[0][1] < t_plain[0].state.losses[0][1]  # weights are <= 1

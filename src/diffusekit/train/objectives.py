@@ -87,6 +87,7 @@ class LatentDiffusionObjective:
     `timestep_shift` s draws t = T * s u / (1 + (s - 1) u) for uniform u instead of a uniform t: s = 1 is
     DDPM's uniform draw, s = 3 trains the noisiest fifth of the schedule (where the layout is decided,
     from the text alone at zero SNR) about twice as often (SD3's resolution shift, Esser et al. 2024).
+    `weight_floor` changes the weighting to an x0 weight of min(SNR, gamma) + floor (`min_snr_weights`).
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class LatentDiffusionObjective:
         prediction: str = "eps",
         zero_terminal_snr: bool = False,
         timestep_shift: float = 1.0,
+        weight_floor: float | None = None,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
@@ -116,6 +118,7 @@ class LatentDiffusionObjective:
             raise ValueError(f"timestep_shift must be positive, got {timestep_shift}")
         self.prediction = prediction
         self.timestep_shift = timestep_shift
+        self.weight_floor = weight_floor
         self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=zero_terminal_snr)  # (1000,)
 
     def captions(self, captions: Sequence[str]) -> list[str]:
@@ -135,7 +138,8 @@ class LatentDiffusionObjective:
         pred = model.unet(x_t, t.float(), context).float()
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         if self.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(a.flatten(), self.min_snr_gamma, self.prediction)
+            weights = min_snr_weights(a.flatten(), self.min_snr_gamma, self.prediction, self.weight_floor)
+            per_sample = per_sample * weights
         return per_sample.mean()
 
 
@@ -154,7 +158,9 @@ def denoising_target(z: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, pred
     return noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, gamma: float, prediction: str = "eps", floor: float | None = None
+) -> torch.Tensor:
     """Per-sample loss weights that cap the clean end, SNR = alpha_bar / (1 - alpha_bar).
 
     Measured as a weight on the x0 error, the eps loss is SNR * |x0 error|^2 and the v loss is
@@ -162,8 +168,15 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction: str 
     "v": min(SNR + 1, gamma) / (SNR + 1), the same cap on the v loss's own x0 weight. Hang et al.'s v
     variant, min(SNR, gamma) / (SNR + 1), would give the zero-SNR timestep no weight at all, and that
     step is where the layout has to come from the text alone.
+
+    `floor`: the x0 weight is min(SNR, gamma) + floor instead, for either prediction. Without it, a
+    v model's noisiest steps weigh about 1 on an x0 error that is mostly irreducible (the layout is a
+    guess there), and that loss swamps the nearly clean steps that draw the edges; a small floor keeps
+    the zero-SNR step trained without letting it dominate.
     """
     snr = alphas_cumprod / (1 - alphas_cumprod)
+    if floor is not None:
+        return (snr.clamp(max=gamma) + floor) / (snr + 1 if prediction == "v" else snr)
     if prediction == "v":
         return (snr + 1).clamp(max=gamma) / (snr + 1)
     return snr.clamp(max=gamma) / snr

@@ -2,7 +2,8 @@
 
 Stage 1 trains the AutoencoderKL on shapes images; its latent scale is measured like SD's 0.18215.
 Stage 2 trains the U-Net and a CLIP-architecture text encoder jointly (the real CLIP BPE tokenizer),
-on latents of the frozen VAE. Export writes the EMA weights as one SD1-layout .safetensors file.
+on latents of the frozen VAE. Stage 2b continues them with another objective (an eps model becomes a
+v-prediction, zero-terminal-SNR one). Export writes the EMA weights as one SD1-layout .safetensors file.
 """
 
 from __future__ import annotations
@@ -36,23 +37,64 @@ from .report import image_grid, loss_curve_png
 
 
 @dataclass(frozen=True)
+class Objective:
+    """How a U-Net stage is trained (the arguments of LatentDiffusionObjective, which documents each)."""
+
+    prediction: str = "eps"
+    zero_terminal_snr: bool = False
+    timestep_shift: float = 1.0  # > 1: draw noisy timesteps more often
+    min_snr_gamma: float | None = 5.0  # cap on the weight of nearly clean timesteps
+    weight_floor: float | None = None  # x0 weight min(SNR, gamma) + floor (objectives.min_snr_weights)
+
+
+TRIAL_REFINE = TrainConfig(steps=6000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """Everything that decides the trained model; `diffusekit train` writes it next to the outputs."""
+    """Everything that decides the trained model; `diffusekit train` writes it next to the outputs.
+
+    Stage 2 trains the U-Net and text encoder from scratch with `ldm_objective`; stage 2b (optional,
+    `ldm_refine`) continues from stage 2's EMA weights with a fresh optimizer and `refine_objective`.
+    The shipped model is stage 2 alone: an eps model on SD's schedule. The stage 2b defaults are the
+    trial that turned it into a v-prediction model on the zero-terminal-SNR schedule, which learned
+    to place objects but lost counting (README, "The default model"); it needs a v / zero-terminal-SNR
+    `model`, because `model` describes the exported file and must match the last stage's objective.
+    """
 
     model: ModelConfig = DEFAULT
     data_seed: int = 0
     vae: TrainConfig = TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
     kl_weight: float = 1e-6
     ldm: TrainConfig = TrainConfig(steps=10500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
+    ldm_objective: Objective = Objective()
+    ldm_refine: TrainConfig | None = None  # the trial: TRIAL_REFINE
+    refine_objective: Objective = Objective(prediction="v", zero_terminal_snr=True, timestep_shift=3.0)
     caption_dropout: float = 0.1
-    min_snr_gamma: float | None = 5.0  # loss weighting of stage 2 (see LatentDiffusionObjective)
-    timestep_shift: float = 1.0  # > 1: stage 2 draws noisy timesteps more often (LatentDiffusionObjective)
     pool_size: int = 50_000  # training images encoded once for stage 2
+
+    def __post_init__(self):
+        last = self.refine_objective if self.ldm_refine is not None else self.ldm_objective
+        trained = (last.prediction, last.zero_terminal_snr)
+        if trained != (self.model.prediction, self.model.zero_terminal_snr):
+            raise ValueError(
+                f"the last U-Net stage trains prediction={trained[0]!r}, zero_terminal_snr={trained[1]}, "
+                f"but the model config says prediction={self.model.prediction!r}, "
+                f"zero_terminal_snr={self.model.zero_terminal_snr}; the exported file must describe it"
+            )
+
+    def stages(self) -> list[tuple[str, TrainConfig, Objective]]:
+        """The U-Net stages in order: ("ldm", ...) and, if any, ("refine", ...)."""
+        stages = [("ldm", self.ldm, self.ldm_objective)]
+        if self.ldm_refine is not None:
+            stages.append(("refine", self.ldm_refine, self.refine_objective))
+        return stages
 
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's step count multiplied by `factor` (for quick runs)."""
         steps = lambda c: replace(c, steps=max(1, int(c.steps * factor)), warmup=min(c.warmup, 10))  # noqa: E731
-        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm))
+        refine = steps(self.ldm_refine) if self.ldm_refine else None
+        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_refine=refine)
 
 
 def dataset_sampler(recipe: Recipe, split: str = "train"):
@@ -107,23 +149,28 @@ def latent_pool(recipe: Recipe, vae: AutoencoderKL, out: Path, *, resume: bool) 
 
 def train_ldm(
     recipe: Recipe, pool: LatentPool, scale: float, out: Path, *, resume: bool, stop_at: int | None = None
-) -> tuple[TextToLatent, Trainer]:
-    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents."""
+) -> tuple[TextToLatent, list[Trainer]]:
+    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents; then stage 2b if the recipe
+    has one. `stop_at` counts steps over both (stage 2b's step k is step ldm.steps + k)."""
     _seeded(recipe.ldm.seed)
     model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
     _init_ldm(model, recipe.ldm.seed)
-    trainer = Trainer("ldm", model, recipe.ldm, out)
-    if not (resume and trainer.resume()):
-        _seeded(recipe.ldm.seed)
-    objective = LatentDiffusionObjective(
-        pool, CLIPTokenizer.bundled(), batch_size=recipe.ldm.batch_size, scaling_factor=scale,
-        caption_dropout=recipe.caption_dropout, min_snr_gamma=recipe.min_snr_gamma,
-        prediction=recipe.model.prediction, zero_terminal_snr=recipe.model.zero_terminal_snr,
-        timestep_shift=recipe.timestep_shift,
-    )  # fmt: skip
-    trainer.run(objective, stop_at=stop_at)
-    trainer.ema.copy_to(model)
-    return model.eval(), trainer
+    trainers, done = [], 0
+    for name, cfg, objective in recipe.stages():
+        if stop_at is not None and stop_at <= done:
+            break
+        trainer = Trainer(name, model, cfg, out)
+        if not (resume and trainer.resume()):
+            _seeded(cfg.seed)
+        loss = LatentDiffusionObjective(
+            pool, CLIPTokenizer.bundled(), batch_size=cfg.batch_size, scaling_factor=scale,
+            caption_dropout=recipe.caption_dropout, **asdict(objective),
+        )  # fmt: skip
+        trainer.run(loss, stop_at=None if stop_at is None else stop_at - done)
+        trainer.ema.copy_to(model)  # stage 2b starts from (and the export takes) the EMA weights
+        trainers.append(trainer)
+        done += cfg.steps
+    return model.eval(), trainers
 
 
 @torch.no_grad()
@@ -163,10 +210,11 @@ def run_recipe(
     vae, vae_trainer = train_vae(recipe, out, resume=resume)
     pool = latent_pool(recipe, vae, out, resume=resume)
     scale = latent_scale(pool)
-    ldm, ldm_trainer = train_ldm(recipe, pool, scale, out, resume=resume)
+    ldm, ldm_trainers = train_ldm(recipe, pool, scale, out, resume=resume)
     path = Path(model_path) if model_path else out / "model.safetensors"
     export(recipe, vae, ldm, scale, path)
-    loss_curve_png({"vae": vae_trainer.state.losses, "ldm": ldm_trainer.state.losses}, out / "loss.png")
+    curves = {"vae": vae_trainer.state.losses} | {t.name: t.state.losses for t in ldm_trainers}
+    loss_curve_png(curves, out / "loss.png")
     sample_grid(path, out / "samples.png")
     return path
 
