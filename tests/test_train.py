@@ -14,7 +14,13 @@ from diffusekit.models.configs import TINY_SD1
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
-from diffusekit.train.objectives import LatentPool, denoising_target, min_snr_weights, shifted_timesteps
+from diffusekit.train.objectives import (
+    LatentDiffusionObjective,
+    LatentPool,
+    denoising_target,
+    min_snr_weights,
+    shifted_timesteps,
+)
 from diffusekit.train.recipe import Objective, Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
 
 STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, ema_decay=0.9)
@@ -91,6 +97,15 @@ def test_min_snr_weights():
     assert torch.allclose(w, torch.tensor([5.05 / 100, 1.05 / 2, 0.05]), rtol=1e-5)
     w = min_snr_weights(torch.tensor([0.99, 0.5]), 5.0, "eps", floor=0.05)
     assert torch.allclose(w, torch.tensor([5.05 / 99, 1.05]), rtol=1e-5)
+
+
+def test_weight_floor_needs_min_snr_weighting():
+    pool = LatentPool(torch.zeros(1, 8, 2, 2), ["a red circle"])
+    for gamma, floor in ((None, 0.1), (5.0, -0.1)):
+        with pytest.raises(ValueError, match="weight_floor"):
+            LatentDiffusionObjective(
+                pool, None, batch_size=1, scaling_factor=1.0, min_snr_gamma=gamma, weight_floor=floor
+            )
 
 
 def test_shifted_timesteps_favour_the_noisy_end():
