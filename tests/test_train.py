@@ -15,13 +15,13 @@ from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import (
-    LatentDiffusionObjective,
     LatentPool,
+    Objective,
     denoising_target,
     min_snr_weights,
     shifted_timesteps,
 )
-from diffusekit.train.recipe import Objective, Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
+from diffusekit.train.recipe import Recipe, dataset_sampler, run_recipe, train_ldm, train_vae
 
 STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, ema_decay=0.9)
 
@@ -99,13 +99,17 @@ def test_min_snr_weights():
     assert torch.allclose(w, torch.tensor([5.05 / 99, 1.05]), rtol=1e-5)
 
 
-def test_weight_floor_needs_min_snr_weighting():
-    pool = LatentPool(torch.zeros(1, 8, 2, 2), ["a red circle"])
+def test_objective_is_checked_on_construction():
+    """A bad recipe objective fails when the recipe is written, not after the VAE stage has trained."""
     for gamma, floor in ((None, 0.1), (5.0, -0.1)):
         with pytest.raises(ValueError, match="weight_floor"):
-            LatentDiffusionObjective(
-                pool, None, batch_size=1, scaling_factor=1.0, min_snr_gamma=gamma, weight_floor=floor
-            )
+            Objective(min_snr_gamma=gamma, weight_floor=floor)
+    with pytest.raises(ValueError, match="unknown prediction 'x0'; valid: eps, v"):
+        Objective(prediction="x0")
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction='v'"):
+        Objective(zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="timestep_shift must be positive"):
+        Objective(timestep_shift=0.0)
 
 
 def test_shifted_timesteps_favour_the_noisy_end():

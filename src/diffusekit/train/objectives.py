@@ -75,8 +75,9 @@ class LatentPool:
         return z, [self.captions[i] for i in idx]
 
 
-class LatentDiffusionObjective:
-    """Denoising MSE at DDPM timesteps, with caption dropout for classifier-free guidance.
+@dataclass(frozen=True)
+class Objective:
+    """How the U-Net is trained; checked on construction, so a bad recipe fails before any training.
 
     `prediction` "eps" regresses the noise; "v" regresses v = sqrt(abar) eps - sqrt(1 - abar) x0
     (Salimans & Ho 2022), which stays well defined at zero SNR, so `zero_terminal_snr` (Lin et al. 2023)
@@ -90,6 +91,30 @@ class LatentDiffusionObjective:
     `weight_floor` changes the weighting to an x0 weight of min(SNR, gamma) + floor (`min_snr_weights`).
     """
 
+    prediction: str = "eps"
+    zero_terminal_snr: bool = False
+    timestep_shift: float = 1.0
+    min_snr_gamma: float | None = 5.0
+    weight_floor: float | None = None
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise ValueError("zero_terminal_snr needs prediction='v' (eps is undefined at zero SNR)")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        if self.weight_floor is not None and (self.min_snr_gamma is None or self.weight_floor < 0):
+            raise ValueError(
+                f"weight_floor={self.weight_floor} needs min_snr_gamma set and a floor >= 0 "
+                "(the x0 weight is min(SNR, gamma) + floor)"
+            )
+
+
+class LatentDiffusionObjective:
+    """Denoising MSE at DDPM timesteps as `objective` says, with caption dropout for classifier-free
+    guidance."""
+
     def __init__(
         self,
         pool: LatentPool,
@@ -98,33 +123,15 @@ class LatentDiffusionObjective:
         batch_size: int,
         scaling_factor: float,
         caption_dropout: float = 0.1,
-        min_snr_gamma: float | None = None,
-        prediction: str = "eps",
-        zero_terminal_snr: bool = False,
-        timestep_shift: float = 1.0,
-        weight_floor: float | None = None,
+        objective: Objective = Objective(),
     ):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        if zero_terminal_snr and prediction != "v":
-            raise ValueError("zero_terminal_snr needs prediction='v' (eps is undefined at zero SNR)")
         self.pool = pool
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.scaling_factor = scaling_factor
         self.caption_dropout = caption_dropout
-        self.min_snr_gamma = min_snr_gamma
-        if not timestep_shift > 0:
-            raise ValueError(f"timestep_shift must be positive, got {timestep_shift}")
-        self.prediction = prediction
-        self.timestep_shift = timestep_shift
-        if weight_floor is not None and (min_snr_gamma is None or weight_floor < 0):
-            raise ValueError(
-                f"weight_floor={weight_floor} needs min_snr_gamma set and a floor >= 0 "
-                "(the x0 weight is min(SNR, gamma) + floor)"
-            )
-        self.weight_floor = weight_floor
-        self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=zero_terminal_snr)  # (1000,)
+        self.objective = objective
+        self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=objective.zero_terminal_snr)  # (1000,)
 
     def captions(self, captions: Sequence[str]) -> list[str]:
         """Replace each caption by "" with probability caption_dropout (python RNG: checkpointed)."""
@@ -135,16 +142,18 @@ class LatentDiffusionObjective:
         z = z * self.scaling_factor  # (B, C, h, w)
         ids = self.tokenizer(self.captions(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
         context = model.text_encoder(ids, return_pooled=False).hidden  # (B, 77, W)
-        t = shifted_timesteps(z.shape[0], len(self.alphas_cumprod), self.timestep_shift)  # (B,)
+        obj = self.objective
+        t = shifted_timesteps(z.shape[0], len(self.alphas_cumprod), obj.timestep_shift)  # (B,)
         a = self.alphas_cumprod[t].float()[:, None, None, None]  # (B, 1, 1, 1)
         noise = torch.randn_like(z)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
-        target = denoising_target(z, noise, a, self.prediction)
+        target = denoising_target(z, noise, a, obj.prediction)
         pred = model.unet(x_t, t.float(), context).float()
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        if self.min_snr_gamma is not None:
-            weights = min_snr_weights(a.flatten(), self.min_snr_gamma, self.prediction, self.weight_floor)
-            per_sample = per_sample * weights
+        if obj.min_snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(
+                a.flatten(), obj.min_snr_gamma, obj.prediction, obj.weight_floor
+            )
         return per_sample.mean()
 
 

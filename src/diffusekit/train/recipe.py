@@ -28,24 +28,13 @@ from .loop import TrainConfig, Trainer, save_atomic
 from .objectives import (
     LatentDiffusionObjective,
     LatentPool,
+    Objective,
     TextToLatent,
     image_batch,
     latent_scale,
     vae_loss,
 )
 from .report import image_grid, loss_curve_png
-
-
-@dataclass(frozen=True)
-class Objective:
-    """How a U-Net stage is trained (the arguments of LatentDiffusionObjective, which documents each)."""
-
-    prediction: str = "eps"
-    zero_terminal_snr: bool = False
-    timestep_shift: float = 1.0  # > 1: draw noisy timesteps more often
-    min_snr_gamma: float | None = 5.0  # cap on the weight of nearly clean timesteps
-    weight_floor: float | None = None  # x0 weight min(SNR, gamma) + floor (objectives.min_snr_weights)
-
 
 TRIAL_REFINE = TrainConfig(steps=6000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3)
 
@@ -74,7 +63,7 @@ class Recipe:
     pool_size: int = 50_000  # training images encoded once for stage 2
 
     def __post_init__(self):
-        last = self.refine_objective if self.ldm_refine is not None else self.ldm_objective
+        last = self.stages()[-1][2]
         trained = (last.prediction, last.zero_terminal_snr)
         if trained != (self.model.prediction, self.model.zero_terminal_snr):
             raise ValueError(
@@ -164,7 +153,7 @@ def train_ldm(
             _seeded(cfg.seed)
         loss = LatentDiffusionObjective(
             pool, CLIPTokenizer.bundled(), batch_size=cfg.batch_size, scaling_factor=scale,
-            caption_dropout=recipe.caption_dropout, **asdict(objective),
+            caption_dropout=recipe.caption_dropout, objective=objective,
         )  # fmt: skip
         trainer.run(loss, stop_at=None if stop_at is None else stop_at - done)
         trainer.ema.copy_to(model)  # stage 2b starts from (and the export takes) the EMA weights
