@@ -1,10 +1,16 @@
-"""The sliced attention kernel computes the same attention as SDPA, slice boundaries included."""
+"""The sliced attention kernel computes the same attention as SDPA: slice boundaries, the exp-and-sums
+path (head size not a multiple of 16) and its fallback, threads, and the differentiable path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusekit.models.attention import attention, sliced_attention
+from diffusekit.models.attention import (
+    EXP_SAFE_LOGIT,
+    _on_single_threaded_workers,
+    attention,
+    sliced_attention,
+)
 from diffusekit.models.unet import CrossAttention
 
 
@@ -20,6 +26,7 @@ def qkv(b, h, n, t, d, dtype=torch.float32, seed=0):
         ((2, 3, 100, 100, 16), 700),  # 7 query rows per slice, uneven last slice
         ((1, 2, 64, 77, 32), 77),  # cross-attention, one query row per slice
         ((2, 1, 5, 9, 8), 1),  # fewer scores than one key row: still one row per slice
+        ((1, 2, 64, 64, 64), 1 << 20),  # head size a multiple of 16: the softmax path
     ],
 )
 def test_sliced_equals_sdpa_in_fp64(shape, slice_scores):
@@ -30,6 +37,34 @@ def test_sliced_equals_sdpa_in_fp64(shape, slice_scores):
     assert (out - ref).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: scores beyond EXP_SAFE_LOGIT, the max is subtracted
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exp_path_equals_sdpa_threaded_or_not_and_with_huge_scores(scale, threads):
+    q, k, v = qkv(1, 4, 1024, 1024, 40, dtype=torch.float64)  # 4M scores: enough to share out
+    q = q * scale
+    bound = q.norm(dim=-1).amax() * k.norm(dim=-1).amax() / 40**0.5
+    assert (bound > EXP_SAFE_LOGIT) == (scale > 1)  # the case is the one its name says
+    ref = F.scaled_dot_product_attention(q, k, v)
+    own = torch.get_num_threads()
+    with torch.inference_mode():  # workers inherit the caller's inference mode
+        out = sliced_attention(q, k, v, threads=threads)
+    assert torch.get_num_threads() == own
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-12
+
+
+def test_worker_errors_reach_the_caller_and_thread_count_is_restored():
+    own, ran = torch.get_num_threads(), []
+
+    def fn(share):
+        ran.append(torch.get_num_threads())
+        if share == "bad":
+            raise ArithmeticError("worker failed")
+
+    with pytest.raises(ArithmeticError, match="worker failed"):
+        _on_single_threaded_workers(fn, ["ok", "bad", "ok"])
+    assert sorted(ran) == [1, 1, 1] and torch.get_num_threads() == own
+
+
 def test_sliced_bf16_error_is_bf16_sized():
     q, k, v = qkv(2, 4, 512, 512, 40, dtype=torch.bfloat16)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -37,6 +72,9 @@ def test_sliced_bf16_error_is_bf16_sized():
     # bf16 keeps 8 significant bits (0.4% per rounding); the scores, the probabilities and the output
     # are each rounded once. Measured here: 1.2% (the fused kernel, scores in fp32: 0.3%).
     assert err < 0.02, err
+    # the exp-and-sums path (d=40) is as close to exact as the normalised softmax (measured: 1.3%)
+    ref = sliced_attention(q.double(), k.double(), v.double())
+    assert torch.allclose(ref, exact, rtol=0, atol=1e-12)
 
 
 def test_cross_attention_module_gives_the_same_output_with_either_kernel():
