@@ -85,7 +85,8 @@ def prepare(model: nn.Module, dtype: torch.dtype, device: torch.device | str) ->
     fp32 keeps the default layout (the parity path). Otherwise convolutions run channels-last, which
     lets oneDNN skip reordering every activation; the cast writes 4-D weights in that layout directly,
     in the same pass. On CPU in bf16, attention runs sliced (a bf16 matmul per head and slice of
-    queries), which beats the fused CPU SDPA kernel there; elsewhere it stays SDPA.
+    queries), which beats the fused CPU SDPA kernel there; elsewhere it stays SDPA. On CPU, at any
+    precision, the process's allocator is told to keep freed memory (`retain_freed_memory`).
     """
     device = torch.device(device)
     fast = dtype != torch.float32

@@ -3,23 +3,23 @@
 "sdpa" is PyTorch's `scaled_dot_product_attention` in the tensors' own dtype: the parity path, and the
 right choice on CUDA. "sliced" is for bf16 on CPU, where the fused CPU SDPA kernel is bound by its own
 softmax loop (0.30-0.33 s for SD1.5's 64x64 self-attention at batch 2, 8 heads, d=40, in bf16 or fp32
-alike). It computes exact attention one head and one cache-sized slice of queries at a time:
+alike). It computes exact attention one head and one cache-sized slice of queries at a time, a bf16
+matmul for the scores, a softmax, a bf16 matmul with the values. At head sizes that are not a multiple
+of 16 (SD1.x's 40, where that call is the U-Net's costliest) and without autograd it goes further:
 
 - the slices are shared out between the cores as whole pipelines (scores, exp, value product), each core
-  running single-threaded ops on its own slice, which stays in its own L2, instead of every op being
-  split between the cores;
-- the softmax is not normalised in place: exp(scores) is multiplied by the values with a column of ones
-  appended, which yields each row's sum of weights in the same matmul, and the (rows, d) result is
-  divided by it. That drops the softmax's max and normalise passes over the (rows, keys) scores. The
-  max is only there to keep exp from overflowing; a slice skips it where Cauchy-Schwarz bounds every
-  score by `EXP_SAFE_LOGIT` (|q_i . k_j| <= |q_i| |k_j|), so exp stays within fp32/bf16 range both
-  ways. Slices without that bound take a max-subtracting softmax.
+  running single-threaded ops on a slice that stays in its own L2, instead of every op being split
+  between the cores;
+- the softmax is not normalised: exp(scores) multiplies the values with a column of ones appended, which
+  yields each row's sum of weights in the same matmul (oneDNN pads d=40 to 48 columns anyway), and the
+  (rows, d) result is divided by it. The max is only there to keep exp in range; a slice skips it where
+  Cauchy-Schwarz bounds every score by `EXP_SAFE_LOGIT` (|q_i . k_j| <= |q_i| |k_j|). Slices without
+  that bound subtract it (a plain softmax).
 
-Together 0.12 s instead of 0.16 s for that attention (`bench/perf.py` has the whole-step figures). The
-cost is one more bf16 rounding than the fused kernel (the scores leave the matmul as bf16), and the
-row sums are rounded to bf16 too; on SD1.5 at 512 the bf16 step's error from fp32 is dominated by the
-weights' and activations' rounding (`bench/precision.py`). With autograd recording, "sliced" runs a
-plain differentiable loop instead.
+0.12-0.14 s instead of 0.14-0.16 s for that call (`bench/perf.py` has the whole-step figures). The cost
+is one more bf16 rounding than the fused kernel (the scores leave the matmul as bf16; the row sums are
+rounded too); on SD1.5 at 512 the bf16 step's error from fp32 is the same with either kernel, 1.65%,
+dominated by the weights' and activations' rounding (`bench/precision.py`).
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def _on_single_threaded_workers(fn: Callable[[Sequence], None], shares: list[Seq
     try:
         worker(shares[0])
     finally:
-        torch.set_num_threads(own)
         for helper in helpers:
             helper.join()
+        torch.set_num_threads(own)  # last: torch also keeps the count for threads it starts later
     if errors:
         raise errors[0]
