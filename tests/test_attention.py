@@ -52,6 +52,24 @@ def test_exp_path_equals_sdpa_threaded_or_not_and_with_huge_scores(scale, thread
     assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-12
 
 
+def test_under_torch_compile_the_plain_slices_run(monkeypatch):
+    # the exp path's worker threads and out= writes are eager-only: a compiled SD1.5 U-Net with them
+    # drew a wrong image (bench/accel.py, PSNR 2.6 dB against the plain image)
+    import diffusekit.models.attention as attention_module
+
+    def eager_only(*args):
+        raise AssertionError("the exp path ran under torch.compile")
+
+    monkeypatch.setattr(attention_module, "_exp_slices", eager_only)
+    q, k, v = qkv(1, 2, 64, 64, 40)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    with torch.inference_mode():
+        out = torch.compile(sliced_attention, backend="eager")(q, k, v)
+    assert (out - ref).abs().max() < 1e-5
+    with pytest.raises(AssertionError, match="exp path ran"):
+        sliced_attention(q, k, v)  # eager: it would have run
+
+
 def test_worker_errors_reach_the_caller_and_thread_count_is_restored():
     own, ran = torch.get_num_threads(), []
 

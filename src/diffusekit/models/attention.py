@@ -58,8 +58,9 @@ def sliced_attention(
 ) -> Tensor:
     """Exact attention one head and one slice of queries at a time (no mask, no dropout).
 
-    Head sizes that are not a multiple of 16 (SD1.x's 40), without autograd, take the exp-and-sums
-    path on `threads` cores (default: torch's intra-op thread count); the rest a softmax per slice.
+    Head sizes that are not a multiple of 16 (SD1.x's 40), without autograd and outside torch.compile,
+    take the exp-and-sums path on `threads` cores (default: torch's intra-op thread count); the rest a
+    softmax per slice.
     """
     b, h, n, d = q.shape
     t = k.shape[2]
@@ -68,7 +69,7 @@ def sliced_attention(
     kt = k.reshape(b * h, t, d).transpose(1, 2).contiguous()  # (BH, d, T)
     v = v.reshape(b * h, t, d)  # (BH, T, d)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, kt, v))
-    if d % 16 == 0 or grad:
+    if d % 16 == 0 or grad or torch.compiler.is_compiling():  # threads and out= writes: eager only
         return _softmax_slices(q, kt, v.contiguous(), rows).view(b, h, n, d)
     return _exp_slices(q, kt, v, rows, threads or torch.get_num_threads()).view(b, h, n, d)
 
