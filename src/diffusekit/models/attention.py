@@ -18,7 +18,7 @@ of 16 (SD1.x's 40, where that call is the U-Net's costliest) and without autogra
 
 0.12-0.14 s instead of 0.14-0.16 s for that call (`bench/perf.py` has the whole-step figures). The cost
 is one more bf16 rounding than the fused kernel (the scores leave the matmul as bf16; the row sums are
-rounded too); on SD1.5 at 512 the bf16 step's error from fp32 is the same with either kernel, 1.65%,
+rounded too); on SD1.5 at 512 the bf16 step's error from fp32 is the same with either kernel, 1.65-1.66%,
 dominated by the weights' and activations' rounding (`bench/precision.py`).
 """
 

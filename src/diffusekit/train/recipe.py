@@ -47,8 +47,9 @@ class Recipe:
     `ldm_refine`) continues from stage 2's EMA weights with a fresh optimizer and `refine_objective`.
     The shipped model is stage 2 alone: an eps model on SD's schedule. The stage 2b defaults are the
     trial that turned it into a v-prediction model on the zero-terminal-SNR schedule, which learned
-    to place objects but lost counting (README, "The default model"); it needs a v / zero-terminal-SNR
-    `model`, because `model` describes the exported file and must match the last stage's objective.
+    to place objects and, at CFG 2 (over-guided at the usual 7), evaluates above the shipped model
+    (README, "The default model"); it needs a v / zero-terminal-SNR `model`, because `model`
+    describes the exported file and must match the last stage's objective.
     """
 
     model: ModelConfig = DEFAULT
