@@ -17,8 +17,9 @@ line on stdout), so one variant's compiled code, quantized weights or caches nev
   pixel difference / 255 and PSNR (dB; random weights make "image quality" meaningless, the difference is
   the cost that is measurable).
 * eval: on the default model (`--eval-model`, the shipped 64x64 model), the GenEval-style prompt adherence
-  of `diffusekit eval` (DPM++ 2M, CFG 7, `--eval-steps`); with `--eval-prompts N` only every k-th prompt
-  is used (N prompts spread over the categories, for smoke tests), and the score is their pass rate.
+  of `diffusekit eval` (the model's recommended sampler and CFG, `--eval-steps`); with `--eval-prompts N`
+  only every k-th prompt is used (N prompts spread over the categories, for smoke tests), and the score
+  is their pass rate.
 
 Writes OUT/accel.json (every raw number) and OUT/accel.md (the table, also printed).
 Smoke test: `diffusekit create tiny_sd1 /tmp/tiny.safetensors` then
@@ -102,7 +103,7 @@ def worker_eval(spec: dict[str, Any]) -> dict[str, Any]:
     from diffusekit.pipeline import Pipeline
 
     pipe = Pipeline.from_file(spec["model"], accel=Accel(**spec["accel"]))
-    base = GenerationParams(steps=spec["steps"], cfg_scale=7.0, sampler="DPM++ 2M")  # `diffusekit eval`'s
+    base = pipe.defaults.fill(GenerationParams(steps=spec["steps"]))  # `diffusekit eval`'s settings
     generate = pipeline_generator(pipe, base)
     t0 = time.perf_counter()
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from diffusekit.checkpoints.detect import CONFIG_METADATA_KEY
 from diffusekit.cli_generate import default_model_path
 from diffusekit.models.configs import ModelConfig
+from diffusekit.params import ModelDefaults
 from diffusekit.train.recipe import Recipe
 
 
@@ -33,3 +34,8 @@ def test_bundled_model_config_is_the_default_preset_with_its_measured_latent_sca
 
 def test_bundled_model_fits_the_size_budget():
     assert default_model_path().stat().st_size <= 30 * 2**20
+
+
+def test_bundled_model_recommends_the_recipes_generation_settings():
+    """`diffusekit generate` / `eval` without flags sample the default model at the recipe's CFG."""
+    assert ModelDefaults.from_metadata(_metadata()) == Recipe().recommended != ModelDefaults()

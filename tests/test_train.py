@@ -11,7 +11,7 @@ from diffusekit.checkpoints.inspect import inspect_checkpoint
 from diffusekit.diffusion.denoiser import output_to_denoised
 from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.models.configs import TINY_SD1
-from diffusekit.params import GenerationParams
+from diffusekit.params import GenerationParams, ModelDefaults
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import (
@@ -67,7 +67,8 @@ def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
 
 
 def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):
-    path = run_recipe(small_recipe(), tmp_path / "run", resume=False)
+    recipe = replace(small_recipe(), recommended=ModelDefaults(cfg_scale=2.0))
+    path = run_recipe(recipe, tmp_path / "run", resume=False)
     assert (tmp_path / "run" / "loss.png").is_file()
     report = inspect_checkpoint(path)
     assert report.family == "sd1" and {c.name for c in report.components} == {"unet", "vae", "text_encoder"}
@@ -75,6 +76,7 @@ def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):
     pipe = Pipeline.from_file(path)
     assert pipe.cfg.prediction == "v" and pipe.cfg.zero_terminal_snr  # what the last stage trained
     assert pipe.cfg.vae.scaling_factor != 1.0  # measured from the latents, not the preset's placeholder
+    assert pipe.defaults == ModelDefaults(cfg_scale=2.0) and report.recommended == {"cfg_scale": 2.0}
     image = pipe.generate(GenerationParams(prompt="a red circle", steps=2, seed=1)).images[0]
     assert image.size == (64, 64)
 

@@ -47,16 +47,28 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+MODEL_DEFAULT = " (default: the model's recommendation, else %s)"
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """--steps/--cfg/--sampler/--schedule; left out, they take the model file's recommended settings."""
+    p.add_argument("--steps", type=int, help="sampling steps" + MODEL_DEFAULT % 20)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale" + MODEL_DEFAULT % 7)
+    p.add_argument(
+        "--sampler", help='e.g. "Euler a", "DPM++ 2M Karras", euler, dpmpp_2m' + MODEL_DEFAULT % "DPM++ 2M"
+    )
+    p.add_argument(
+        "--schedule", help="automatic, karras, exponential, sgm_uniform, ..." + MODEL_DEFAULT % "automatic"
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", default="DPM++ 2M", help='e.g. "Euler a", "DPM++ 2M Karras", euler, dpmpp_2m')
-    p.add_argument("--schedule", default="automatic", help="automatic, karras, exponential, sgm_uniform, ...")
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=-1, help="-1: random; image i of a batch uses seed+i")
     p.add_argument("--subseed", type=int, default=-1, help="variation seed")
     p.add_argument("--subseed-strength", type=float, default=0.0)

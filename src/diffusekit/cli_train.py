@@ -33,22 +33,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_file(model, precision=args.precision)
-    generate = pipeline_generator(
-        pipe, GenerationParams(steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+    settings = GenerationParams(
+        steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule
     )
+    settings = pipe.defaults.fill(settings)  # what the flags leave out, the model file recommends
+    generate = pipeline_generator(pipe, settings)
     t0 = time.perf_counter()
     n = args.images_per_prompt
     report = evaluate(generate, images_per_prompt=n, seed=args.seed, prompt_set=args.prompts)
     print(format_table(report))
     dtype = str(pipe.dtype).removeprefix("torch.")
-    print(f"\n{model.name}: {args.images_per_prompt} images per prompt, {args.steps} steps, CFG {args.cfg}, "
-          f"{args.sampler}, {dtype}; {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    used = f"{settings.steps} steps, CFG {settings.cfg_scale:g}, {settings.sampler} ({settings.schedule})"
+    print(f"\n{model.name}: {n} images per prompt, {used}, {dtype}; {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        fields = ("steps", "cfg_scale", "sampler", "schedule")
+        given = {"model": model.name, "dtype": dtype} | {f: getattr(settings, f) for f in fields}
+        Path(args.json).write_text(json.dumps({"settings": given} | report.to_dict(), indent=2))
     return 0
 
 
 def add_training_commands(sub) -> None:
+    from .cli_generate import add_sampling_options
     from .runtime import PRECISIONS
 
     p = sub.add_parser("train", help="train the default model from scratch (VAE, then U-Net + text encoder)")
@@ -62,9 +67,7 @@ def add_training_commands(sub) -> None:
     p = sub.add_parser("eval", help="GenEval-style prompt adherence of a model on held-out compositions")
     p.add_argument("model", nargs="?", help="checkpoint (default: the bundled model)")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--sampler", default="DPM++ 2M")
+    add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
     p.add_argument("--json", help="also write the report as JSON here")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
-from .diffusion.samplers import SAMPLERS
+from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedules import SCHEDULES
 from .images import RESIZE_MODES
 
@@ -60,10 +62,11 @@ class GenerationParams:
     negative_prompt: str = ""
     width: int | None = None  # None: the model's native resolution
     height: int | None = None
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sampler: Sampler | str = "DPM++ 2M"  # a Sampler, our id, an A1111 name or "DPM++ 2M Karras"
-    schedule: Schedule | str = "automatic"
+    # None: the model's recommended setting (ModelDefaults; A1111's 20 / 7 / DPM++ 2M / automatic if none)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: Sampler | str | None = None  # a Sampler, our id, an A1111 name or "DPM++ 2M Karras"
+    schedule: Schedule | str | None = None
     seed: int = -1  # -1: random; image i of a batch uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0)
     subseed_strength: float = 0.0
@@ -96,8 +99,12 @@ class GenerationParams:
         """(width, height), defaulting to the model's native resolution."""
         return self.width or native, self.height or native
 
-    def validate(self, native: int = 512) -> GenerationParams:
-        """Raise ParamError for the first field out of range; return self for chaining."""
+    def validate(self, native: int = 512, defaults: ModelDefaults | None = None) -> GenerationParams:
+        """Raise ParamError for the first field out of range; return the params with every field left to
+        the model (None) filled from `defaults` (A1111's when not given)."""
+        return (defaults or ModelDefaults()).fill(self)._check_ranges(native)
+
+    def _check_ranges(self, native: int) -> GenerationParams:
         width, height = self.size(native)
         for name, value in (("width", width), ("height", height)):
             _check(isinstance(value, int), name, value, "an integer number of pixels")
@@ -134,6 +141,71 @@ class GenerationParams:
     def hires_size(self, native: int) -> tuple[int, int]:
         width, height = self.size(native)
         return _scaled(width, self.hr_scale), _scaled(height, self.hr_scale)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The generation settings a model recommends, for the GenerationParams fields left at None.
+
+    A small model trained at low guidance, a distilled few-step model or a v-prediction model tuned for
+    one sampler would each be used wrong at A1111's 20 steps / CFG 7; a file can say so in its safetensors
+    metadata (`METADATA_KEY`, a JSON object with any of these fields), as InvokeAI's per-model default
+    settings do. What a user asks for explicitly always wins.
+    """
+
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"
+    schedule: str = "automatic"
+
+    METADATA_KEY: ClassVar[str] = "diffusekit.defaults"
+
+    def __post_init__(self):
+        for name in ("steps", "cfg_scale"):
+            lo, hi, _ = _RANGES[name]
+            value = getattr(self, name)
+            kind = int if name == "steps" else (int, float)
+            _check(isinstance(value, kind) and not isinstance(value, bool) and lo <= value <= hi,
+                   f"default {name}", value, f"{lo}..{hi}")  # fmt: skip
+        try:
+            resolve_sampler(self.sampler, self.schedule)
+        except ValueError as e:
+            raise ParamError(f"default sampler/schedule: {e}") from None
+
+    def fill(self, params: GenerationParams) -> GenerationParams:
+        """`params` with its None fields set to these."""
+        unset = {f: getattr(self, f) for f in _DEFAULTED if getattr(params, f) is None}
+        return params.replace(**unset) if unset else params
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], name: str = "checkpoint") -> ModelDefaults:
+        """The defaults a file's metadata recommends (A1111's for any field it leaves out)."""
+        text = metadata.get(cls.METADATA_KEY)
+        if text is None:
+            return cls()
+        try:
+            given = json.loads(text)
+            if not isinstance(given, dict):
+                raise ValueError("not a JSON object")
+            unknown = sorted(set(given) - set(_DEFAULTED))
+            if unknown:
+                raise ValueError(f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(_DEFAULTED)}")
+            return cls(**given)
+        except (ValueError, TypeError) as e:  # ParamError is a ValueError
+            raise ParamError(f"{name}: bad {cls.METADATA_KEY} metadata {text!r}: {e}") from None
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that differ from A1111's defaults."""
+        base = ModelDefaults()
+        return {f: getattr(self, f) for f in _DEFAULTED if getattr(self, f) != getattr(base, f)}
+
+    def to_metadata(self) -> dict[str, str]:
+        """The metadata entry recording `overrides()` ({} when there are none)."""
+        changed = self.overrides()
+        return {self.METADATA_KEY: json.dumps(changed)} if changed else {}
+
+
+_DEFAULTED = tuple(f.name for f in dataclasses.fields(ModelDefaults))
 
 
 def _scaled(side: int, scale: float) -> int:

@@ -126,6 +126,7 @@ class Pipeline:
         self.accel = accel or Accel()  # opt-in accelerators; DeepCache acts per sampler run in _sample
         apply_accel(self.model, self.accel)
         self.cfg = loaded.cfg
+        self.defaults = loaded.defaults  # what GenerationParams left at None becomes
         self.vae_chunk_bytes = VAE_CHUNK_BYTES
         self.schedule = sd_schedule(zero_terminal_snr=self.cfg.zero_terminal_snr)
         self._hash: str | None = None
@@ -244,6 +245,7 @@ class Pipeline:
 
     def resolve_sampler(self, params: GenerationParams) -> tuple[str, str]:
         """(sampler_id, schedule_id) of `params` for this model ("automatic" depends on the model)."""
+        params = self.defaults.fill(params)
         return resolve_sampler(params.sampler, params.schedule, zero_terminal_snr=self.cfg.zero_terminal_snr)
 
     def _sigmas(self, params: GenerationParams, steps: int) -> torch.Tensor:
@@ -283,7 +285,7 @@ class Pipeline:
 
     def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
         """Predicted peak memory of `generate(params)`: resident now plus the larger activation peak."""
-        width, height = self._output_size(params.validate(self.cfg.resolution))
+        width, height = self._output_size(params.validate(self.cfg.resolution, self.defaults))
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return estimate(
             self.cfg, width, height, params.batch_size,
@@ -346,7 +348,7 @@ class Pipeline:
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
         """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask)."""
-        params = params.validate(self.cfg.resolution)
+        params = params.validate(self.cfg.resolution, self.defaults)
         self.resolve_sampler(params)  # unknown names fail before any work
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..models.sd import StableDiffusion
+from ..params import ModelDefaults
 from .diffusers import write_diffusers_folder
 from .inspect import disk_bytes, dtype_name
 from .load import checkpoint_metadata, read_checkpoint, validate_state_dict
@@ -38,9 +39,10 @@ def convert_checkpoint(
         raise CheckpointError("--keep-ema chooses which U-Net weights survive pruning; use it with --prune")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: destination is the source; write to a new path")
-    sd, cfg, tokenizer, _, notes = read_checkpoint(
+    sd, cfg, tokenizer, metadata, notes = read_checkpoint(
         src, prediction=prediction, vae=vae, prune_training=prune, keep_ema=keep_ema
     )
+    recommended = ModelDefaults.from_metadata(metadata, src.name)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     network, load_notes = validate_state_dict(sd, model, src.name)
@@ -50,8 +52,14 @@ def convert_checkpoint(
         network = cast_floats(network, dtype)
     if fmt == "single-file":
         # pruned: the network weights alone; otherwise every entry the source had
-        save_state_dict(network if prune else dict(sd), dst, metadata=checkpoint_metadata(cfg))
+        meta = checkpoint_metadata(cfg, recommended.to_metadata())  # the settings travel with the weights
+        save_state_dict(network if prune else dict(sd), dst, metadata=meta)
     else:
+        if recommended.overrides():
+            notes.append(
+                f"a diffusers folder has no place for the recommended {recommended.overrides()}; "
+                "pass them when generating"
+            )
         if len(sd) > len(network):
             notes.append(f"{len(sd) - len(network)} non-network entries are not stored in a diffusers folder")
         write_diffusers_folder(network, cfg, dst, tokenizer=tokenizer)

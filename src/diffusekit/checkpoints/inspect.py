@@ -11,6 +11,7 @@ import torch
 
 from ..models.configs import PRESETS, ModelConfig
 from ..models.sd import StableDiffusion
+from ..params import ModelDefaults
 from .hashes import AUTOV2_LEN, autov1, sha256_file
 from .load import read_checkpoint, validate_state_dict
 from .single_file import detect_format
@@ -47,6 +48,7 @@ class InspectReport:
     extra_keys: int = 0
     notes: list[str] = field(default_factory=list)
     zero_terminal_snr: bool = False  # trained on the zero-terminal-SNR schedule (sampled from sigma 4096)
+    recommended: dict[str, object] = field(default_factory=dict)  # the file's ModelDefaults overrides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,12 +114,13 @@ def inspect_checkpoint(
 ) -> InspectReport:
     """Inspect a single file or a diffusers folder without materializing the model."""
     path = Path(path)
-    sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction)
+    sd, cfg, _, metadata, _ = read_checkpoint(path, prediction=prediction)
     if path.is_dir():
         fmt = "diffusers folder"
     else:
         fmt = "safetensors" if detect_format(path) == "safetensors" else "pickle (.ckpt)"
     report = inspect_state_dict(sd, cfg, path=str(path), fmt=fmt, file_bytes=disk_bytes(path))
+    report.recommended = ModelDefaults.from_metadata(metadata, path.name).overrides()
     if hashes and path.is_file():
         sha = sha256_file(path)  # one pass over the file: AutoV2 is its prefix
         report.hashes = {"sha256": sha, "autov2": sha[:AUTOV2_LEN], "autov1": autov1(path)}
@@ -135,6 +138,10 @@ def format_report(r: InspectReport) -> str:
         f"  format      {r.format}",
         f"  family      {r.family}" + (f" (preset {r.preset})" if r.preset else ""),
         f"  prediction  {r.prediction}" + (", zero terminal SNR" if r.zero_terminal_snr else ""),
+    ]
+    if r.recommended:
+        lines.append("  recommends  " + ", ".join(f"{k} {v}" for k, v in r.recommended.items()))
+    lines += [
         "",
         f"  {'component':<16}{'parameters':>16}{'bytes':>14}  dtype",
     ]

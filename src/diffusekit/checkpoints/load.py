@@ -16,6 +16,7 @@ from ..models.clip import UNUSED_KEY_SUFFIXES
 from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
+from ..params import ModelDefaults
 from .detect import CONFIG_METADATA_KEY, detect_config
 from .single_file import CheckpointError, cast_floats, load_state_dict, prune, strip_prefix
 
@@ -38,6 +39,7 @@ class LoadedModel:
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. dropped keys, VAE replaced
     vae_path: Path | None = None
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)  # recommended steps, CFG, sampler
 
     @property
     def cfg(self) -> ModelConfig:
@@ -190,6 +192,7 @@ def load_model(
     sd, cfg, tokenizer, metadata, notes = read_checkpoint(
         path, prediction=prediction, vae=vae, prune_training=True, keep_ema=keep_ema
     )
+    defaults = ModelDefaults.from_metadata(metadata, path.name)  # a bad entry fails before the build
     model, load_notes = build_model(sd, cfg, name=path.name, device=device, dtype=dtype)
     return LoadedModel(
         model=model,
@@ -198,6 +201,7 @@ def load_model(
         metadata=dict(metadata),
         notes=notes + load_notes,
         vae_path=Path(vae) if vae is not None else None,
+        defaults=defaults,
     )
 
 

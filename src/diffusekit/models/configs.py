@@ -311,6 +311,8 @@ DEFAULT = ModelConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=1.0),
     text_encoders=(TextEncoderConfig(width=128, layers=4, heads=2, mlp_width=512, use_layers=4),),
     resolution=64,
+    prediction="v",  # the recipe's last stage (train/recipe.py)
+    zero_terminal_snr=True,
     name="default",
 )
 

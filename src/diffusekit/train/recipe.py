@@ -24,6 +24,7 @@ from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
+from ..params import ModelDefaults
 from .loop import TrainConfig, Trainer, save_atomic
 from .objectives import (
     LatentDiffusionObjective,
@@ -36,32 +37,33 @@ from .objectives import (
 )
 from .report import image_grid, loss_curve_png
 
-TRIAL_REFINE = TrainConfig(steps=6000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3)
-
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides the trained model; `diffusekit train` writes it next to the outputs.
 
-    Stage 2 trains the U-Net and text encoder from scratch with `ldm_objective`; stage 2b (optional,
-    `ldm_refine`) continues from stage 2's EMA weights with a fresh optimizer and `refine_objective`.
-    The shipped model is stage 2 alone: an eps model on SD's schedule. The stage 2b defaults are the
-    trial that turned it into a v-prediction model on the zero-terminal-SNR schedule, which learned
-    to place objects and, at CFG 2 (over-guided at the usual 7), evaluates above the shipped model
-    (README, "The default model"); it needs a v / zero-terminal-SNR `model`, because `model`
-    describes the exported file and must match the last stage's objective.
+    Stage 2 trains the U-Net and text encoder from scratch with `ldm_objective` (eps on SD's schedule:
+    the text encoder learns shapes and colors). Stage 2b (`ldm_refine`, optional) continues from stage
+    2's EMA weights with a fresh optimizer and `refine_objective`: v-prediction on the zero-terminal-SNR
+    schedule, where the first step sees no image, so the layout has to come from the prompt. `model`
+    describes the exported file and must match the last stage's objective. The trained model is
+    over-guided at A1111's CFG 7; `recommended` is what its file tells generate/eval to use instead
+    (chosen on training compositions; README, "The default model").
     """
 
     model: ModelConfig = DEFAULT
     data_seed: int = 0
     vae: TrainConfig = TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, seed=1)
     kl_weight: float = 1e-6
-    ldm: TrainConfig = TrainConfig(steps=10500, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
+    ldm: TrainConfig = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=300, ema_decay=0.999, seed=2)
     ldm_objective: Objective = Objective()
-    ldm_refine: TrainConfig | None = None  # the trial: TRIAL_REFINE
+    ldm_refine: TrainConfig | None = TrainConfig(
+        steps=4000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3
+    )
     refine_objective: Objective = Objective(prediction="v", zero_terminal_snr=True, timestep_shift=3.0)
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
+    recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0)  # what the exported file recommends
 
     def __post_init__(self):
         last = self.stages()[-1][2]
@@ -184,9 +186,8 @@ def export(recipe: Recipe, vae: AutoencoderKL, ldm: TextToLatent, scale: float, 
     model.vae.load_state_dict(vae.state_dict())
     model.text_encoders[0].load_state_dict(ldm.text_encoder.state_dict())
     sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
-    save_state_dict(
-        sd, path, metadata=checkpoint_metadata(cfg, {"diffusekit.recipe": json.dumps(asdict(recipe))})
-    )
+    extra = {"diffusekit.recipe": json.dumps(asdict(recipe))} | recipe.recommended.to_metadata()
+    save_state_dict(sd, path, metadata=checkpoint_metadata(cfg, extra))
     return cfg
 
 
