@@ -44,7 +44,7 @@ def test_entry_sets_only_the_fields_it_names():
         ('{"steps": 2.5}', r"default steps=2\.5 is out of range; valid: 1\.\.150"),
         ('{"cfg_scale": "2"}', "default cfg_scale='2'"),
         ('{"sampler": "Euler b"}', r"unknown sampler 'Euler b'; valid: .*euler_a \('Euler a'\)"),
-        ('{"schedule": "sideways"}', "schedule"),
+        ('{"schedule": "sideways"}', r"unknown schedule type 'sideways'; valid: normal, karras"),
     ],
 )
 def test_bad_entry_names_the_file_field_and_what_is_valid(text, message):

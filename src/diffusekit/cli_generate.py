@@ -47,6 +47,8 @@ class ProgressBar:
         sys.stderr.flush()
 
 
+# The fallbacks named in the help are params.ModelDefaults' own; they are spelled out here because
+# importing params pulls in torch, and `diffusekit info` should stay light.
 MODEL_DEFAULT = " (default: the model's recommendation, else %s)"
 
 
