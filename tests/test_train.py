@@ -17,6 +17,7 @@ from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import (
     LatentPool,
     Objective,
+    caption_kind_weights,
     denoising_target,
     min_snr_weights,
     shifted_timesteps,
@@ -53,7 +54,8 @@ def test_vae_stage_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1])  # in stage 2, in stage 2b
 def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
-    recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0))
+    refine = replace(small_recipe().refine_objective, kind_weights=(("relation", 3.0),))  # drawn batches
+    recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0), refine_objective=refine)
     vae, _ = train_vae(recipe, tmp_path / "vae", resume=False, stop_at=1)
     pool = LatentPool.encode(vae, dataset_sampler(recipe), recipe.pool_size)
     assert pool.moments.shape == (12, 8, 8, 8) and len(pool.captions) == 12
@@ -112,6 +114,29 @@ def test_objective_is_checked_on_construction():
         Objective(zero_terminal_snr=True)
     with pytest.raises(ValueError, match="timestep_shift must be positive"):
         Objective(timestep_shift=0.0)
+    with pytest.raises(ValueError, match="unknown caption kind 'relations' in kind_weights; valid: single, "):
+        Objective(kind_weights=(("relations", 2.0),))
+    with pytest.raises(ValueError, match="factor for 'list' must be positive, got 0"):
+        Objective(kind_weights=(("list", 0),))
+
+
+def test_kind_weights_draw_the_named_kinds_more_often():
+    captions = ["a red circle", "a blue star above a green square", "two cyan crosses", "a star at the top"]
+    assert caption_kind_weights(captions, {}) is None
+    weights = caption_kind_weights(captions, {"relation": 3.0, "count": 0.5})
+    assert weights.tolist() == [1.0, 3.0, 0.5, 1.0]
+    mean = torch.arange(4.0)[:, None, None, None].expand(4, 4, 2, 2)  # latent i is all i
+    pool = LatentPool(torch.cat([mean, torch.full_like(mean, -30.0)], dim=1), captions)  # ~zero variance
+    torch.manual_seed(0)
+    drawn = []
+    for step in range(200):
+        z, caps = pool.batch(step, 50, weights)
+        mean = pool.moments[[captions.index(c) for c in caps]].chunk(2, dim=1)[0]
+        assert z.shape == (50, 4, 2, 2) and torch.allclose(z, mean, atol=1e-5)  # each latent is its caption's
+        drawn += caps
+    share = {c: drawn.count(c) / len(drawn) for c in captions}  # expected 1/5.5, 3/5.5, 0.5/5.5, 1/5.5
+    for c, w in zip(captions, weights.tolist(), strict=True):
+        assert abs(share[c] - w / 5.5) < 0.01, (c, share[c])
 
 
 def test_shifted_timesteps_favour_the_noisy_end():

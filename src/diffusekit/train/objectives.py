@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..data.shapes import KINDS, parse_caption
 from ..diffusion.schedules import sd_alphas_cumprod
 from ..images import to_tensor
 from ..models.configs import PREDICTIONS
@@ -67,9 +68,15 @@ class LatentPool:
             captions += [c for _, c in items]
         return cls(torch.cat(moments), captions)
 
-    def batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-        """Posterior samples (B, C, h, w) and captions of training step `step` (cycling over the pool)."""
-        idx = [(step * batch_size + j) % len(self.captions) for j in range(batch_size)]
+    def batch(
+        self, step: int, batch_size: int, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Posterior samples (B, C, h, w) and captions of training step `step`: cycling over the pool, or
+        drawn with replacement in proportion to `weights` (N,) from torch's RNG (a checkpoint holds it)."""
+        if weights is None:
+            idx = [(step * batch_size + j) % len(self.captions) for j in range(batch_size)]
+        else:
+            idx = torch.multinomial(weights, batch_size, replacement=True).tolist()
         mean, logvar = self.moments[idx].chunk(2, dim=1)
         z = mean + (0.5 * logvar.clamp(-30, 20)).exp() * torch.randn_like(mean)
         return z, [self.captions[i] for i in idx]
@@ -89,6 +96,8 @@ class Objective:
     DDPM's uniform draw, s = 3 trains the noisiest fifth of the schedule (where the layout is decided,
     from the text alone at zero SNR) about twice as often (SD3's resolution shift, Esser et al. 2024).
     `weight_floor` changes the weighting to an x0 weight of min(SNR, gamma) + floor (`min_snr_weights`).
+    `kind_weights` ((caption kind, factor), ...) draws the pool's images of those kinds (data.KINDS:
+    "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
     """
 
     prediction: str = "eps"
@@ -96,8 +105,14 @@ class Objective:
     timestep_shift: float = 1.0
     min_snr_gamma: float | None = 5.0
     weight_floor: float | None = None
+    kind_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        for kind, factor in self.kind_weights:
+            if kind not in KINDS:
+                raise ValueError(f"unknown caption kind {kind!r} in kind_weights; valid: {', '.join(KINDS)}")
+            if not factor > 0:
+                raise ValueError(f"kind_weights factor for {kind!r} must be positive, got {factor}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if self.zero_terminal_snr and self.prediction != "v":
@@ -132,13 +147,14 @@ class LatentDiffusionObjective:
         self.caption_dropout = caption_dropout
         self.objective = objective
         self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=objective.zero_terminal_snr)  # (1000,)
+        self.weights = caption_kind_weights(pool.captions, dict(objective.kind_weights))  # (N,) or None
 
     def captions(self, captions: Sequence[str]) -> list[str]:
         """Replace each caption by "" with probability caption_dropout (python RNG: checkpointed)."""
         return ["" if random.random() < self.caption_dropout else c for c in captions]
 
     def __call__(self, model: TextToLatent, step: int) -> torch.Tensor:
-        z, captions = self.pool.batch(step, self.batch_size)
+        z, captions = self.pool.batch(step, self.batch_size, self.weights)
         z = z * self.scaling_factor  # (B, C, h, w)
         ids = self.tokenizer(self.captions(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
         context = model.text_encoder(ids, return_pooled=False).hidden  # (B, 77, W)
@@ -155,6 +171,15 @@ class LatentDiffusionObjective:
                 a.flatten(), obj.min_snr_gamma, obj.prediction, obj.weight_floor
             )
         return per_sample.mean()
+
+
+def caption_kind_weights(captions: Sequence[str], factors: dict[str, float]) -> torch.Tensor | None:
+    """Per-caption draw weights (N,): the factor of each caption's kind (1 if unnamed); None if no factors.
+    An empty caption (none in a pool; dropout happens later) has no kind and keeps 1."""
+    if not factors:
+        return None
+    kinds = [parse_caption(c).kind if c else None for c in captions]
+    return torch.tensor([factors.get(k, 1.0) for k in kinds], dtype=torch.float64)
 
 
 def shifted_timesteps(n: int, num_timesteps: int, shift: float) -> torch.Tensor:
