@@ -131,8 +131,8 @@ def test_kind_weights_draw_the_named_kinds_more_often():
     drawn = []
     for step in range(200):
         z, caps = pool.batch(step, 50, weights)
-        mean = pool.moments[[captions.index(c) for c in caps]].chunk(2, dim=1)[0]
-        assert z.shape == (50, 4, 2, 2) and torch.allclose(z, mean, atol=1e-5)  # each latent is its caption's
+        expected = pool.moments[[captions.index(c) for c in caps]].chunk(2, dim=1)[0]
+        assert z.shape == (50, 4, 2, 2) and torch.allclose(z, expected, atol=1e-5)  # its caption's latent
         drawn += caps
     share = {c: drawn.count(c) / len(drawn) for c in captions}  # expected 1/5.5, 3/5.5, 0.5/5.5, 1/5.5
     for c, w in zip(captions, weights.tolist(), strict=True):

@@ -98,6 +98,7 @@ class Objective:
     `weight_floor` changes the weighting to an x0 weight of min(SNR, gamma) + floor (`min_snr_weights`).
     `kind_weights` ((caption kind, factor), ...) draws the pool's images of those kinds (data.KINDS:
     "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
+    (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
     """
 
     prediction: str = "eps"

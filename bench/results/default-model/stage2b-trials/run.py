@@ -1,9 +1,11 @@
-"""How the two stage-2b trials were driven (one process each, side by side, one thread each).
+"""How the stage-2b trials were driven: kind-weights and shift-1.5 side by side, one thread each (64 min);
+shift-2 alone afterwards, on both cores.
 
 Each continues the shipped run's stage 2 (the 8,000-step eps checkpoint, with its stage 1 and latent pool:
 the same recipe fields, so the same computation) and trains a different stage 2b of 4,000 steps:
 - kind-weights/: `Objective.kind_weights` draws relation captions 2x and list captions 1.5x as often;
-- shift-1.5/: timestep shift 1.5 instead of 3.
+- shift-1.5/: timestep shift 1.5 instead of 3;
+- shift-2/: timestep shift 2.
 """
 
 import sys
@@ -14,13 +16,15 @@ import torch
 
 from diffusekit.train.recipe import Recipe, run_recipe
 
-torch.set_num_threads(1)
 trial, out = sys.argv[1], sys.argv[2]  # out: a folder holding the shipped run's vae/ldm checkpoints, latents
 base = Recipe()
 changes = {
     "kind-weights": {"kind_weights": (("relation", 2.0), ("list", 1.5))},
     "shift-1.5": {"timestep_shift": 1.5},
+    "shift-2": {"timestep_shift": 2.0},
 }[trial]
+if trial != "shift-2":
+    torch.set_num_threads(1)
 recipe = replace(base, refine_objective=replace(base.refine_objective, **changes))
 t = time.time()
 run_recipe(recipe, out, resume=True)
