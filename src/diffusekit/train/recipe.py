@@ -60,7 +60,7 @@ class Recipe:
     ldm_refine: TrainConfig | None = TrainConfig(
         steps=4000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3
     )
-    refine_objective: Objective = Objective(prediction="v", zero_terminal_snr=True, timestep_shift=3.0)
+    refine_objective: Objective = Objective(prediction="v", zero_terminal_snr=True, timestep_shift=2.0)
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
     recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0)  # what the exported file recommends

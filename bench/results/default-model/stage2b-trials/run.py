@@ -5,7 +5,7 @@ Each continues the shipped run's stage 2 (the 8,000-step eps checkpoint, with it
 the same recipe fields, so the same computation) and trains a different stage 2b of 4,000 steps:
 - kind-weights/: `Objective.kind_weights` draws relation captions 2x and list captions 1.5x as often;
 - shift-1.5/: timestep shift 1.5 instead of 3;
-- shift-2/: timestep shift 2.
+- shift 2: what ships as `Recipe()` now; its results are in the folder above.
 """
 
 import sys
