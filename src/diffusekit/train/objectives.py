@@ -17,6 +17,7 @@ from ..images import to_tensor
 from ..models.configs import PREDICTIONS
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import AutoencoderKL
+from .contrast import Contrast, contrast_caption, contrast_loss
 
 SampleFn = Callable[[int], tuple[Image.Image, str]]  # dataset index -> (image, caption)
 
@@ -99,6 +100,8 @@ class Objective:
     `kind_weights` ((caption kind, factor), ...) draws the pool's images of those kinds (data.KINDS:
     "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
     (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
+    `contrast` adds the binding contrast (`train.contrast`): at high noise, a caption with its relation
+    reversed or its colors exchanged must predict worse than the true one.
     """
 
     prediction: str = "eps"
@@ -107,6 +110,7 @@ class Objective:
     min_snr_gamma: float | None = 5.0
     weight_floor: float | None = None
     kind_weights: tuple[tuple[str, float], ...] = ()
+    contrast: Contrast = Contrast()
 
     def __post_init__(self):
         for kind, factor in self.kind_weights:
@@ -149,6 +153,7 @@ class LatentDiffusionObjective:
         self.objective = objective
         self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=objective.zero_terminal_snr)  # (1000,)
         self.weights = caption_kind_weights(pool.captions, dict(objective.kind_weights))  # (N,) or None
+        self._contrast_captions: dict[str, str | None] = {}
 
     def captions(self, captions: Sequence[str]) -> list[str]:
         """Replace each caption by "" with probability caption_dropout (python RNG: checkpointed)."""
@@ -157,21 +162,58 @@ class LatentDiffusionObjective:
     def __call__(self, model: TextToLatent, step: int) -> torch.Tensor:
         z, captions = self.pool.batch(step, self.batch_size, self.weights)
         z = z * self.scaling_factor  # (B, C, h, w)
-        ids = self.tokenizer(self.captions(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
-        context = model.text_encoder(ids, return_pooled=False).hidden  # (B, 77, W)
+        captions = self.captions(captions)
         obj = self.objective
         t = shifted_timesteps(z.shape[0], len(self.alphas_cumprod), obj.timestep_shift)  # (B,)
         a = self.alphas_cumprod[t].float()[:, None, None, None]  # (B, 1, 1, 1)
         noise = torch.randn_like(z)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
         target = denoising_target(z, noise, a, obj.prediction)
-        pred = model.unet(x_t, t.float(), context).float()
-        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        weight = torch.ones(z.shape[0])  # (B,)
         if obj.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(
-                a.flatten(), obj.min_snr_gamma, obj.prediction, obj.weight_floor
-            )
-        return per_sample.mean()
+            weight = min_snr_weights(a.flatten(), obj.min_snr_gamma, obj.prediction, obj.weight_floor)
+        idx, false, use = self.contrast_pairs(captions, a.flatten())
+        # one pass over the batch and its contradicting captions (K more rows, same x_t and target)
+        context = self.encode(model, captions + false)  # (B + K, 77, W)
+        pred = model.unet(torch.cat([x_t, x_t[idx]]), torch.cat([t, t[idx]]).float(), context).float()
+        err = (pred - torch.cat([target, target[idx]])).pow(2).mean(dim=(1, 2, 3))  # (B + K,)
+        err = err * torch.cat([weight, weight[idx]])
+        b = z.shape[0]
+        loss = err[:b].mean()
+        if idx:
+            loss = loss + contrast_loss(err[idx], err[b:], b, obj.contrast, use)  # err[idx]: true captions
+        return loss
+
+    def contrast_pairs(
+        self, captions: list[str], alphas: torch.Tensor
+    ) -> tuple[list[int], list[str], torch.Tensor]:
+        """The binding contrast's pairs (`train.contrast`): batch rows whose SNR is at most max_snr and
+        whose caption has a contradicting one, as (rows, contradicting captions, use (K,)); padded by
+        repeats to exactly `samples` rows with use 0, since oneDNN re-plans every kernel for a new batch
+        shape at a cost above the rows' own; no rows when the contrast is off or none qualify."""
+        c = self.objective.contrast
+        if c.weight == 0:
+            return [], [], torch.zeros(0)
+        snr = alphas / (1 - alphas)  # (B,)
+        rows = [i for i, cap in enumerate(captions) if snr[i] <= c.max_snr and self.contrast_caption(cap)]
+        rows = rows[: c.samples]
+        if not rows:
+            return [], [], torch.zeros(0)
+        n = len(rows)
+        rows += [rows[k % n] for k in range(c.samples - n)]
+        use = (torch.arange(c.samples) < n).float()  # (K,)
+        return rows, [self.contrast_caption(captions[i]) for i in rows], use
+
+    def encode(self, model: TextToLatent, captions: Sequence[str]) -> torch.Tensor:
+        """The text encoder's last hidden states (B, 77, W) for captions."""
+        ids = self.tokenizer(list(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
+        return model.text_encoder(ids, return_pooled=False).hidden
+
+    def contrast_caption(self, caption: str) -> str | None:
+        """`train.contrast.contrast_caption`, memoized over the pool's captions."""
+        if caption not in self._contrast_captions:
+            self._contrast_captions[caption] = contrast_caption(caption)
+        return self._contrast_captions[caption]
 
 
 def caption_kind_weights(captions: Sequence[str], factors: dict[str, float]) -> torch.Tensor | None:
