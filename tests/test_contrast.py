@@ -28,6 +28,9 @@ V = Objective(prediction="v", zero_terminal_snr=True)
         ),
         ("an orange cross below a green star", "an orange cross above a green star"),
         ("a star above a cross", "a star below a cross"),  # no colors: the relation still reverses
+        ("a red circle on the left", "a red circle on the right"),
+        ("a large star near the top", "a large star near the bottom"),
+        ("a pink cross on the right side", "a pink cross on the left side"),
         ("a red circle and a blue star", "a blue circle and a red star"),
         (
             "two red circles and one blue star on a black background",
@@ -45,7 +48,7 @@ def test_contrast_caption_breaks_one_binding_in_the_same_phrasing(caption, expec
     [
         "",  # a dropped caption
         "a red circle",  # nothing to bind
-        "a red circle on the left",
+        "a red circle in the center",  # no mirror image
         "a red circle and a star",  # a color missing
         "a red circle and a red star",  # one color for both
         "a purple diamond and a pink diamond",  # exchanging the colors describes the same objects

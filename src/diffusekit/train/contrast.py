@@ -27,7 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.shapes import COLORS, INVERSE_RELATION, RELATION_PHRASES, parse_caption, spec_is_heldout
+from ..data.shapes import (
+    COLORS,
+    INVERSE_RELATION,
+    POSITION_PHRASES,
+    RELATION_PHRASES,
+    parse_caption,
+    spec_is_heldout,
+)
+
+MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # absolute positions
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,11 @@ def contrast_caption(caption: str) -> str | None:
                 break
         else:  # pragma: no cover - parse_caption found the phrase, so one of them is there
             return None
+    elif spec.groups[0].position in MIRRORED:
+        g = spec.groups[0]
+        phrases, mirrored = POSITION_PHRASES[g.position], POSITION_PHRASES[MIRRORED[g.position]]
+        i = next(k for k, p in enumerate(phrases) if body.endswith(f" {p}"))
+        out = body[: len(body) - len(phrases[i])] + mirrored[i] + suffix
     elif len(spec.groups) == 2:
         a, b = spec.groups
         if None in (a.color, b.color) or a.color == b.color or (a.shape, a.count) == (b.shape, b.count):

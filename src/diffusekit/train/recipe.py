@@ -25,6 +25,7 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
 from ..params import ModelDefaults
+from .contrast import Contrast
 from .loop import TrainConfig, Trainer, save_atomic
 from .objectives import (
     LatentDiffusionObjective,
@@ -45,7 +46,8 @@ class Recipe:
     Stage 2 trains the U-Net and text encoder from scratch with `ldm_objective` (eps on SD's schedule:
     the text encoder learns shapes and colors). Stage 2b (`ldm_refine`, optional) continues from stage
     2's EMA weights with a fresh optimizer and `refine_objective`: v-prediction on the zero-terminal-SNR
-    schedule, where the first step sees no image, so the layout has to come from the prompt. `model`
+    schedule, where the first step sees no image, so the layout has to come from the prompt, with the
+    binding contrast (`train.contrast`), without which the model ignores relation words. `model`
     describes the exported file and must match the last stage's objective. The trained model is
     over-guided at A1111's CFG 7; `recommended` is what its file tells generate/eval to use instead
     (chosen on training compositions; README, "The default model").
@@ -60,7 +62,9 @@ class Recipe:
     ldm_refine: TrainConfig | None = TrainConfig(
         steps=4000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3
     )
-    refine_objective: Objective = Objective(prediction="v", zero_terminal_snr=True, timestep_shift=2.0)
+    refine_objective: Objective = Objective(
+        prediction="v", zero_terminal_snr=True, timestep_shift=2.0, contrast=Contrast(weight=1.0, samples=16)
+    )
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
     recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0)  # what the exported file recommends
