@@ -101,7 +101,7 @@ class Objective:
     "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
     (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
     `contrast` adds the binding contrast (`train.contrast`): at high noise, a caption with its relation
-    reversed or its colors exchanged must predict worse than the true one.
+    reversed, its position mirrored or its colors exchanged must predict worse than the true one.
     """
 
     prediction: str = "eps"
