@@ -47,9 +47,9 @@ from diffusekit.data.shapes import (
 )
 from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.images import to_tensor
-from diffusekit.models.tokenizer import CLIPTokenizer
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
+from diffusekit.train.contrast import contrast_caption
 from diffusekit.train.objectives import denoising_target
 
 ALLOWED = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
@@ -86,30 +86,18 @@ def followed(pipe: Pipeline, spec: CaptionSpec) -> bool:
     return along > 0
 
 
-OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-
-
-def opposite(spec: CaptionSpec) -> CaptionSpec | None:
-    """The spec with its relation reversed or its absolute position mirrored; None for "center"."""
-    if spec.relation is not None:
-        return CaptionSpec(spec.groups, INVERSE_RELATION[spec.relation], spec.background)
-    g = spec.groups[0]
-    if g.position not in OPPOSITE:
-        return None
-    return CaptionSpec((Group(g.shape, g.color, 1, g.size, OPPOSITE[g.position]),), None, spec.background)
-
-
 @torch.no_grad()
 def error_ratio(pipe: Pipeline, kind: str, n: int, seed: int = 7) -> float:
     """Mean denoising error at the noisiest timestep under the opposite caption / under the true one, over
     n training images of `kind` ("relation" or "position")."""
-    rng, specs, images = np.random.default_rng(seed), [], []
-    while len(specs) < n:
+    rng, pairs, images = np.random.default_rng(seed), [], []
+    while len(pairs) < n:
         spec = sample_spec(rng, "train", kind=kind)
-        alt = opposite(spec)
-        if alt is not None and not spec_is_heldout(alt):
+        caption = format_caption(spec)
+        alt = contrast_caption(caption)  # relation reversed or position mirrored; None if held out
+        if alt is not None:
             images.append(render_scene(scene_for_spec(spec, rng)))
-            specs.append((spec, alt))
+            pairs.append((caption, alt))
     x = torch.cat([to_tensor(im) for im in images]).to(pipe.device, pipe.dtype)  # (n, 3, 64, 64)
     z = pipe.model.vae.encode(x).mean.float() * pipe.cfg.vae.scaling_factor  # (n, C, h, w)
     t = len(sd_alphas_cumprod()) - 1
@@ -119,7 +107,7 @@ def error_ratio(pipe: Pipeline, kind: str, n: int, seed: int = 7) -> float:
     target = denoising_target(z, noise, a, pipe.cfg.prediction)
     errors = []
     for which in (0, 1):
-        context = torch.cat([context_of(pipe, format_caption(pair[which])) for pair in specs])  # (n, 77, W)
+        context = torch.cat([context_of(pipe, pair[which]) for pair in pairs])  # (n, 77, W)
         pred = pipe.unet_call(x_t, torch.full((n,), float(t)), context)
         errors.append((pred - target).pow(2).mean().item())
     return errors[1] / errors[0]
@@ -130,29 +118,25 @@ def context_of(pipe: Pipeline, prompt: str) -> torch.Tensor:
     return pipe.encode(GenerationParams(prompt=prompt), 64, 64)[0]["context"]
 
 
-@torch.no_grad()
-def summary(pipe: Pipeline, tokenizer: CLIPTokenizer, spec: CaptionSpec) -> torch.Tensor:
+def summary(pipe: Pipeline, spec: CaptionSpec) -> torch.Tensor:
     """The padding-token states (P, W) of a caption (tokens 24 onwards; captions are shorter)."""
-    encoder = pipe.model.text_encoders[0]
-    ids = tokenizer([format_caption(spec)], pad_token_id=encoder.cfg.pad_token_id)
-    return encoder(ids.to(pipe.device), return_pooled=False).hidden[0, 24:].float()
+    return context_of(pipe, format_caption(spec))[0, 24:].float()
 
 
 def measure(path: str, n: int) -> dict:
-    pipe, tokenizer = Pipeline.from_file(path), CLIPTokenizer.bundled()
+    pipe = Pipeline.from_file(path)
     both = flips = 0
     ratios = []
     for spec, rev in caption_pairs(n):
         f_spec, f_rev = followed(pipe, spec), followed(pipe, rev)
         both += f_spec and f_rev
         flips += f_spec == f_rev  # the layout changed side exactly when both or neither were followed
-        (ca, sa), other = (spec.groups[0].color, spec.groups[0].shape), spec.groups[1]
-        recolored = CaptionSpec(
-            (Group(sa, next(c for c in COLORS if c not in (ca, other.color))), other), spec.relation
-        )
-        base = summary(pipe, tokenizer, spec)
-        d_rev = (summary(pipe, tokenizer, rev) - base).norm(dim=-1).mean()
-        d_color = (summary(pipe, tokenizer, recolored) - base).norm(dim=-1).mean()
+        a, b = spec.groups
+        third = next(c for c in COLORS if c not in (a.color, b.color))
+        recolored = CaptionSpec((Group(a.shape, third), b), spec.relation)  # A in a third color
+        base = summary(pipe, spec)
+        d_rev = (summary(pipe, rev) - base).norm(dim=-1).mean()
+        d_color = (summary(pipe, recolored) - base).norm(dim=-1).mean()
         ratios.append(float(d_rev / d_color))
     return {
         "model": path,
