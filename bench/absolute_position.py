@@ -27,8 +27,8 @@ WHERE = {
 SEEDS = range(4)
 
 
-def score(path: str, cfg: float | None) -> dict:
-    pipe = Pipeline.from_file(path)
+def score(path: str, cfg: float | None, device: str = "cpu") -> dict:
+    pipe = Pipeline.from_file(path, device=device)
     per_place = {}
     for place, ok in WHERE.items():
         passed = []
@@ -49,9 +49,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--cfg", type=float, help="guidance for every model (default: each model's own)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the figures in results/ are on cpu)")
     args = ap.parse_args()
     for m in args.models:
-        print(json.dumps(score(m, args.cfg)))
+        print(json.dumps(score(m, args.cfg, args.device)))
 
 
 if __name__ == "__main__":

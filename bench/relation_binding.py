@@ -102,7 +102,7 @@ def error_ratio(pipe: Pipeline, kind: str, n: int, seed: int = 7) -> float:
     z = pipe.model.vae.encode(x).mean.float() * pipe.cfg.vae.scaling_factor  # (n, C, h, w)
     t = len(sd_alphas_cumprod()) - 1
     a = sd_alphas_cumprod(zero_terminal_snr=pipe.cfg.zero_terminal_snr)[t].float()
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z.device)
     x_t = a.sqrt() * z + (1 - a).sqrt() * noise
     target = denoising_target(z, noise, a, pipe.cfg.prediction)
     errors = []
@@ -123,8 +123,8 @@ def summary(pipe: Pipeline, spec: CaptionSpec) -> torch.Tensor:
     return context_of(pipe, format_caption(spec))[0, 24:].float()
 
 
-def measure(path: str, n: int) -> dict:
-    pipe = Pipeline.from_file(path)
+def measure(path: str, n: int, device: str = "cpu") -> dict:
+    pipe = Pipeline.from_file(path, device=device)
     both = flips = 0
     ratios = []
     for spec, rev in caption_pairs(n):
@@ -154,8 +154,9 @@ def main() -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the figures in results/ are on cpu)")
     args = parser.parse_args()
-    rows = [measure(m, args.pairs) for m in args.models]
+    rows = [measure(m, args.pairs, args.device) for m in args.models]
     print(
         "| model | first-step layout: both followed | layout flips | error ratio: relations "
         "| error ratio: positions (control) | text: reversed / recolored |"

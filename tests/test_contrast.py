@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from diffusekit.models.clip import build_text_encoder
 from diffusekit.models.configs import TINY_SD1
 from diffusekit.models.tokenizer import CLIPTokenizer
 from diffusekit.models.unet import UNetModel
-from diffusekit.train.contrast import Contrast, contrast_caption, contrast_loss
+from diffusekit.train.contrast import BREAKS, Contrast, contrast_caption, contrast_captions, contrast_loss
 from diffusekit.train.objectives import LatentDiffusionObjective, LatentPool, Objective, TextToLatent
 
 V = Objective(prediction="v", zero_terminal_snr=True)
@@ -68,6 +69,50 @@ def test_contrast_settings_are_checked():
             Contrast(**{field: -1})
     with pytest.raises(ValueError, match="Contrast.samples must be at least 1, got 0"):
         Contrast(samples=0)
+    with pytest.raises(ValueError, match=r"unknown or none \['colour'\]; valid: binding, shared, count"):
+        Contrast(breaks=("binding", "colour"))
+    with pytest.raises(ValueError, match="valid: binding, shared, count"):
+        Contrast(breaks=())
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        (
+            "a red circle and a blue star",
+            {"a blue circle and a red star",  # binding: colors exchanged
+             "a red circle and a blue circle", "a red star and a blue star",  # shared shape
+             "a red circle and a red star", "a blue circle and a blue star"},  # shared color
+        ),
+        (
+            "two red circles and a blue star on a black background",
+            {"two blue circles and a red star on a black background",
+             "two red circles and a blue circle on a black background",
+             "two red stars and a blue star on a black background",
+             "two red circles and a red star on a black background",
+             "two blue circles and a blue star on a black background"},
+        ),
+        ("a red circle and a red star", set()),  # sharing the shape would write one group twice
+        (
+            "a red star and a cyan diamond",  # "a cyan star": held out
+            {"a red star and a red diamond", "a red diamond and a cyan diamond"},
+        ),
+        ("three red circles", {"two red circles", "four red circles"}),  # count: one fewer, one more
+        ("a large red circle", {"two large red circles"}),
+        ("four pink squares on a gray background", {"three pink squares on a gray background"}),
+        ("three cyan stars", set()),  # every count of a held-out pair is held out
+        ("one red circle", set()),  # not the canonical phrasing: a rewrite would change more words
+        ("a red circle on the left", {"a red circle on the right"}),  # positions and relations: binding
+        ("a red circle to the left of a blue star", {"a red circle to the right of a blue star"}),
+        ("a red circle in the center", set()),
+        ("", set()),
+        ("a cat", set()),
+    ],
+)  # fmt: skip
+def test_contrast_captions_for_every_break(caption, expected):
+    got = contrast_captions(caption, BREAKS)
+    assert set(got) == expected and len(got) == len(expected)
+    assert contrast_captions(caption) == tuple(c for c in [contrast_caption(caption)] if c)  # binding alone
 
 
 def test_contrast_loss_is_a_relative_hinge():
@@ -105,6 +150,16 @@ def test_contrast_pairs_take_noisy_rows_with_a_contradicting_caption():
     rows, _, use = objective(CAPTIONS, Contrast(weight=1.0, samples=1)).contrast_pairs(CAPTIONS, alphas)
     assert rows == [0] and use.tolist() == [1.0]  # at most `samples`
     assert objective(CAPTIONS, Contrast()).contrast_pairs(CAPTIONS, alphas)[0] == []  # off at weight 0
+
+
+def test_contrast_pairs_draw_one_of_several_contradicting_captions_from_the_python_rng():
+    captions = ["three red circles"] * 8
+    obj = objective(captions, Contrast(weight=1.0, samples=8, breaks=("count",)))
+    random.seed(0)
+    _, false, use = obj.contrast_pairs(captions, torch.zeros(8))
+    assert set(false) == {"two red circles", "four red circles"} and use.sum() == 8
+    random.seed(0)
+    assert obj.contrast_pairs(captions, torch.zeros(8))[1] == false  # a resumed run draws the same
 
 
 def test_contrast_adds_its_hinge_and_trains_the_relation_words():

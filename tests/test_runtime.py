@@ -18,7 +18,13 @@ from diffusekit.models.configs import SD1, TINY_SD1
 from diffusekit.models.unet import UNetModel
 from diffusekit.params import GenerationParams
 from diffusekit.pipeline import Pipeline
-from diffusekit.runtime import PrecisionError, cpu_has_native_bf16, resolve_precision, retain_freed_memory
+from diffusekit.runtime import (
+    PrecisionError,
+    cpu_has_native_bf16,
+    resolve_device,
+    resolve_precision,
+    retain_freed_memory,
+)
 from helpers import make_checkpoint
 
 
@@ -30,6 +36,17 @@ def test_precision_names_and_devices():
         resolve_precision("half", "cpu")
     with pytest.raises(PrecisionError, match="fp16 compute is not supported on CPU"):
         resolve_precision("fp16", "cpu")
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu", "mps"):
+        with pytest.raises(ValueError, match=f"unknown device '{bad}'; valid: auto, cpu, cuda, cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda:1': this PyTorch sees no CUDA GPU; use cpu or auto"):
+            resolve_device("cuda:1")
 
 
 def test_auto_precision_is_bf16_only_for_sd_size_models_on_bf16_cpus():

@@ -13,7 +13,7 @@ from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.models.configs import TINY_SD1
 from diffusekit.params import GenerationParams, ModelDefaults
 from diffusekit.pipeline import Pipeline
-from diffusekit.train.contrast import Contrast
+from diffusekit.train.contrast import BREAKS, Contrast
 from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import (
     LatentPool,
@@ -56,7 +56,9 @@ def test_vae_stage_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1])  # in stage 2, in stage 2b
 def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
     refine = replace(  # drawn batches, and the binding contrast at every noise level
-        small_recipe().refine_objective, kind_weights=(("relation", 3.0),), contrast=Contrast(1, max_snr=1e9)
+        small_recipe().refine_objective,
+        kind_weights=(("relation", 3.0),),
+        contrast=Contrast(1, max_snr=1e9, breaks=BREAKS),  # several contradicting captions: drawn
     )
     recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0), refine_objective=refine)
     vae, _ = train_vae(recipe, tmp_path / "vae", resume=False, stop_at=1)

@@ -64,6 +64,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """--device; resolved (and checked) by runtime.resolve_device when the command runs."""
+    help = "auto (CUDA where PyTorch sees a GPU, else cpu), cpu, cuda, cuda:N"
+    p.add_argument("--device", default="auto", help=help)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
@@ -81,6 +87,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--cfg-rescale", type=float, default=0.0)
     p.add_argument("--prompt-mode", default="a1111", choices=("a1111", "a1111_no_norm", "plain"))
+    add_device_option(p)
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
         help="compute precision; auto: bf16 for SD-size models on CPUs with native bf16, else fp32 "
@@ -140,12 +147,14 @@ def _accel(args: argparse.Namespace):
 def _run(args: argparse.Namespace, params, **inputs) -> int:
     from .metadata import save_png
     from .pipeline import Pipeline
+    from .runtime import resolve_device
 
     model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     accel = _accel(args)
+    device = resolve_device(args.device)
     pipe = Pipeline.from_file(
-        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel
+        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
     )
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .runtime import resolve_device
     from .train.recipe import Recipe, run_recipe
 
     recipe = Recipe()
@@ -18,10 +19,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         recipe = replace(recipe, pool_size=args.pool)
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
-    path = run_recipe(recipe, args.out, resume=not args.no_resume, model_path=args.model_out)
+    path = run_recipe(recipe, args.out, resume=not args.no_resume, model_path=args.model_out, device=device)
     minutes = (time.perf_counter() - t0) / 60
-    print(f"wrote {path} in {minutes:.1f} min (loss curves and samples in {args.out})")
+    print(f"wrote {path} in {minutes:.1f} min on {device} (loss curves and samples in {args.out})")
     return 0
 
 
@@ -30,9 +32,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.geneval import evaluate, format_table, pipeline_generator
     from .params import GenerationParams
     from .pipeline import Pipeline
+    from .runtime import resolve_device
 
     model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_file(model, precision=args.precision)
+    pipe = Pipeline.from_file(model, precision=args.precision, device=resolve_device(args.device))
     settings = GenerationParams(
         steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule
     )
@@ -44,7 +47,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     dtype = str(pipe.dtype).removeprefix("torch.")
     used = f"{settings.steps} steps, CFG {settings.cfg_scale:g}, {settings.sampler} ({settings.schedule})"
-    print(f"\n{model.name}: {n} images per prompt, {used}, {dtype}; {time.perf_counter() - t0:.0f} s")
+    took = time.perf_counter() - t0
+    print(f"\n{model.name}: {n} images per prompt, {used}, {dtype} on {pipe.device}; {took:.0f} s")
     if args.json:
         fields = ("steps", "cfg_scale", "sampler", "schedule")
         given = {"model": model.name, "dtype": dtype} | {f: getattr(settings, f) for f in fields}
@@ -53,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_training_commands(sub) -> None:
-    from .cli_generate import add_sampling_options
+    from .cli_generate import add_device_option, add_sampling_options
     from .runtime import PRECISIONS
 
     p = sub.add_parser("train", help="train the default model from scratch (VAE, then U-Net + text encoder)")
@@ -62,6 +66,7 @@ def add_training_commands(sub) -> None:
     p.add_argument("--pool", type=int, default=0, help="images encoded for stage 2 (default: the recipe's)")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist in --out")
     p.add_argument("--model-out", help="where to write the model (default: OUT/model.safetensors)")
+    add_device_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="GenEval-style prompt adherence of a model on held-out compositions")
@@ -72,4 +77,5 @@ def add_training_commands(sub) -> None:
     p.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
     p.add_argument("--json", help="also write the report as JSON here")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="compute precision (see generate)")
+    add_device_option(p)
     p.set_defaults(func=cmd_eval)

@@ -24,7 +24,7 @@ of training entirely. In the default model's stage 2b it took relations from cha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,11 +33,21 @@ from ..data.shapes import (
     INVERSE_RELATION,
     POSITION_PHRASES,
     RELATION_PHRASES,
+    CaptionSpec,
+    format_caption,
     parse_caption,
     spec_is_heldout,
 )
 
 MIRRORED = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # absolute positions
+
+# The bindings a contradicting caption may break. "binding" is `contrast_caption`'s one: a relation
+# reversed, a position mirrored or two groups' colors exchanged. "shared": in a caption of several groups,
+# one group takes another's shape or color ("a red circle and a blue star" -> "a red circle and a blue
+# circle"), the way a model that draws one group twice fails. "count": a lone group's count one more or
+# one fewer ("three cyan stars" -> "two cyan stars" or "four cyan stars"; "a red circle" -> "two red
+# circles").
+BREAKS: tuple[str, ...] = ("binding", "shared", "count")
 
 
 @dataclass(frozen=True)
@@ -48,8 +58,12 @@ class Contrast:
     margin: float = 0.1
     max_snr: float = 0.1
     samples: int = 12  # contrast pairs per batch at most (the extra pass has this fixed size)
+    breaks: tuple[str, ...] = ("binding",)  # which of BREAKS make contradicting captions
 
     def __post_init__(self):
+        unknown = [b for b in self.breaks if b not in BREAKS]
+        if unknown or not self.breaks:
+            raise ValueError(f"Contrast.breaks: unknown or none {unknown}; valid: {', '.join(BREAKS)}")
         for name in ("weight", "margin", "max_snr"):
             value = getattr(self, name)
             if not value >= 0:
@@ -101,6 +115,54 @@ def contrast_caption(caption: str) -> str | None:
     else:
         return None
     return None if spec_is_heldout(parse_caption(out)) else out
+
+
+def contrast_captions(caption: str, breaks: tuple[str, ...] = ("binding",)) -> tuple[str, ...]:
+    """Every contradicting caption that `breaks` (see BREAKS) make of `caption`, none held out; empty
+    when there are none. "shared" and "count" rewrite only captions in canonical phrasing (all lists and
+    counts are), so the result differs from the caption in the changed words alone."""
+    out = []
+    if "binding" in breaks and (c := contrast_caption(caption)) is not None:
+        out.append(c)
+    if not ({"shared", "count"} & set(breaks)) or not caption:
+        return tuple(out)
+    try:
+        spec = parse_caption(caption)
+    except ValueError:
+        return tuple(out)
+    if format_caption(spec) != " ".join(caption.split()):
+        return tuple(out)
+    specs = (_shared(spec) if "shared" in breaks else []) + (_counted(spec) if "count" in breaks else [])
+    out += [format_caption(s) for s in specs if not spec_is_heldout(s)]
+    return tuple(dict.fromkeys(out))
+
+
+def _shared(spec: CaptionSpec) -> list[CaptionSpec]:
+    """A list caption with group j given group i's shape, or its color (when both name one)."""
+    groups, out = spec.groups, []
+    if spec.relation is not None or spec.groups[0].position is not None or len(groups) < 2:
+        return out
+    for i, a in enumerate(groups):
+        for j, b in enumerate(groups):
+            changed = []
+            if i != j and a.shape != b.shape:
+                changed.append(replace(b, shape=a.shape))
+            if i != j and None not in (a.color, b.color) and a.color != b.color:
+                changed.append(replace(b, color=a.color))
+            for g in changed:
+                new = groups[:j] + (g,) + groups[j + 1 :]
+                same = [(h.shape, h.color, h.size) for h in new]
+                if len(set(same)) == len(same):  # two equal groups would be one group written twice
+                    out.append(replace(spec, groups=new))
+    return out
+
+
+def _counted(spec: CaptionSpec) -> list[CaptionSpec]:
+    """A one-group caption without a position, with one object more or one fewer (1 to 4)."""
+    if len(spec.groups) != 1 or spec.groups[0].position is not None:
+        return []
+    g = spec.groups[0]
+    return [replace(spec, groups=(replace(g, count=n),)) for n in (g.count - 1, g.count + 1) if 1 <= n <= 4]
 
 
 def contrast_loss(

@@ -17,9 +17,14 @@ from ..images import to_tensor
 from ..models.configs import PREDICTIONS
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import AutoencoderKL
-from .contrast import Contrast, contrast_caption, contrast_loss
+from .contrast import Contrast, contrast_captions, contrast_loss
 
 SampleFn = Callable[[int], tuple[Image.Image, str]]  # dataset index -> (image, caption)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters are (training keeps each module on one device)."""
+    return next(module.parameters()).device
 
 
 def image_batch(sample: SampleFn, batch_size: int, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -30,8 +35,9 @@ def image_batch(sample: SampleFn, batch_size: int, step: int) -> tuple[torch.Ten
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
     """L1 + L2 reconstruction of a posterior sample plus a small KL to N(0, I) (LDM's KL-f autoencoder)."""
+    x = x.to(module_device(vae))
     post = vae.encode(x)
-    recon = vae.decode(post.sample()).float()  # (B, 3, H, W)
+    recon = vae.decode(post.sample(torch.default_generator)).float()  # (B, 3, H, W); noise from the CPU RNG
     rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
     mean, logvar = post.mean.float(), post.logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -64,8 +70,8 @@ class LatentPool:
         moments, captions = [], []
         for start in range(0, n, batch):
             items = [sample(i) for i in range(start, min(n, start + batch))]
-            x = torch.cat([to_tensor(img) for img, _ in items])
-            moments.append(vae.encode_moments(x).float())
+            x = torch.cat([to_tensor(img) for img, _ in items]).to(module_device(vae))
+            moments.append(vae.encode_moments(x).float().cpu())
             captions += [c for _, c in items]
         return cls(torch.cat(moments), captions)
 
@@ -153,7 +159,7 @@ class LatentDiffusionObjective:
         self.objective = objective
         self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=objective.zero_terminal_snr)  # (1000,)
         self.weights = caption_kind_weights(pool.captions, dict(objective.kind_weights))  # (N,) or None
-        self._contrast_captions: dict[str, str | None] = {}
+        self._contrast_captions: dict[str, tuple[str, ...]] = {}
 
     def captions(self, captions: Sequence[str]) -> list[str]:
         """Replace each caption by "" with probability caption_dropout (python RNG: checkpointed)."""
@@ -173,15 +179,18 @@ class LatentDiffusionObjective:
         if obj.min_snr_gamma is not None:
             weight = min_snr_weights(a.flatten(), obj.min_snr_gamma, obj.prediction, obj.weight_floor)
         idx, false, use = self.contrast_pairs(captions, a.flatten())
-        # one pass over the batch and its contradicting captions (K more rows, same x_t and target)
+        # one pass over the batch and its contradicting captions (K more rows, same x_t and target);
+        # everything random above was drawn on the CPU, the pass runs where the model is
+        device = module_device(model)
+        x_in, t_in = torch.cat([x_t, x_t[idx]]).to(device), torch.cat([t, t[idx]]).float().to(device)
         context = self.encode(model, captions + false)  # (B + K, 77, W)
-        pred = model.unet(torch.cat([x_t, x_t[idx]]), torch.cat([t, t[idx]]).float(), context).float()
-        err = (pred - torch.cat([target, target[idx]])).pow(2).mean(dim=(1, 2, 3))  # (B + K,)
-        err = err * torch.cat([weight, weight[idx]])
+        pred = model.unet(x_in, t_in, context).float()
+        err = (pred - torch.cat([target, target[idx]]).to(device)).pow(2).mean(dim=(1, 2, 3))  # (B + K,)
+        err = err * torch.cat([weight, weight[idx]]).to(device)
         b = z.shape[0]
         loss = err[:b].mean()
         if idx:
-            loss = loss + contrast_loss(err[idx], err[b:], b, obj.contrast, use)  # err[idx]: true captions
+            loss = loss + contrast_loss(err[idx], err[b:], b, obj.contrast, use.to(device))  # err[idx]: true
         return loss
 
     def contrast_pairs(
@@ -190,29 +199,36 @@ class LatentDiffusionObjective:
         """The binding contrast's pairs (`train.contrast`): batch rows whose SNR is at most max_snr and
         whose caption has a contradicting one, as (rows, contradicting captions, use (K,)); padded by
         repeats to exactly `samples` rows with use 0, since oneDNN re-plans every kernel for a new batch
-        shape at a cost above the rows' own; no rows when the contrast is off or none qualify."""
+        shape at a cost above the rows' own; no rows when the contrast is off or none qualify. A caption
+        with several contradicting ones gets one drawn from the python RNG (a checkpoint holds it)."""
         c = self.objective.contrast
         if c.weight == 0:
             return [], [], torch.zeros(0)
         snr = alphas / (1 - alphas)  # (B,)
-        rows = [i for i, cap in enumerate(captions) if snr[i] <= c.max_snr and self.contrast_caption(cap)]
+        rows = [i for i, cap in enumerate(captions) if snr[i] <= c.max_snr and self.contrast_captions(cap)]
         rows = rows[: c.samples]
         if not rows:
             return [], [], torch.zeros(0)
         n = len(rows)
+        false = []
+        for i in rows:
+            options = self.contrast_captions(captions[i])
+            false.append(options[random.randrange(len(options))] if len(options) > 1 else options[0])
         rows += [rows[k % n] for k in range(c.samples - n)]
+        false += [false[k % n] for k in range(c.samples - n)]
         use = (torch.arange(c.samples) < n).float()  # (K,)
-        return rows, [self.contrast_caption(captions[i]) for i in rows], use
+        return rows, false, use
 
     def encode(self, model: TextToLatent, captions: Sequence[str]) -> torch.Tensor:
         """The text encoder's last hidden states (B, 77, W) for captions."""
         ids = self.tokenizer(list(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
+        ids = ids.to(module_device(model))
         return model.text_encoder(ids, return_pooled=False).hidden
 
-    def contrast_caption(self, caption: str) -> str | None:
-        """`train.contrast.contrast_caption`, memoized over the pool's captions."""
+    def contrast_captions(self, caption: str) -> tuple[str, ...]:
+        """`train.contrast.contrast_captions` with the objective's breaks, memoized over the pool."""
         if caption not in self._contrast_captions:
-            self._contrast_captions[caption] = contrast_caption(caption)
+            self._contrast_captions[caption] = contrast_captions(caption, self.objective.contrast.breaks)
         return self._contrast_captions[caption]
 
 

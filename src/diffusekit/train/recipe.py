@@ -112,12 +112,13 @@ def _seeded(seed: int) -> None:
 
 
 def train_vae(
-    recipe: Recipe, out: Path, *, resume: bool, stop_at: int | None = None
+    recipe: Recipe, out: Path, *, resume: bool, stop_at: int | None = None, device: str | torch.device = "cpu"
 ) -> tuple[AutoencoderKL, Trainer]:
     """Stage 1: the autoencoder."""
     _seeded(recipe.vae.seed)
     vae = AutoencoderKL(recipe.model.vae)
-    randomize_(vae, recipe.vae.seed)
+    randomize_(vae, recipe.vae.seed)  # on the CPU, so every device starts from the same weights
+    vae.to(device)
     trainer = Trainer("vae", vae, recipe.vae, out)
     if not (resume and trainer.resume()):
         _seeded(recipe.vae.seed)
@@ -144,13 +145,21 @@ def latent_pool(recipe: Recipe, vae: AutoencoderKL, out: Path, *, resume: bool) 
 
 
 def train_ldm(
-    recipe: Recipe, pool: LatentPool, scale: float, out: Path, *, resume: bool, stop_at: int | None = None
+    recipe: Recipe,
+    pool: LatentPool,
+    scale: float,
+    out: Path,
+    *,
+    resume: bool,
+    stop_at: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[TextToLatent, list[Trainer]]:
     """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents; then stage 2b if the recipe
     has one. `stop_at` counts steps over both (stage 2b's step k is step ldm.steps + k)."""
     _seeded(recipe.ldm.seed)
     model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
     _init_ldm(model, recipe.ldm.seed)
+    model.to(device)
     trainers, done = [], 0
     for name, cfg, objective in recipe.stages():
         if stop_at is not None and stop_at <= done:
@@ -189,28 +198,34 @@ def export(recipe: Recipe, vae: AutoencoderKL, ldm: TextToLatent, scale: float, 
     model.unet.load_state_dict(ldm.unet.state_dict())
     model.vae.load_state_dict(vae.state_dict())
     model.text_encoders[0].load_state_dict(ldm.text_encoder.state_dict())
-    sd = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    sd = {k: v.to("cpu", torch.float16) for k, v in model.state_dict().items()}
     extra = {"diffusekit.recipe": json.dumps(asdict(recipe))} | recipe.recommended.to_metadata()
     save_state_dict(sd, path, metadata=checkpoint_metadata(cfg, extra))
     return cfg
 
 
 def run_recipe(
-    recipe: Recipe, out: str | Path, *, resume: bool = True, model_path: str | Path | None = None
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    resume: bool = True,
+    model_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
-    """Train both stages in `out` (resumable), export the model, draw the loss curves."""
+    """Train both stages in `out` (resumable) on `device`, export the model, draw the loss curves and
+    a sample grid. A run may resume on another device than the one that wrote its checkpoints."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
-    vae, vae_trainer = train_vae(recipe, out, resume=resume)
+    vae, vae_trainer = train_vae(recipe, out, resume=resume, device=device)
     pool = latent_pool(recipe, vae, out, resume=resume)
     scale = latent_scale(pool)
-    ldm, ldm_trainers = train_ldm(recipe, pool, scale, out, resume=resume)
+    ldm, ldm_trainers = train_ldm(recipe, pool, scale, out, resume=resume, device=device)
     path = Path(model_path) if model_path else out / "model.safetensors"
     export(recipe, vae, ldm, scale, path)
     curves = {"vae": vae_trainer.state.losses} | {t.name: t.state.losses for t in ldm_trainers}
     loss_curve_png(curves, out / "loss.png")
-    sample_grid(path, out / "samples.png")
+    sample_grid(path, out / "samples.png", device=device)
     return path
 
 
@@ -221,12 +236,18 @@ GRID_PROMPTS = (
 )  # fmt: skip
 
 
-def sample_grid(model_path: Path, out: Path, prompts: tuple[str, ...] = GRID_PROMPTS, seeds: int = 2) -> Path:
+def sample_grid(
+    model_path: Path,
+    out: Path,
+    prompts: tuple[str, ...] = GRID_PROMPTS,
+    seeds: int = 2,
+    device: str | torch.device = "cpu",
+) -> Path:
     """A grid of `seeds` images per prompt from the exported model, captioned."""
     from ..params import GenerationParams
     from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_file(model_path)
+    pipe = Pipeline.from_file(model_path, device=device)
     images, captions = [], []
     for prompt in prompts:
         for seed in range(seeds):
