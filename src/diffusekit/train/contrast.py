@@ -144,10 +144,10 @@ def _shared(spec: CaptionSpec) -> list[CaptionSpec]:
         return out
     for i, a in enumerate(groups):
         for j, b in enumerate(groups):
-            changed = []
-            if i != j and a.shape != b.shape:
-                changed.append(replace(b, shape=a.shape))
-            if i != j and None not in (a.color, b.color) and a.color != b.color:
+            if i == j:
+                continue
+            changed = [replace(b, shape=a.shape)] if a.shape != b.shape else []
+            if None not in (a.color, b.color) and a.color != b.color:
                 changed.append(replace(b, color=a.color))
             for g in changed:
                 new = groups[:j] + (g,) + groups[j + 1 :]
