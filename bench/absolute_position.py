@@ -3,7 +3,8 @@
 For each model: 4 positions x 4 color-shape pairs x 4 seeds, read back by the eval's detector. An image
 passes when exactly one object of the asked color and shape is found and its center lies in the asked
 third of the image (left: x < 1/3 of the width, center: the middle third of both axes, and so on).
-Usage: python bench/absolute_position.py MODEL [MODEL ...] [--cfg C]  (default: each model's own CFG)
+Usage: python bench/absolute_position.py MODEL [MODEL ...] [--cfg C] [--sampler S]
+(CFG and sampler left out: each model's own recommendation)
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ WHERE = {
 SEEDS = range(4)
 
 
-def score(path: str, cfg: float | None, device: str = "cpu") -> dict:
+def score(path: str, cfg: float | None, device: str = "cpu", sampler: str | None = None) -> dict:
     pipe = Pipeline.from_file(path, device=device)
     per_place = {}
     for place, ok in WHERE.items():
         passed = []
         for color, shape in PAIRS:
             for seed in SEEDS:
-                params = GenerationParams(prompt=f"a {color} {shape} {place}", seed=seed, cfg_scale=cfg)
+                prompt = f"a {color} {shape} {place}"
+                params = GenerationParams(prompt=prompt, seed=seed, cfg_scale=cfg, sampler=sampler)
                 arr = np.asarray(pipe.generate(params).images[0].convert("RGB"))
                 found = [d for d in detect(arr) if (d.color, d.shape) == (color, shape)]
                 size = arr.shape[1]
                 passed.append(len(found) == 1 and ok(found[0].center[0] / size, found[0].center[1] / size))
         per_place[place] = sum(passed) / len(passed)
-    used = pipe.defaults.fill(GenerationParams(cfg_scale=cfg)).cfg_scale
-    return {"model": path, "cfg_scale": used, "overall": float(np.mean(list(per_place.values()))),
+    used = pipe.defaults.fill(GenerationParams(cfg_scale=cfg, sampler=sampler))
+    overall = float(np.mean(list(per_place.values())))
+    return {"model": path, "cfg_scale": used.cfg_scale, "sampler": used.sampler, "overall": overall,
             "by_place": per_place}  # fmt: skip
 
 
@@ -49,10 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--cfg", type=float, help="guidance for every model (default: each model's own)")
+    ap.add_argument("--sampler", help="sampler for every model (default: each model's own)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the figures in results/ are on cpu)")
     args = ap.parse_args()
     for m in args.models:
-        print(json.dumps(score(m, args.cfg, args.device)))
+        print(json.dumps(score(m, args.cfg, args.device, args.sampler)))
 
 
 if __name__ == "__main__":

@@ -124,3 +124,29 @@ def test_a_file_with_a_bad_entry_does_not_load(files, tmp_path):
     save_state_dict(dict(sd), bad, metadata=meta | {KEY: '{"cfg_scale": -1}'})
     with pytest.raises(ParamError, match=r"bad\.safetensors: bad diffusekit\.defaults metadata"):
         Pipeline.from_file(bad)
+
+
+def test_cli_eval_records_the_settings_it_used(files, tmp_path, capsys, monkeypatch):
+    from diffusekit.eval import geneval
+
+    every = geneval.eval_prompts("train")
+    first = [next(p for p in every if p.category == c) for c in geneval.CATEGORIES]  # keep it quick
+    monkeypatch.setattr(geneval, "eval_prompts", lambda prompt_set: tuple(first))
+    _, recommending = files
+    report = tmp_path / "eval.json"
+    args = [
+        "eval",
+        str(recommending),
+        "--images-per-prompt",
+        "1",
+        "--prompts",
+        "train",
+        "--json",
+        str(report),
+    ]
+    assert main([*args, "--cfg-rescale", "0.7"]) == 0
+    settings = json.loads(report.read_text())["settings"]
+    assert (settings["steps"], settings["cfg_scale"], settings["cfg_rescale"]) == (6, 2.5, 0.7)
+    assert "CFG rescale 0.7" in capsys.readouterr().out
+    assert main(args) == 0
+    assert json.loads(report.read_text())["settings"]["cfg_rescale"] == 0.0

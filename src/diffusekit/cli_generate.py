@@ -53,7 +53,8 @@ MODEL_DEFAULT = " (default: the model's recommendation, else %s)"
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    """--steps/--cfg/--sampler/--schedule; left out, they take the model file's recommended settings."""
+    """--steps/--cfg/--sampler/--schedule, which take the model file's recommended settings when left out,
+    and --cfg-rescale (off unless asked for)."""
     p.add_argument("--steps", type=int, help="sampling steps" + MODEL_DEFAULT % 20)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale" + MODEL_DEFAULT % 7)
     p.add_argument(
@@ -62,6 +63,11 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--schedule", help="automatic, karras, exponential, sgm_uniform, ..." + MODEL_DEFAULT % "automatic"
     )
+    p.add_argument(
+        "--cfg-rescale", type=float, default=0.0, metavar="PHI",
+        help="CFG rescale (Lin et al. 2023, diffusers' guidance_rescale; 0 = off, 0.7 is their choice "
+        "for zero-terminal-SNR v-prediction models)",
+    )  # fmt: skip
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:
@@ -85,7 +91,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per sampler run")
     p.add_argument("--n-iter", type=int, default=1, help="sampler runs (batch count)")
     p.add_argument("--clip-skip", type=int, default=1)
-    p.add_argument("--cfg-rescale", type=float, default=0.0)
     p.add_argument("--prompt-mode", default="a1111", choices=("a1111", "a1111_no_norm", "plain"))
     add_device_option(p)
     p.add_argument(

@@ -37,8 +37,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_file(model, precision=args.precision, device=resolve_device(args.device))
     settings = GenerationParams(
-        steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule
-    )
+        steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, schedule=args.schedule,
+        cfg_rescale=args.cfg_rescale,
+    )  # fmt: skip
     settings = pipe.defaults.fill(settings)  # what the flags leave out, the model file recommends
     generate = pipeline_generator(pipe, settings)
     t0 = time.perf_counter()
@@ -47,10 +48,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(report))
     dtype = str(pipe.dtype).removeprefix("torch.")
     used = f"{settings.steps} steps, CFG {settings.cfg_scale:g}, {settings.sampler} ({settings.schedule})"
+    if settings.cfg_rescale:
+        used += f", CFG rescale {settings.cfg_rescale:g}"
     took = time.perf_counter() - t0
     print(f"\n{model.name}: {n} images per prompt, {used}, {dtype} on {pipe.device}; {took:.0f} s")
     if args.json:
-        fields = ("steps", "cfg_scale", "sampler", "schedule")
+        fields = ("steps", "cfg_scale", "sampler", "schedule", "cfg_rescale")
         given = {"model": model.name, "dtype": dtype} | {f: getattr(settings, f) for f in fields}
         Path(args.json).write_text(json.dumps({"settings": given} | report.to_dict(), indent=2))
     return 0

@@ -67,7 +67,8 @@ class Recipe:
     )
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
-    recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0)  # what the exported file recommends
+    # what the exported file recommends (README, "The default model": chosen on training compositions)
+    recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0, sampler="DPM++ 2M SDE")
 
     def __post_init__(self):
         last = self.stages()[-1][2]

@@ -4,6 +4,7 @@ Stage 1 is taken from the shipped file's VAE (fp16 -> fp32) to save its 22 minut
 reproduces that VAE bit for bit after the fp16 cast (README). The pool, the latent scale, both U-Net
 stages and the export are run_recipe's own functions.
 """
+
 import time
 from dataclasses import replace
 from pathlib import Path
