@@ -5,6 +5,8 @@ Stage 1, the latent pool and stage 2 are the previous shipped runs' (`previous-s
 recipe fields and seeds, so the same computation; only stage 2b was trained here, alone on both cores
 (46 min, 1.40 steps/s). This is `contrast-trials/run.py relations-positions OUT` with OUT holding those
 checkpoints.
+The run's file recommended DPM++ 2M; the shipped file's metadata was later rewritten (tensors untouched)
+to today's `Recipe().recommended`, DPM++ 2M SDE (README, "The default model", `sampler-check/shipped/`).
 """
 
 import time

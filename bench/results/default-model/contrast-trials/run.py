@@ -14,12 +14,13 @@ import sys
 import time
 from dataclasses import replace
 
+from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import Contrast
 from diffusekit.train.recipe import Recipe, run_recipe
 
 trial, out = sys.argv[1], sys.argv[2]
 samples = {"relations": 12, "relations-positions": 16}[trial]
-base = Recipe()
+base = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 contrast = Contrast(weight=1.0, margin=0.1, max_snr=0.1, samples=samples)
 recipe = replace(base, refine_objective=replace(base.refine_objective, timestep_shift=2.0, contrast=contrast))
 t = time.time()

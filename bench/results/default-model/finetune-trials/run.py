@@ -24,6 +24,7 @@ import torch
 from diffusekit.checkpoints.load import load_model
 from diffusekit.cli_generate import default_model_path
 from diffusekit.models.tokenizer import CLIPTokenizer
+from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import BREAKS as ALL_BREAKS
 from diffusekit.train.loop import TrainConfig, Trainer
 from diffusekit.train.objectives import LatentDiffusionObjective, TextToLatent
@@ -43,7 +44,7 @@ if args.threads:
 
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-base = Recipe()
+base = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 loaded = load_model(default_model_path(), dtype=torch.float32)
 sd = loaded.model
 scale = sd.cfg.vae.scaling_factor

@@ -9,10 +9,11 @@ recipe fields and seeds, so the same computation; only stage 2b was trained here
 import time
 from dataclasses import replace
 
+from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import Contrast
 from diffusekit.train.recipe import Recipe, run_recipe
 
-r = Recipe()
+r = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 r = replace(r, refine_objective=replace(r.refine_objective, contrast=Contrast()))  # as it was then
 assert r.ldm.steps == 8000 and r.ldm_refine.steps == 4000 and r.refine_objective.timestep_shift == 2.0, r
 t = time.time()

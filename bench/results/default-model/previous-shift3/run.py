@@ -10,10 +10,11 @@ and step-2000 checkpoints to change the stage-2b length before that stage began.
 import time
 from dataclasses import replace
 
+from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import Contrast
 from diffusekit.train.recipe import Recipe, run_recipe
 
-r = Recipe()
+r = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 r = replace(r, refine_objective=replace(r.refine_objective, timestep_shift=3.0, contrast=Contrast()))
 assert r.ldm.steps == 8000 and r.ldm_refine.steps == 4000 and r.model.prediction == "v", r
 t = time.time()

@@ -13,11 +13,12 @@ import torch
 
 from diffusekit.checkpoints.load import load_model
 from diffusekit.cli_generate import default_model_path
+from diffusekit.params import ModelDefaults
 from diffusekit.train.objectives import latent_scale
 from diffusekit.train.recipe import Recipe, export, latent_pool, sample_grid, train_ldm
 from diffusekit.train.report import loss_curve_png
 
-base = Recipe()
+base = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 r = replace(base, ldm=replace(base.ldm, steps=6000), ldm_refine=replace(base.ldm_refine, steps=6000))
 out = Path("/work/run23")
 t = time.time()

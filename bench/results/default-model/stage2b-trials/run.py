@@ -14,11 +14,12 @@ from dataclasses import replace
 
 import torch
 
+from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import Contrast
 from diffusekit.train.recipe import Recipe, run_recipe
 
 trial, out = sys.argv[1], sys.argv[2]  # out: a folder holding the shipped run's vae/ldm checkpoints, latents
-base = Recipe()
+base = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
 changes = {
     "kind-weights": {"kind_weights": (("relation", 2.0), ("list", 1.5))},
     "shift-1.5": {"timestep_shift": 1.5},
