@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -10,14 +11,19 @@ import torch
 from diffusekit.checkpoints.inspect import inspect_checkpoint
 from diffusekit.diffusion.denoiser import output_to_denoised
 from diffusekit.diffusion.schedules import sd_alphas_cumprod
+from diffusekit.models.clip import build_text_encoder
 from diffusekit.models.configs import TINY_SD1
+from diffusekit.models.tokenizer import CLIPTokenizer
+from diffusekit.models.unet import UNetModel
 from diffusekit.params import GenerationParams, ModelDefaults
 from diffusekit.pipeline import Pipeline
 from diffusekit.train.contrast import BREAKS, Contrast
 from diffusekit.train.loop import TrainConfig
 from diffusekit.train.objectives import (
+    LatentDiffusionObjective,
     LatentPool,
     Objective,
+    TextToLatent,
     caption_kind_weights,
     denoising_target,
     min_snr_weights,
@@ -59,6 +65,7 @@ def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
         small_recipe().refine_objective,
         kind_weights=(("relation", 3.0),),
         contrast=Contrast(1, max_snr=1e9, breaks=BREAKS),  # several contradicting captions: drawn
+        pad_dropout=0.5,  # drawn as well
     )
     recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0), refine_objective=refine)
     vae, _ = train_vae(recipe, tmp_path / "vae", resume=False, stop_at=1)
@@ -123,6 +130,42 @@ def test_objective_is_checked_on_construction():
         Objective(kind_weights=(("relations", 2.0),))
     with pytest.raises(ValueError, match="factor for 'list' must be positive, got 0"):
         Objective(kind_weights=(("list", 0),))
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=rf"pad_dropout must be in \[0, 1\) .* got {p}"):
+            Objective(pad_dropout=p)
+
+
+def test_pad_dropout_gives_rows_the_empty_captions_padding():
+    """A dropped row keeps its own states up to its EOS and takes the empty caption's after it; a
+    contrast row follows the row it repeats; an empty caption is never dropped."""
+    torch.manual_seed(0)
+    model = TextToLatent(UNetModel(TINY_SD1.unet), build_text_encoder(TINY_SD1.text_encoders[0])).eval()
+    captions = ["a red circle", "", "a blue star to the left of a green square", "two cyan crosses"]
+    pool = LatentPool(torch.zeros(4, 8, 8, 8), captions)
+    obj = LatentDiffusionObjective(
+        pool, CLIPTokenizer.bundled(), batch_size=4, scaling_factor=1.0, objective=Objective(pad_dropout=0.5)
+    )
+    assert LatentDiffusionObjective(pool, CLIPTokenizer.bundled(), batch_size=4, scaling_factor=1.0)\
+        .padding_drops(captions, [2]) == []  # fmt: skip
+    random.seed(3)
+    drops = obj.padding_drops(captions, [2, 0])
+    random.seed(3)
+    assert obj.padding_drops(captions, [2, 0]) == drops  # from the python RNG (a checkpoint holds it)
+    assert len(drops) == 6 and drops[1] is False and drops[4:] == [drops[2], drops[0]]
+    drops = [True, True, True, False]
+    with torch.no_grad():
+        plain, empty = obj.encode(model, captions), obj.encode(model, [""])
+        dropped = obj.encode(model, captions, drops)
+    assert dropped.shape == plain.shape == (4, 77, TINY_SD1.text_encoders[0].width)
+    for i, caption in enumerate(captions):
+        n = len(obj.tokenizer.encode(caption)) + 2  # BOS ... EOS
+        assert torch.allclose(dropped[i, :n], plain[i, :n], atol=1e-6)
+        after = empty[0, n:] if drops[i] else plain[i, n:]
+        assert torch.allclose(dropped[i, n:], after, atol=1e-6)
+        if drops[i] and caption:
+            assert not torch.allclose(plain[i, n:], empty[0, n:], atol=1e-3)  # the padding did change
+    with pytest.raises(ValueError, match="got 2 padding drops for 4 captions"):
+        obj.encode(model, captions, [True, False])
 
 
 def test_kind_weights_draw_the_named_kinds_more_often():

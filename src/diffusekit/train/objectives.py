@@ -108,6 +108,11 @@ class Objective:
     (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
     `contrast` adds the binding contrast (`train.contrast`): at high noise, a caption with its relation
     reversed, its position mirrored or its colors exchanged must predict worse than the true one.
+    `pad_dropout` p gives a captioned row, with probability p, the empty caption's hidden states at the
+    positions after its EOS. A causal CLIP encoder's padding states summarize the whole caption, and a
+    jointly trained U-Net reads the prompt mostly there; dropping them makes it read the word positions.
+    (A trial; README "The default model".) Inference is unchanged: every tool feeds the prompt's own
+    padding, which the model still sees in the other rows.
     """
 
     prediction: str = "eps"
@@ -117,8 +122,14 @@ class Objective:
     weight_floor: float | None = None
     kind_weights: tuple[tuple[str, float], ...] = ()
     contrast: Contrast = Contrast()
+    pad_dropout: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.pad_dropout < 1.0:
+            raise ValueError(
+                f"pad_dropout must be in [0, 1) (the model must still see prompts' own padding), "
+                f"got {self.pad_dropout}"
+            )
         for kind, factor in self.kind_weights:
             if kind not in KINDS:
                 raise ValueError(f"unknown caption kind {kind!r} in kind_weights; valid: {', '.join(KINDS)}")
@@ -183,7 +194,7 @@ class LatentDiffusionObjective:
         # everything random above was drawn on the CPU, the pass runs where the model is
         device = module_device(model)
         x_in, t_in = torch.cat([x_t, x_t[idx]]).to(device), torch.cat([t, t[idx]]).float().to(device)
-        context = self.encode(model, captions + false)  # (B + K, 77, W)
+        context = self.encode(model, captions + false, self.padding_drops(captions, idx))  # (B + K, 77, W)
         pred = model.unet(x_in, t_in, context).float()
         err = (pred - torch.cat([target, target[idx]]).to(device)).pow(2).mean(dim=(1, 2, 3))  # (B + K,)
         err = err * torch.cat([weight, weight[idx]]).to(device)
@@ -219,11 +230,35 @@ class LatentDiffusionObjective:
         use = (torch.arange(c.samples) < n).float()  # (K,)
         return rows, false, use
 
-    def encode(self, model: TextToLatent, captions: Sequence[str]) -> torch.Tensor:
-        """The text encoder's last hidden states (B, 77, W) for captions."""
-        ids = self.tokenizer(list(captions), pad_token_id=model.text_encoder.cfg.pad_token_id)
-        ids = ids.to(module_device(model))
-        return model.text_encoder(ids, return_pooled=False).hidden
+    def padding_drops(self, captions: Sequence[str], rows: Sequence[int]) -> list[bool]:
+        """Which rows of the pass get the empty caption's padding states (`Objective.pad_dropout`, drawn
+        from the python RNG for each captioned row); a contrast row follows the batch row it repeats, so
+        the true and the contradicting caption are compared alike. [] when pad_dropout is 0."""
+        p = self.objective.pad_dropout
+        if p == 0:
+            return []
+        drops = [bool(c) and random.random() < p for c in captions]
+        return drops + [drops[i] for i in rows]
+
+    def encode(
+        self, model: TextToLatent, captions: Sequence[str], drops: Sequence[bool] = ()
+    ) -> torch.Tensor:
+        """The text encoder's last hidden states (N, 77, W) for captions; where drops[i], the positions
+        after row i's first EOS take the empty caption's states (encoded in the same pass)."""
+        captions = list(captions)
+        if drops and len(drops) != len(captions):
+            raise ValueError(f"got {len(drops)} padding drops for {len(captions)} captions")
+        texts = captions + [""] if drops else captions  # the same batch shape on every step
+        ids = self.tokenizer(texts, pad_token_id=model.text_encoder.cfg.pad_token_id)  # (N [+ 1], 77)
+        hidden = model.text_encoder(ids.to(module_device(model)), return_pooled=False).hidden
+        if not drops:
+            return hidden
+        hidden, empty = hidden[:-1], hidden[-1:]  # (N, 77, W), (1, 77, W)
+        ids = ids[:-1]
+        first_eos = (ids == self.tokenizer.eos_id).int().argmax(dim=1)  # (N,)
+        after = torch.arange(ids.shape[1])[None, :] > first_eos[:, None]  # (N, 77)
+        mask = (after & torch.tensor(drops)[:, None]).to(hidden.device)
+        return torch.where(mask[:, :, None], empty.to(hidden.dtype), hidden)
 
     def contrast_captions(self, caption: str) -> tuple[str, ...]:
         """`train.contrast.contrast_captions` with the objective's breaks, memoized over the pool."""

@@ -7,11 +7,13 @@ and train `--steps` more steps of `Recipe().refine_objective` with the contrast'
   which measures what the extra steps alone do;
 - all: breaks ("binding", "shared", "count"), aimed at two objects drawn as one shape or in one color,
   and at wrong counts.
+`--pad-dropout P` (0 unless given, so the runs above are unchanged) also sets `Objective.pad_dropout`
+(pad-trial/, README "The default model").
 The latent pool is the recipe's (the first 50,000 training images), encoded once by the shipped VAE
 into OUT/../latents.pt and shared by the variants. The exported file's recipe metadata is `Recipe()`
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
 
-Usage: python run.py VARIANT OUT [--steps 1500] [--lr 2e-4] [--threads 1]
+Usage: python run.py VARIANT OUT [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
 """
 
 import argparse
@@ -38,6 +40,7 @@ ap.add_argument("out")
 ap.add_argument("--steps", type=int, default=1500)
 ap.add_argument("--lr", type=float, default=2e-4)
 ap.add_argument("--threads", type=int, default=0)
+ap.add_argument("--pad-dropout", type=float, default=0.0)
 args = ap.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -52,7 +55,9 @@ pool = latent_pool(base, sd.vae, out.parent, resume=True)
 model = TextToLatent(sd.unet, sd.text_encoders[0]).requires_grad_(True)
 cfg = TrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=100, ema_decay=0.999, seed=4)
 objective = replace(
-    base.refine_objective, contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant])
+    base.refine_objective,
+    contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant]),
+    pad_dropout=args.pad_dropout,
 )
 _seeded(cfg.seed)
 trainer = Trainer("finetune", model, cfg, out)
