@@ -1,12 +1,12 @@
 """How much of the prompt does a model read through the padding positions? A diagnostic for two objects.
 
 Usage: python bench/padding_reliance.py MODEL [--mode empty|eos] [--prompts heldout|train] [--seed 0]
-       [--json out.json]
+       [--sampler NAME] [--json out.json]
 
 A causal CLIP text encoder's states after the EOS token (77 - n of them for an n-token prompt) each see
 the whole caption: they are a summary of it, repeated, and a jointly trained U-Net can read the prompt
 there instead of at the word positions. This runs the eval (`diffusekit eval`, the model's
-recommended settings) with the prompt's padding states replaced in the conditional context:
+recommended settings, or `--sampler`) with the prompt's padding states replaced in the conditional context:
 
 - `--mode empty`: by the empty prompt's states at those positions (what a caption-dropped row sees);
 - `--mode eos`: by the prompt's own EOS state, repeated (the summary kept once, the positions lost).
@@ -58,11 +58,12 @@ def main() -> None:
     ap.add_argument("--mode", choices=MODES, default="empty")
     ap.add_argument("--prompts", choices=("heldout", "train"), default="heldout")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", help="default: the model's recommendation")
     ap.add_argument("--json")
     args = ap.parse_args()
     pipe = PaddingSwap.from_file(args.model, precision="fp32")
     pipe.mode = args.mode
-    settings = pipe.defaults.fill(GenerationParams())
+    settings = pipe.defaults.fill(GenerationParams(sampler=args.sampler))
     report = evaluate(pipeline_generator(pipe, settings), seed=args.seed, prompt_set=args.prompts)
     print(format_table(report))
     used = f"{settings.steps} steps, CFG {settings.cfg_scale:g}, {settings.sampler}"
