@@ -111,8 +111,9 @@ class Objective:
     `pad_dropout` p gives a captioned row, with probability p, the empty caption's hidden states at the
     positions after its EOS. A causal CLIP encoder's padding states summarize the whole caption, and a
     jointly trained U-Net reads the prompt mostly there; dropping them makes it read the word positions.
-    (A trial; README "The default model".) Inference is unchanged: every tool feeds the prompt's own
-    padding, which the model still sees in the other rows.
+    (Tried on the default model, README "The default model": it did not help two objects; off there.)
+    Inference is unchanged: every tool feeds the prompt's own padding, which the model still sees in
+    the other rows.
     """
 
     prediction: str = "eps"
