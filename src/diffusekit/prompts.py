@@ -328,13 +328,17 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, *, normalize: bo
     return scaled.to(hidden.dtype)
 
 
+def after_first_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(n, L) bool: True at the positions strictly after each row's first EOS (the padding)."""
+    is_eos = (ids == eos_id).long()  # (n, L)
+    return (is_eos.cumsum(dim=1) - is_eos) > 0
+
+
 def pad_after_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
     """Replace every id after the first EOS of each row by pad_id (OpenCLIP pads with 0, CLIP with EOS)."""
     if pad_id == eos_id:
         return ids
-    is_eos = (ids == eos_id).long()  # (n, 77)
-    after_first = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first EOS
-    return ids.masked_fill(after_first, pad_id)
+    return ids.masked_fill(after_first_eos(ids, eos_id), pad_id)
 
 
 def _use_layers(cfg: Any, clip_skip: int, mode: str) -> int | None:

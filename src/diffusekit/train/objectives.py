@@ -17,6 +17,7 @@ from ..images import to_tensor
 from ..models.configs import PREDICTIONS
 from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import AutoencoderKL
+from ..prompts import after_first_eos
 from .contrast import Contrast, contrast_captions, contrast_loss
 
 SampleFn = Callable[[int], tuple[Image.Image, str]]  # dataset index -> (image, caption)
@@ -255,9 +256,7 @@ class LatentDiffusionObjective:
         if not drops:
             return hidden
         hidden, empty = hidden[:-1], hidden[-1:]  # (N, 77, W), (1, 77, W)
-        ids = ids[:-1]
-        first_eos = (ids == self.tokenizer.eos_id).int().argmax(dim=1)  # (N,)
-        after = torch.arange(ids.shape[1])[None, :] > first_eos[:, None]  # (N, 77)
+        after = after_first_eos(ids[:-1], self.tokenizer.eos_id)  # (N, 77)
         mask = (after & torch.tensor(drops)[:, None]).to(hidden.device)
         return torch.where(mask[:, :, None], empty.to(hidden.dtype), hidden)
 
