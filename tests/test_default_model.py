@@ -21,7 +21,7 @@ def _metadata() -> dict[str, str]:
 
 # Objective fields added after the shipped file was trained, each at a default that computes what the
 # recipe computed before it existed (its option off); the file's metadata predates them.
-ADDED_SINCE_TRAINED = {"pad_dropout": 0.0}
+ADDED_SINCE_TRAINED = {"pad_dropout": 0.0, "near_color_weight": 1.0}
 
 
 def test_bundled_model_is_what_the_default_recipe_trains():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from diffusekit.checkpoints.inspect import inspect_checkpoint
+from diffusekit.data.shapes import color_distance, has_near_color_pair, sample_spec
 from diffusekit.diffusion.denoiser import output_to_denoised
 from diffusekit.diffusion.schedules import sd_alphas_cumprod
 from diffusekit.models.clip import build_text_encoder
@@ -24,7 +26,7 @@ from diffusekit.train.objectives import (
     LatentPool,
     Objective,
     TextToLatent,
-    caption_kind_weights,
+    caption_draw_weights,
     denoising_target,
     min_snr_weights,
     shifted_timesteps,
@@ -130,6 +132,8 @@ def test_objective_is_checked_on_construction():
         Objective(kind_weights=(("relations", 2.0),))
     with pytest.raises(ValueError, match="factor for 'list' must be positive, got 0"):
         Objective(kind_weights=(("list", 0),))
+    with pytest.raises(ValueError, match="near_color_weight must be positive, got 0"):
+        Objective(near_color_weight=0)
     for p in (-0.1, 1.0):
         with pytest.raises(ValueError, match=rf"pad_dropout must be in \[0, 1\) .* got {p}"):
             Objective(pad_dropout=p)
@@ -170,8 +174,8 @@ def test_pad_dropout_gives_rows_the_empty_captions_padding():
 
 def test_kind_weights_draw_the_named_kinds_more_often():
     captions = ["a red circle", "a blue star above a green square", "two cyan crosses", "a star at the top"]
-    assert caption_kind_weights(captions, {}) is None
-    weights = caption_kind_weights(captions, {"relation": 3.0, "count": 0.5})
+    assert caption_draw_weights(captions, {}) is None
+    weights = caption_draw_weights(captions, {"relation": 3.0, "count": 0.5})
     assert weights.tolist() == [1.0, 3.0, 0.5, 1.0]
     mean = torch.arange(4.0)[:, None, None, None].expand(4, 4, 2, 2)  # latent i is all i
     pool = LatentPool(torch.cat([mean, torch.full_like(mean, -30.0)], dim=1), captions)  # ~zero variance
@@ -185,6 +189,27 @@ def test_kind_weights_draw_the_named_kinds_more_often():
     share = {c: drawn.count(c) / len(drawn) for c in captions}  # expected 1/5.5, 3/5.5, 0.5/5.5, 1/5.5
     for c, w in zip(captions, weights.tolist(), strict=True):
         assert abs(share[c] - w / 5.5) < 0.01, (c, share[c])
+
+
+def test_near_color_weight_draws_two_shapes_in_neighbouring_colors_more_often():
+    captions = [
+        "a red circle and an orange star",  # one ring step apart, two shapes: near
+        "a pink diamond to the left of a red square",  # pink and red are neighbours on the ring
+        "a cyan cross and a cyan triangle",  # one color twice
+        "a red circle and an orange circle",  # one shape: not the failure this targets
+        "a red circle and a green star",  # three steps apart
+        "a blue star, two purple stars and a yellow circle",  # the blue/purple pair shares its shape
+        "two red circles",
+        "a star and a circle",  # no colors named
+    ]
+    weights = caption_draw_weights(captions, {}, 3.0)
+    assert weights.tolist() == [3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert caption_draw_weights(captions, {"relation": 2.0}, 3.0)[:2].tolist() == [3.0, 6.0]  # they multiply
+    assert color_distance("red", "pink") == 1 and color_distance("red", "cyan") == 4
+    with pytest.raises(ValueError, match="unknown color 'teal'; valid: red, orange"):
+        color_distance("red", "teal")
+    share = sum(has_near_color_pair(sample_spec(np.random.default_rng(i))) for i in range(2000)) / 2000
+    assert 0.12 < share < 0.24  # about 18% of the training captions
 
 
 def test_shifted_timesteps_favour_the_noisy_end():

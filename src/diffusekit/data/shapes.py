@@ -317,6 +317,28 @@ def scene_satisfies(spec: CaptionSpec, scene: Scene) -> bool:
     )
 
 
+def color_distance(a: str, b: str) -> int:
+    """Steps between two colors on the ring COLORS lists them in (red, orange, ..., pink, red): 0..4."""
+    ring = list(COLORS)
+    for c in (a, b):
+        if c not in COLORS:
+            raise ValueError(f"unknown color {c!r}; valid: {', '.join(COLORS)}")
+    d = abs(ring.index(a) - ring.index(b))
+    return min(d, len(ring) - d)
+
+
+def has_near_color_pair(spec: CaptionSpec, within: int = 1) -> bool:
+    """Whether two of the spec's groups differ in shape and their colors are at most `within` ring steps
+    apart ("a red circle and an orange star"): what the default model most often draws as one shape
+    twice (bench/two_object_hues.py)."""
+    groups = spec.groups
+    return any(
+        a.shape != b.shape and a.color is not None and b.color is not None
+        and color_distance(a.color, b.color) <= within
+        for i, a in enumerate(groups) for b in groups[i + 1 :]
+    )  # fmt: skip
+
+
 def spec_is_heldout(spec: CaptionSpec) -> bool:
     """Whether a caption names a held-out pair or states a held-out relation (either phrasing)."""
     if any((g.color, g.shape) in HELDOUT_PAIRS for g in spec.groups):

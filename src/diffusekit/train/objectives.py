@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..data.shapes import KINDS, parse_caption
+from ..data.shapes import KINDS, has_near_color_pair, parse_caption
 from ..diffusion.schedules import sd_alphas_cumprod
 from ..images import to_tensor
 from ..models.configs import PREDICTIONS
@@ -107,6 +107,10 @@ class Objective:
     `kind_weights` ((caption kind, factor), ...) draws the pool's images of those kinds (data.KINDS:
     "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
     (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
+    `near_color_weight` draws the images whose caption has two groups of different shapes in colors at
+    most one ring step apart (`data.has_near_color_pair`: "a red circle and an orange star", about 18% of
+    the training data) that many times as often; it multiplies `kind_weights`. Such pairs are what the
+    default model draws as one shape twice (README, "The default model").
     `contrast` adds the binding contrast (`train.contrast`): at high noise, a caption with its relation
     reversed, its position mirrored or its colors exchanged must predict worse than the true one.
     `pad_dropout` p gives a captioned row, with probability p, the empty caption's hidden states at the
@@ -123,6 +127,7 @@ class Objective:
     min_snr_gamma: float | None = 5.0
     weight_floor: float | None = None
     kind_weights: tuple[tuple[str, float], ...] = ()
+    near_color_weight: float = 1.0
     contrast: Contrast = Contrast()
     pad_dropout: float = 0.0
 
@@ -137,6 +142,8 @@ class Objective:
                 raise ValueError(f"unknown caption kind {kind!r} in kind_weights; valid: {', '.join(KINDS)}")
             if not factor > 0:
                 raise ValueError(f"kind_weights factor for {kind!r} must be positive, got {factor}")
+        if not self.near_color_weight > 0:
+            raise ValueError(f"near_color_weight must be positive, got {self.near_color_weight}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
         if self.zero_terminal_snr and self.prediction != "v":
@@ -171,7 +178,9 @@ class LatentDiffusionObjective:
         self.caption_dropout = caption_dropout
         self.objective = objective
         self.alphas_cumprod = sd_alphas_cumprod(zero_terminal_snr=objective.zero_terminal_snr)  # (1000,)
-        self.weights = caption_kind_weights(pool.captions, dict(objective.kind_weights))  # (N,) or None
+        self.weights = caption_draw_weights(
+            pool.captions, dict(objective.kind_weights), objective.near_color_weight
+        )  # (N,) or None
         self._contrast_captions: dict[str, tuple[str, ...]] = {}
 
     def captions(self, captions: Sequence[str]) -> list[str]:
@@ -267,13 +276,23 @@ class LatentDiffusionObjective:
         return self._contrast_captions[caption]
 
 
-def caption_kind_weights(captions: Sequence[str], factors: dict[str, float]) -> torch.Tensor | None:
-    """Per-caption draw weights (N,): the factor of each caption's kind (1 if unnamed); None if no factors.
+def caption_draw_weights(
+    captions: Sequence[str], kind_factors: dict[str, float], near_color: float = 1.0
+) -> torch.Tensor | None:
+    """Per-caption draw weights (N,): the factor of each caption's kind (1 if unnamed), times `near_color`
+    where the caption has a near-color pair (`data.has_near_color_pair`); None when nothing is reweighted.
     An empty caption (none in a pool; dropout happens later) has no kind and keeps 1."""
-    if not factors:
+    if not kind_factors and near_color == 1.0:
         return None
-    kinds = [parse_caption(c).kind if c else None for c in captions]
-    return torch.tensor([factors.get(k, 1.0) for k in kinds], dtype=torch.float64)
+    specs = [parse_caption(c) if c else None for c in captions]
+    return torch.tensor(
+        [
+            1.0 if spec is None
+            else kind_factors.get(spec.kind, 1.0) * (near_color if has_near_color_pair(spec) else 1.0)
+            for spec in specs
+        ],
+        dtype=torch.float64,
+    )  # fmt: skip
 
 
 def shifted_timesteps(n: int, num_timesteps: int, shift: float) -> torch.Tensor:

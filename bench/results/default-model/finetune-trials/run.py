@@ -9,10 +9,12 @@ and train `--steps` more steps of `Recipe().refine_objective` with the contrast'
   and at wrong counts.
 `--pad-dropout P` (0 unless given, so the runs above are unchanged) also sets `Objective.pad_dropout`
 (pad-trial/, README "The default model").
-`--hue-weight F` (1 unless given) draws the pool's two-object images whose two shapes differ and whose
-colors are at most one step apart on the color ring F times as often (two-object-hues/): the images a
-model that draws "a red circle and an orange star" as two circles gets wrong. The variant "shared"
-adds the contrast break of that name ("... an orange star" against "... an orange circle").
+`--hue-weight F` (1 unless given) sets `Objective.near_color_weight`: the pool's images with two groups
+of different shapes in colors at most one ring step apart are drawn F times as often (hue-trial/): what
+a model that draws "a red circle and an orange star" as two circles gets wrong. (hue-trial/ ran this
+with the same rule written out here; its weights were checked equal to the option's over the pool.)
+The variant "shared" adds the contrast break of that name ("... an orange star" against "... an orange
+circle").
 The latent pool is the recipe's (the first 50,000 training images), encoded once by the shipped VAE
 into OUT/../latents.pt and shared by the variants. The exported file's recipe metadata is `Recipe()`
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
@@ -30,7 +32,6 @@ import torch
 
 from diffusekit.checkpoints.load import load_model
 from diffusekit.cli_generate import default_model_path
-from diffusekit.data.shapes import COLORS, Group, parse_caption
 from diffusekit.models.tokenizer import CLIPTokenizer
 from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import BREAKS as ALL_BREAKS
@@ -39,25 +40,6 @@ from diffusekit.train.objectives import LatentDiffusionObjective, TextToLatent
 from diffusekit.train.recipe import Recipe, _seeded, export, latent_pool
 
 BREAKS = {"binding": ("binding",), "shared": ("binding", "shared"), "all": ALL_BREAKS}
-
-
-def near_hue_pairs(captions: list[str], factor: float) -> torch.Tensor:
-    """Draw weights (N,): `factor` for a caption of two or more groups, two of them with different shapes
-    and colors at most one step apart on the ring; 1 otherwise."""
-    ring = list(COLORS)
-
-    def near(a: Group, b: Group) -> bool:
-        if a.shape == b.shape or a.color is None or b.color is None:
-            return False
-        d = abs(ring.index(a.color) - ring.index(b.color))
-        return min(d, len(ring) - d) <= 1
-
-    def hit(caption: str) -> bool:
-        groups = parse_caption(caption).groups if caption else ()
-        return any(near(a, b) for i, a in enumerate(groups) for b in groups[i + 1 :])
-
-    return torch.tensor([factor if hit(c) else 1.0 for c in captions], dtype=torch.float64)
-
 
 ap = argparse.ArgumentParser()
 ap.add_argument("variant", choices=sorted(BREAKS))
@@ -84,6 +66,7 @@ objective = replace(
     base.refine_objective,
     contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant]),
     pad_dropout=args.pad_dropout,
+    near_color_weight=args.hue_weight,
 )
 _seeded(cfg.seed)
 trainer = Trainer("finetune", model, cfg, out)
@@ -92,10 +75,8 @@ loss = LatentDiffusionObjective(
     pool, CLIPTokenizer.bundled(), batch_size=cfg.batch_size, scaling_factor=scale,
     caption_dropout=base.caption_dropout, objective=objective,
 )  # fmt: skip
-if args.hue_weight != 1.0:
-    loss.weights = near_hue_pairs(pool.captions, args.hue_weight)
-    hits = int((loss.weights > 1).sum())
-    print(f"near-hue two-object images: {hits} of {len(pool.captions)}, drawn {args.hue_weight}x", flush=True)
+if loss.weights is not None:
+    print(f"near-color images: {int((loss.weights > 1).sum())} of {len(pool.captions)}", flush=True)
 t = time.time()
 trainer.run(loss)
 trainer.ema.copy_to(model)
