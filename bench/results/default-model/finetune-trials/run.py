@@ -20,7 +20,7 @@ into OUT/../latents.pt and shared by the variants. The exported file's recipe me
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
 
 Usage: python run.py VARIANT OUT [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
-       [--hue-weight 3]
+       [--hue-weight 3] [--seed 4]
 """
 
 import argparse
@@ -49,6 +49,7 @@ ap.add_argument("--lr", type=float, default=2e-4)
 ap.add_argument("--threads", type=int, default=0)
 ap.add_argument("--pad-dropout", type=float, default=0.0)
 ap.add_argument("--hue-weight", type=float, default=1.0)
+ap.add_argument("--seed", type=int, default=4, help="the training draws' seed (batches, noise, timesteps)")
 args = ap.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -61,7 +62,7 @@ sd = loaded.model
 scale = sd.cfg.vae.scaling_factor
 pool = latent_pool(base, sd.vae, out.parent, resume=True)
 model = TextToLatent(sd.unet, sd.text_encoders[0]).requires_grad_(True)
-cfg = TrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=100, ema_decay=0.999, seed=4)
+cfg = TrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=100, ema_decay=0.999, seed=args.seed)
 objective = replace(
     base.refine_objective,
     contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant]),
