@@ -64,7 +64,8 @@ def run(model: str, seeds: int, sampler: str | None, cfg: float | None) -> dict:
         shapes_ok = colors_ok = 0
         misses: dict[str, int] = {}
         examples = []
-        for spec in prompts_at(d):
+        specs = prompts_at(d)
+        for spec in specs:
             text = format_caption(spec)
             for seed in range(seeds):
                 image = pipe.generate(settings.replace(prompt=text, seed=seed)).images[0]
@@ -80,7 +81,7 @@ def run(model: str, seeds: int, sampler: str | None, cfg: float | None) -> dict:
                     if len(examples) < 4:
                         drawn = ", ".join(f"{o.color} {o.shape}" for o in dets)
                         examples.append(f"{text} (seed {seed}): {drawn}")
-        n = len(prompts_at(d)) * seeds
+        n = len(specs) * seeds
         rows.append(
             {"distance": d, "images": n, "two_shapes": shapes_ok / n, "colors_and_shapes": colors_ok / n,
              "misses": misses, "examples": examples}
