@@ -15,7 +15,7 @@ from diffusekit import cli
 from diffusekit.accel import Accel, AccelError, DeepCache
 from diffusekit.accel import compile as accel_compile
 from diffusekit.accel.compile import compile_unavailable, compile_unet, unet_stages
-from diffusekit.accel.int8 import DynamicInt8Linear, quantize_linears
+from diffusekit.accel.int8 import DynamicInt8Linear, has_vnni, quantize_linears
 from diffusekit.accel.tome import apply_tome, bipartite_merge, top_level_transformers
 from diffusekit.metadata import parse_infotext
 from diffusekit.models.configs import TINY_SD1, TINY_SDXL
@@ -237,9 +237,16 @@ def test_int8_unet_quantizes_transformer_linears_and_stays_close(unet):
                    for m in t.modules())  # fmt: skip
     assert sum(isinstance(m, DynamicInt8Linear) for m in q.modules()) == n
     x, t, ctx = inputs()
+    other = copy.deepcopy(unet)
+    quantize_linears(other, reduce_range=has_vnni())  # the activation width auto did not choose
     with torch.no_grad():
-        # measured 0.033: ~1% per layer from 8-bit activations, accumulated over 5 transformer levels
-        assert 0 < rel(q(x, t, ctx), unet(x, t, ctx)) < 0.06
+        ref = unet(x, t, ctx)
+        err, err_other = rel(q(x, t, ctx), ref), rel(other(x, t, ctx), ref)
+    # 8-bit activations (VNNI): measured 0.033, ~1% per layer accumulated over 5 transformer levels.
+    # 7-bit (no VNNI: fbgemm's int16 pair sums would saturate at 8 bits) doubles the per-layer error
+    # (0.012 -> 0.023 in the single-layer test above): measured 0.063 on an AVX2-only EPYC.
+    assert 0 < err < (0.06 if has_vnni() else 0.12)
+    assert err < err_other  # auto picks the better width here (8-bit without VNNI: measured 0.185)
     with pytest.raises(AccelError, match="found no nn.Linear"):
         quantize_linears(q)
 

@@ -19,8 +19,9 @@ from diffusekit.models.tokenizer import CLIPTokenizer
 from diffusekit.models.unet import UNetModel
 from diffusekit.params import GenerationParams, ModelDefaults
 from diffusekit.pipeline import Pipeline
+from diffusekit.train import loop
 from diffusekit.train.contrast import BREAKS, Contrast
-from diffusekit.train.loop import TrainConfig
+from diffusekit.train.loop import TrainConfig, Trainer, trains_in_bf16
 from diffusekit.train.objectives import (
     LatentDiffusionObjective,
     LatentPool,
@@ -80,6 +81,39 @@ def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
     assert [t.name for t in t_straight] == ["ldm", "refine"]
     assert [t.state.losses for t in t_resumed] == [t.state.losses for t in t_straight]
     assert_same_state(straight, resumed)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    """Emulated bf16 (an AVX2-only CPU) costs 20x fp32 per step, so "auto" trains in fp32 there."""
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert trains_in_bf16(STAGE, cpu) is native
+    assert trains_in_bf16(replace(STAGE, bf16=False), cpu) is False  # a config without bf16 stays fp32
+    assert trains_in_bf16(STAGE, cpu, "bf16") and not trains_in_bf16(STAGE, cpu, "fp32")  # forced
+    with pytest.raises(ValueError, match="unknown training precision 'half'; valid: auto, bf16, fp32"):
+        trains_in_bf16(STAGE, cpu, "half")
+
+
+def test_trainer_computes_the_loss_in_the_chosen_precision(tmp_path):
+    dtypes = {}
+    for precision in ("bf16", "fp32"):
+
+        def loss(module: torch.nn.Module, step: int, precision: str = precision) -> torch.Tensor:
+            out = module(torch.ones(2, 3))  # (2, 1)
+            dtypes[precision] = out.dtype
+            return out.float().pow(2).mean()
+
+        trainer = Trainer("t", torch.nn.Linear(3, 1), STAGE, tmp_path / precision, precision=precision)
+        trainer.run(loss, progress=False, stop_at=1)
+    assert dtypes == {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def test_a_run_resumes_in_another_precision(tmp_path):
+    recipe = small_recipe()
+    train_vae(recipe, tmp_path, resume=False, stop_at=2, precision="bf16")
+    _, trainer = train_vae(recipe, tmp_path, resume=True, precision="fp32")
+    assert trainer.state.step == STAGE.steps and not trainer.bf16
 
 
 def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):

@@ -113,14 +113,20 @@ def _seeded(seed: int) -> None:
 
 
 def train_vae(
-    recipe: Recipe, out: Path, *, resume: bool, stop_at: int | None = None, device: str | torch.device = "cpu"
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool,
+    stop_at: int | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> tuple[AutoencoderKL, Trainer]:
-    """Stage 1: the autoencoder."""
+    """Stage 1: the autoencoder. `precision`: the training loop's (auto, bf16, fp32; see train/loop.py)."""
     _seeded(recipe.vae.seed)
     vae = AutoencoderKL(recipe.model.vae)
     randomize_(vae, recipe.vae.seed)  # on the CPU, so every device starts from the same weights
     vae.to(device)
-    trainer = Trainer("vae", vae, recipe.vae, out)
+    trainer = Trainer("vae", vae, recipe.vae, out, precision=precision)
     if not (resume and trainer.resume()):
         _seeded(recipe.vae.seed)
     sample = dataset_sampler(recipe)
@@ -154,6 +160,7 @@ def train_ldm(
     resume: bool,
     stop_at: int | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> tuple[TextToLatent, list[Trainer]]:
     """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents; then stage 2b if the recipe
     has one. `stop_at` counts steps over both (stage 2b's step k is step ldm.steps + k)."""
@@ -165,7 +172,7 @@ def train_ldm(
     for name, cfg, objective in recipe.stages():
         if stop_at is not None and stop_at <= done:
             break
-        trainer = Trainer(name, model, cfg, out)
+        trainer = Trainer(name, model, cfg, out, precision=precision)
         if not (resume and trainer.resume()):
             _seeded(cfg.seed)
         loss = LatentDiffusionObjective(
@@ -212,16 +219,18 @@ def run_recipe(
     resume: bool = True,
     model_path: str | Path | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "auto",
 ) -> Path:
     """Train both stages in `out` (resumable) on `device`, export the model, draw the loss curves and
-    a sample grid. A run may resume on another device than the one that wrote its checkpoints."""
+    a sample grid. A run may resume on another device or precision than the one that wrote its
+    checkpoints. `precision` is the training loop's: auto (bf16 autocast where native), bf16, fp32."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2, default=str))
-    vae, vae_trainer = train_vae(recipe, out, resume=resume, device=device)
+    vae, vae_trainer = train_vae(recipe, out, resume=resume, device=device, precision=precision)
     pool = latent_pool(recipe, vae, out, resume=resume)
     scale = latent_scale(pool)
-    ldm, ldm_trainers = train_ldm(recipe, pool, scale, out, resume=resume, device=device)
+    ldm, ldm_trainers = train_ldm(recipe, pool, scale, out, resume=resume, device=device, precision=precision)
     path = Path(model_path) if model_path else out / "model.safetensors"
     export(recipe, vae, ldm, scale, path)
     curves = {"vae": vae_trainer.state.losses} | {t.name: t.state.losses for t in ldm_trainers}
