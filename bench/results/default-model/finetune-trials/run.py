@@ -15,12 +15,21 @@ a model that draws "a red circle and an orange star" as two circles gets wrong. 
 with the same rule written out here; its weights were checked equal to the option's over the pool.)
 The variant "shared" adds the contrast break of that name ("... an orange star" against "... an orange
 circle").
+`--top-attention` (attn16-trial/) adds a spatial transformer (self- and cross-attention) to each block of
+the U-Net's first level, the 16x16 latent, where the shipped U-Net has convolutions only: the lower
+levels (8x8, 4x4) decide where things go, and this asks whether letting each 16x16 position read the
+prompt's shape words draws two different shapes as two. The new blocks' output projections start at
+zero, so the model starts as the shipped one; no existing key moves (the first level's output blocks
+have no upsampler), so the shipped weights load as they are.
+The training loop's precision is its default, "auto": the trials before attn16-trial/ ran on CPUs with
+native bf16 and trained with bf16 autocast; attn16-trial/ ran on an AVX2-only CPU, in fp32, with its own
+control (both 800 steps).
 The latent pool is the recipe's (the first 50,000 training images), encoded once by the shipped VAE
 into OUT/../latents.pt and shared by the variants. The exported file's recipe metadata is `Recipe()`
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
 
 Usage: python run.py VARIANT OUT [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
-       [--hue-weight 3] [--seed 4]
+       [--hue-weight 3] [--seed 4] [--top-attention]
 """
 
 import argparse
@@ -33,6 +42,7 @@ import torch
 from diffusekit.checkpoints.load import load_model
 from diffusekit.cli_generate import default_model_path
 from diffusekit.models.tokenizer import CLIPTokenizer
+from diffusekit.models.unet import UNetModel
 from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import BREAKS as ALL_BREAKS
 from diffusekit.train.loop import TrainConfig, Trainer
@@ -50,6 +60,7 @@ ap.add_argument("--threads", type=int, default=0)
 ap.add_argument("--pad-dropout", type=float, default=0.0)
 ap.add_argument("--hue-weight", type=float, default=1.0)
 ap.add_argument("--seed", type=int, default=4, help="the training draws' seed (batches, noise, timesteps)")
+ap.add_argument("--top-attention", action="store_true", help="attention at the 16x16 level too")
 args = ap.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -61,7 +72,20 @@ loaded = load_model(default_model_path(), dtype=torch.float32)
 sd = loaded.model
 scale = sd.cfg.vae.scaling_factor
 pool = latent_pool(base, sd.vae, out.parent, resume=True)
-model = TextToLatent(sd.unet, sd.text_encoders[0]).requires_grad_(True)
+unet = sd.unet
+if args.top_attention:
+    depth = tuple(max(1, d) for d in base.model.unet.transformer_depth)  # (0, 1, 1) -> (1, 1, 1)
+    base = replace(base, model=replace(base.model, unet=replace(base.model.unet, transformer_depth=depth)))
+    torch.manual_seed(args.seed)  # the new blocks' initial weights
+    unet = UNetModel(base.model.unet)
+    missing, unexpected = unet.load_state_dict(sd.unet.state_dict(), strict=False)
+    new_blocks = sorted({".".join(k.split(".")[:3]) for k in missing})  # e.g. input_blocks.1.1
+    assert not unexpected and all(b.endswith(".1") for b in new_blocks), (missing, unexpected)
+    for block in new_blocks:
+        torch.nn.init.zeros_(unet.get_submodule(f"{block}.proj_out").weight)  # starts as an identity
+        torch.nn.init.zeros_(unet.get_submodule(f"{block}.proj_out").bias)
+    print(f"top attention: {len(missing)} new tensors in {new_blocks}", flush=True)
+model = TextToLatent(unet, sd.text_encoders[0]).requires_grad_(True)
 cfg = TrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=100, ema_decay=0.999, seed=args.seed)
 objective = replace(
     base.refine_objective,
