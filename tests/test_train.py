@@ -38,9 +38,11 @@ STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, 
 
 
 def small_recipe() -> Recipe:
-    """The default recipe's stages (eps, then a v / zero-terminal-SNR refine) on tiny networks."""
+    """The default recipe's stages (eps, then a v / zero-terminal-SNR refine and its polish) on tiny
+    networks."""
     model = replace(TINY_SD1, prediction="v", zero_terminal_snr=True)
-    return Recipe(model=model, vae=STAGE, ldm=STAGE, ldm_refine=replace(STAGE, seed=7), pool_size=12)
+    refine, polish = replace(STAGE, seed=7), replace(STAGE, seed=8)
+    return Recipe(model=model, vae=STAGE, ldm=STAGE, ldm_refine=refine, ldm_polish=polish, pool_size=12)
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -62,7 +64,7 @@ def test_vae_stage_resumes_exactly(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for _, v in t_straight.state.losses) and first > 0
 
 
-@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1])  # in stage 2, in stage 2b
+@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1, 2 * STAGE.steps + 3])  # in stage 2, 2b, polish
 def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
     refine = replace(  # drawn batches, and the binding contrast at every noise level
         small_recipe().refine_objective,
@@ -78,7 +80,7 @@ def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
     _, t_killed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=False, stop_at=kill_at)
     assert sum(t.state.step for t in t_killed) == kill_at
     resumed, t_resumed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=True)
-    assert [t.name for t in t_straight] == ["ldm", "refine"]
+    assert [t.name for t in t_straight] == ["ldm", "refine", "polish"]
     assert [t.state.losses for t in t_resumed] == [t.state.losses for t in t_straight]
     assert_same_state(straight, resumed)
 
@@ -134,7 +136,19 @@ def test_recipe_exports_a_checkpoint_the_pipeline_loads(tmp_path):
 def test_recipe_model_must_describe_the_last_stage():
     with pytest.raises(ValueError, match="last U-Net stage trains prediction='v'.*model config says"):
         replace(small_recipe(), model=TINY_SD1)
-    assert replace(small_recipe(), model=TINY_SD1, ldm_refine=None).stages()[-1][0] == "ldm"
+    eps_only = replace(small_recipe(), model=TINY_SD1, ldm_refine=None)
+    stages = [(name, objective) for name, _, objective in eps_only.stages()]
+    assert stages == [("ldm", Objective()), ("polish", Objective())]
+    assert replace(eps_only, ldm_polish=None).stages()[-1][0] == "ldm"
+
+
+def test_polish_repeats_the_refine_objective_with_a_fresh_schedule():
+    stages = Recipe().stages()
+    assert [name for name, _, _ in stages] == ["ldm", "refine", "polish"]
+    (_, refine, refine_objective), (_, polish, polish_objective) = stages[1:]
+    assert polish_objective == refine_objective and polish.lr < refine.lr and polish.seed != refine.seed
+    scaled = Recipe().scaled(0.1)
+    assert scaled.ldm_polish.steps == polish.steps // 10 and scaled.ldm_polish.warmup == 10
 
 
 def test_min_snr_weights():
@@ -287,3 +301,16 @@ def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):
     _, t_plain = train_ldm(plain, pool, 0.5, tmp_path / "a", resume=False, stop_at=1)
     _, t_weighted = train_ldm(weighted, pool, 0.5, tmp_path / "b", resume=False, stop_at=1)
     assert t_weighted[0].state.losses[0][1] < t_plain[0].state.losses[0][1]  # weights are <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "stages"), [([], ["ldm", "refine", "polish"]), (["--no-polish"], ["ldm", "refine"])]
+)
+def test_train_command_runs_the_recipe_with_or_without_its_polish_stage(monkeypatch, tmp_path, flags, stages):
+    from diffusekit import cli
+    from diffusekit.train import recipe as recipe_module
+
+    ran = []
+    monkeypatch.setattr(recipe_module, "run_recipe", lambda recipe, out, **kw: ran.append(recipe) or tmp_path)
+    assert cli.main(["train", "--out", str(tmp_path), "--scale", "0.5", *flags]) == 0
+    assert [name for name, _, _ in ran[0].stages()] == stages and ran[0].ldm.steps == Recipe().ldm.steps // 2

@@ -9,16 +9,18 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .runtime import resolve_device
     from .train.loop import trains_in_bf16
     from .train.recipe import Recipe, run_recipe
 
     recipe = Recipe()
+    if args.no_polish:
+        recipe = replace(recipe, ldm_polish=None)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
     if args.pool:
-        from dataclasses import replace
-
         recipe = replace(recipe, pool_size=args.pool)
     device = resolve_device(args.device)
     bf16 = trains_in_bf16(recipe.ldm, device, args.precision)
@@ -75,6 +77,11 @@ def add_training_commands(sub) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1: quick run)")
     p.add_argument("--pool", type=int, default=0, help="images encoded for stage 2 (default: the recipe's)")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist in --out")
+    p.add_argument(
+        "--no-polish", action="store_true",
+        help="skip the last stage (3,000 steps): the recipe in about 2 h 10 min instead of 2 h 50 min on a "
+        "CPU with native bf16, at about 0.07 less held-out accuracy",
+    )  # fmt: skip
     p.add_argument("--model-out", help="where to write the model (default: OUT/model.safetensors)")
     p.add_argument(
         "--precision", default="auto", choices=TRAIN_PRECISIONS,

@@ -3,7 +3,8 @@
 Stage 1 trains the AutoencoderKL on shapes images; its latent scale is measured like SD's 0.18215.
 Stage 2 trains the U-Net and a CLIP-architecture text encoder jointly (the real CLIP BPE tokenizer),
 on latents of the frozen VAE. Stage 2b continues them with another objective (an eps model becomes a
-v-prediction, zero-terminal-SNR one). Export writes the EMA weights as one SD1-layout .safetensors file.
+v-prediction, zero-terminal-SNR one); the polish stage runs a second, gentler learning-rate cycle of
+it. Export writes the EMA weights as one SD1-layout .safetensors file.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class Recipe:
     the text encoder learns shapes and colors). Stage 2b (`ldm_refine`, optional) continues from stage
     2's EMA weights with a fresh optimizer and `refine_objective`: v-prediction on the zero-terminal-SNR
     schedule, where the first step sees no image, so the layout has to come from the prompt, with the
-    binding contrast (`train.contrast`), without which the model ignores relation words. `model`
+    binding contrast (`train.contrast`), without which the model ignores relation words. The polish
+    stage (`ldm_polish`, optional) is a warm restart: the last stage's objective again, from its EMA
+    weights, with a fresh optimizer and a lower peak learning rate (README: +3,000 steps of it raised
+    held-out accuracy from about 0.81 to 0.88). `model`
     describes the exported file and must match the last stage's objective. The trained model is
     over-guided at A1111's CFG 7; `recommended` is what its file tells generate/eval to use instead
     (chosen on training compositions; README, "The default model").
@@ -61,6 +65,9 @@ class Recipe:
     ldm_objective: Objective = Objective()
     ldm_refine: TrainConfig | None = TrainConfig(
         steps=4000, batch_size=64, lr=5e-4, warmup=100, ema_decay=0.999, seed=3
+    )
+    ldm_polish: TrainConfig | None = TrainConfig(
+        steps=3000, batch_size=64, lr=2e-4, warmup=100, ema_decay=0.999, seed=4
     )
     refine_objective: Objective = Objective(
         prediction="v", zero_terminal_snr=True, timestep_shift=2.0, contrast=Contrast(weight=1.0, samples=16)
@@ -81,17 +88,21 @@ class Recipe:
             )
 
     def stages(self) -> list[tuple[str, TrainConfig, Objective]]:
-        """The U-Net stages in order: ("ldm", ...) and, if any, ("refine", ...)."""
+        """The U-Net stages in order: ("ldm", ...), then, if any, ("refine", ...) and ("polish", ...),
+        which repeats the objective of the stage before it."""
         stages = [("ldm", self.ldm, self.ldm_objective)]
         if self.ldm_refine is not None:
             stages.append(("refine", self.ldm_refine, self.refine_objective))
+        if self.ldm_polish is not None:
+            stages.append(("polish", self.ldm_polish, stages[-1][2]))
         return stages
 
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's step count multiplied by `factor` (for quick runs)."""
         steps = lambda c: replace(c, steps=max(1, int(c.steps * factor)), warmup=min(c.warmup, 10))  # noqa: E731
         refine = steps(self.ldm_refine) if self.ldm_refine else None
-        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_refine=refine)
+        polish = steps(self.ldm_polish) if self.ldm_polish else None
+        return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_refine=refine, ldm_polish=polish)
 
 
 def dataset_sampler(recipe: Recipe, split: str = "train"):
@@ -162,8 +173,9 @@ def train_ldm(
     device: str | torch.device = "cpu",
     precision: str = "auto",
 ) -> tuple[TextToLatent, list[Trainer]]:
-    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents; then stage 2b if the recipe
-    has one. `stop_at` counts steps over both (stage 2b's step k is step ldm.steps + k)."""
+    """Stage 2: U-Net and text encoder jointly, on the frozen VAE's latents; then stage 2b and the polish
+    stage if the recipe has them. `stop_at` counts steps over all of them (stage 2b's step k is step
+    ldm.steps + k)."""
     _seeded(recipe.ldm.seed)
     model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
     _init_ldm(model, recipe.ldm.seed)
@@ -180,7 +192,7 @@ def train_ldm(
             caption_dropout=recipe.caption_dropout, objective=objective,
         )  # fmt: skip
         trainer.run(loss, stop_at=None if stop_at is None else stop_at - done)
-        trainer.ema.copy_to(model)  # stage 2b starts from (and the export takes) the EMA weights
+        trainer.ema.copy_to(model)  # the next stage starts from (and the export takes) the EMA weights
         trainers.append(trainer)
         done += cfg.steps
     return model.eval(), trainers
@@ -221,7 +233,7 @@ def run_recipe(
     device: str | torch.device = "cpu",
     precision: str = "auto",
 ) -> Path:
-    """Train both stages in `out` (resumable) on `device`, export the model, draw the loss curves and
+    """Train every stage in `out` (resumable) on `device`, export the model, draw the loss curves and
     a sample grid. A run may resume on another device or precision than the one that wrote its
     checkpoints. `precision` is the training loop's: auto (bf16 autocast where native), bf16, fp32."""
     out = Path(out)
