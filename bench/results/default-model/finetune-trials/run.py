@@ -28,7 +28,11 @@ The latent pool is the recipe's (the first 50,000 training images), encoded once
 into OUT/../latents.pt and shared by the variants. The exported file's recipe metadata is `Recipe()`
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
 
-Usage: python run.py VARIANT OUT [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
+Every trial here, and the polish run (longer-finetune/), continued the file shipped before the polish
+stage; since that stage shipped, the bundled file is the polished one, so `--base` names the file to
+continue (`git show bf159ca:src/diffusekit/assets/default.safetensors > before-polish.safetensors`).
+
+Usage: python run.py VARIANT OUT [--base FILE] [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
        [--hue-weight 3] [--seed 4] [--top-attention]
 """
 
@@ -54,6 +58,7 @@ BREAKS = {"binding": ("binding",), "shared": ("binding", "shared"), "all": ALL_B
 ap = argparse.ArgumentParser()
 ap.add_argument("variant", choices=sorted(BREAKS))
 ap.add_argument("out")
+ap.add_argument("--base", help="the model to continue (default: the bundled one)")
 ap.add_argument("--steps", type=int, default=1500)
 ap.add_argument("--lr", type=float, default=2e-4)
 ap.add_argument("--threads", type=int, default=0)
@@ -68,7 +73,7 @@ if args.threads:
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 base = Recipe(recommended=ModelDefaults(cfg_scale=2.0))  # the file's recommendation then: DPM++ 2M
-loaded = load_model(default_model_path(), dtype=torch.float32)
+loaded = load_model(args.base or default_model_path(), dtype=torch.float32)
 sd = loaded.model
 scale = sd.cfg.vae.scaling_factor
 pool = latent_pool(base, sd.vae, out.parent, resume=True)

@@ -1,7 +1,8 @@
 """Write the polished fine-tune as the bundled default model, with `Recipe()`'s metadata.
 
 The weights are those of `finetune-trials/run.py binding OUT --steps 3000 --threads 2` (training seed
-4, lr 2e-4, fp32 on the AVX2-only EPYC), which continued the previous shipped file. run.py's export
+4, lr 2e-4, fp32 on the AVX2-only EPYC), which continued the file shipped before it (to rerun it now,
+pass that file as `--base`; see run.py). run.py's export
 records the recipe of its day (recommending DPM++ 2M); this rewrites the file with `Recipe()`, whose
 polish stage is that run, and the current recommendation (CFG 2, DPM++ 2M SDE). The weights pass
 through fp32 and back to fp16 unchanged (checked below).
