@@ -49,7 +49,7 @@ from diffusekit.models.tokenizer import CLIPTokenizer
 from diffusekit.models.unet import UNetModel
 from diffusekit.params import ModelDefaults
 from diffusekit.train.contrast import BREAKS as ALL_BREAKS
-from diffusekit.train.loop import TrainConfig, Trainer
+from diffusekit.train.loop import Trainer
 from diffusekit.train.objectives import LatentDiffusionObjective, TextToLatent
 from diffusekit.train.recipe import Recipe, _seeded, export, latent_pool
 
@@ -91,7 +91,7 @@ if args.top_attention:
         torch.nn.init.zeros_(unet.get_submodule(f"{block}.proj_out").bias)
     print(f"top attention: {len(missing)} new tensors in {new_blocks}", flush=True)
 model = TextToLatent(unet, sd.text_encoders[0]).requires_grad_(True)
-cfg = TrainConfig(steps=args.steps, batch_size=64, lr=args.lr, warmup=100, ema_decay=0.999, seed=args.seed)
+cfg = replace(base.ldm_polish, steps=args.steps, lr=args.lr, seed=args.seed)  # the recipe's polish stage
 objective = replace(
     base.refine_objective,
     contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant]),
