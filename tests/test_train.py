@@ -38,10 +38,10 @@ STAGE = TrainConfig(steps=4, batch_size=4, warmup=2, save_every=2, log_every=1, 
 
 
 def small_recipe() -> Recipe:
-    """The default recipe's stages (eps, then a v / zero-terminal-SNR refine and its polish) on tiny
-    networks."""
+    """The default recipe's stages (eps, then a v / zero-terminal-SNR refine and two polish cycles) on
+    tiny networks."""
     model = replace(TINY_SD1, prediction="v", zero_terminal_snr=True)
-    refine, polish = replace(STAGE, seed=7), replace(STAGE, seed=8)
+    refine, polish = replace(STAGE, seed=7), (replace(STAGE, seed=8), replace(STAGE, seed=9))
     return Recipe(model=model, vae=STAGE, ldm=STAGE, ldm_refine=refine, ldm_polish=polish, pool_size=12)
 
 
@@ -64,8 +64,9 @@ def test_vae_stage_resumes_exactly(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for _, v in t_straight.state.losses) and first > 0
 
 
-@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1, 2 * STAGE.steps + 3])  # in stage 2, 2b, polish
+@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1, 2 * STAGE.steps + 3, 3 * STAGE.steps + 1])
 def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
+    """Killed in stage 2, 2b, the first polish cycle and the second."""
     refine = replace(  # drawn batches, and the binding contrast at every noise level
         small_recipe().refine_objective,
         kind_weights=(("relation", 3.0),),
@@ -80,7 +81,7 @@ def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
     _, t_killed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=False, stop_at=kill_at)
     assert sum(t.state.step for t in t_killed) == kill_at
     resumed, t_resumed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=True)
-    assert [t.name for t in t_straight] == ["ldm", "refine", "polish"]
+    assert [t.name for t in t_straight] == ["ldm", "refine", "polish", "polish2"]
     assert [t.state.losses for t in t_resumed] == [t.state.losses for t in t_straight]
     assert_same_state(straight, resumed)
 
@@ -138,17 +139,22 @@ def test_recipe_model_must_describe_the_last_stage():
         replace(small_recipe(), model=TINY_SD1)
     eps_only = replace(small_recipe(), model=TINY_SD1, ldm_refine=None)
     stages = [(name, objective) for name, _, objective in eps_only.stages()]
-    assert stages == [("ldm", Objective()), ("polish", Objective())]
-    assert replace(eps_only, ldm_polish=None).stages()[-1][0] == "ldm"
+    assert stages == [("ldm", Objective()), ("polish", Objective()), ("polish2", Objective())]
+    assert replace(eps_only, ldm_polish=()).stages()[-1][0] == "ldm"
+    none = r"ldm_polish is a tuple of TrainConfig.*\(\(\) for none\), not NoneType"
+    with pytest.raises(TypeError, match=none):
+        replace(eps_only, ldm_polish=None)
 
 
-def test_polish_repeats_the_refine_objective_with_a_fresh_schedule():
+def test_polish_cycles_repeat_the_refine_objective_with_fresh_schedules():
     stages = Recipe().stages()
-    assert [name for name, _, _ in stages] == ["ldm", "refine", "polish"]
-    (_, refine, refine_objective), (_, polish, polish_objective) = stages[1:]
-    assert polish_objective == refine_objective and polish.lr < refine.lr and polish.seed != refine.seed
+    assert [name for name, _, _ in stages] == ["ldm", "refine", "polish", "polish2"]
+    (_, refine, refine_objective), *polish = stages[1:]
+    assert all(objective == refine_objective and cfg.lr < refine.lr for _, cfg, objective in polish)
+    assert len({cfg.seed for _, cfg, _ in stages}) == len(stages)  # every cycle draws its own batches
     scaled = Recipe().scaled(0.1)
-    assert scaled.ldm_polish.steps == polish.steps // 10 and scaled.ldm_polish.warmup == 10
+    assert [c.steps for c in scaled.ldm_polish] == [cfg.steps // 10 for _, cfg, _ in polish]
+    assert {c.warmup for c in scaled.ldm_polish} == {10}
 
 
 def test_min_snr_weights():
@@ -304,9 +310,9 @@ def test_ldm_loss_weighting_is_the_recipe_setting(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("flags", "stages"), [([], ["ldm", "refine", "polish"]), (["--no-polish"], ["ldm", "refine"])]
+    ("flags", "stages"), [([], ["ldm", "refine", "polish", "polish2"]), (["--no-polish"], ["ldm", "refine"])]
 )
-def test_train_command_runs_the_recipe_with_or_without_its_polish_stage(monkeypatch, tmp_path, flags, stages):
+def test_train_command_runs_the_recipe_with_or_without_polish_cycles(monkeypatch, tmp_path, flags, stages):
     from diffusekit import cli
     from diffusekit.train import recipe as recipe_module
 

@@ -28,9 +28,10 @@ The latent pool is the recipe's (the first 50,000 training images), encoded once
 into OUT/../latents.pt and shared by the variants. The exported file's recipe metadata is `Recipe()`
 with this contrast: it does not record that the run continued the shipped file (lr, steps: see here).
 
-Every trial here, and the polish run (longer-finetune/), continued the file shipped before the polish
-stage; since that stage shipped, the bundled file is the polished one, so `--base` names the file to
-continue (`git show bf159ca:src/diffusekit/assets/default.safetensors > before-polish.safetensors`).
+Every trial here, and the first polish cycle (longer-finetune/), continued the file shipped before the
+polish stage; the second cycle continued the first's file. The bundled file is now the second cycle's,
+so `--base` names the file to continue (`git show bf159ca:src/diffusekit/assets/default.safetensors >
+before-polish.safetensors`; the first cycle's file is at 3717a86).
 
 Usage: python run.py VARIANT OUT [--base FILE] [--steps 1500] [--lr 2e-4] [--threads 1] [--pad-dropout 0.5]
        [--hue-weight 3] [--seed 4] [--top-attention]
@@ -91,7 +92,7 @@ if args.top_attention:
         torch.nn.init.zeros_(unet.get_submodule(f"{block}.proj_out").bias)
     print(f"top attention: {len(missing)} new tensors in {new_blocks}", flush=True)
 model = TextToLatent(unet, sd.text_encoders[0]).requires_grad_(True)
-cfg = replace(base.ldm_polish, steps=args.steps, lr=args.lr, seed=args.seed)  # the recipe's polish stage
+cfg = replace(base.ldm_polish[0], steps=args.steps, lr=args.lr, seed=args.seed)  # a polish cycle
 objective = replace(
     base.refine_objective,
     contrast=replace(base.refine_objective.contrast, breaks=BREAKS[args.variant]),

@@ -1,11 +1,13 @@
-"""Write the polished fine-tune as the bundled default model, with `Recipe()`'s metadata.
+"""Write a polish run's weights as the bundled default model, with `Recipe()`'s metadata.
 
-The weights are those of `finetune-trials/run.py binding OUT --steps 3000 --threads 2` (training seed
-4, lr 2e-4, fp32 on the AVX2-only EPYC), which continued the file shipped before it (to rerun it now,
-pass that file as `--base`; see run.py). run.py's export
-records the recipe of its day (recommending DPM++ 2M); this rewrites the file with `Recipe()`, whose
-polish stage is that run, and the current recommendation (CFG 2, DPM++ 2M SDE). The weights pass
-through fp32 and back to fp16 unchanged (checked below).
+The bundled weights are the second polish cycle's: `finetune-trials/run.py binding OUT --base FILE
+--steps 1500 --seed 5 --threads 2` (lr 2e-4, fp32 on the AVX2-only EPYC) from the first cycle's file,
+which was `finetune-trials/run.py binding OUT --base FILE --steps 3000 --threads 2` (training seed 4)
+from the file shipped before the polish stage (`git show bf159ca:src/diffusekit/assets/default.safetensors`;
+the first cycle's file is `git show 3717a86:src/diffusekit/assets/default.safetensors`). run.py's export
+records the recipe of its day; this rewrites the file with `Recipe()`, whose polish cycles are those two
+runs, and the current recommendation (CFG 2, DPM++ 2M SDE). The weights pass through fp32 and back to
+fp16 unchanged (checked below).
 
 Usage: python ship.py OUT/model.safetensors
 """
