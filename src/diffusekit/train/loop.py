@@ -173,6 +173,24 @@ class Trainer:
         """SDPA's math backend on CPU (see the module docstring); the default choice elsewhere."""
         return sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else contextlib.nullcontext()
 
+    def train_step(self, loss_fn: Callable[[nn.Module, int], torch.Tensor], step: int) -> torch.Tensor:
+        """One optimizer step at `step`'s learning rate: forward in the loop's precision, backward,
+        gradient clipping, AdamW, EMA. Returns the loss; the step counter and checkpoints are run()'s."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self._attention():
+            loss = loss_fn(self.module, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: loss became {loss.item()} at step {step}; lower the lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.ema.update(self.module, step)
+        return loss.detach()
+
     def run(
         self,
         loss_fn: Callable[[nn.Module, int], torch.Tensor],
@@ -186,21 +204,7 @@ class Trainer:
         self.module.train()
         start_step, t0, running = self.state.step, time.perf_counter(), []
         while self.state.step < end:
-            step = self.state.step
-            for group in self.opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), self._attention():
-                loss = loss_fn(self.module, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{self.name}: loss became {loss.item()} at step {step}; lower the lr"
-                )
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.ema.update(self.module, step)
+            loss = self.train_step(loss_fn, self.state.step)
             self.state.step += 1
             running.append(loss.item())
             if self.state.step % cfg.log_every == 0 or self.state.step == end:
