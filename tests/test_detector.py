@@ -31,6 +31,9 @@ from diffusekit.eval.geneval import (
     evaluate,
     format_table,
     ground_truth_generator,
+    pooled,
+    report_from_dict,
+    wilson_interval,
 )
 
 
@@ -192,7 +195,24 @@ def test_perfect_generator_scores_in_every_category():
     data = json.loads(json.dumps(report.to_dict()))
     assert data["overall"] == report.overall and len(data["results"]) == len(eval_prompts())
     table = format_table(report)
-    assert all(f"| {c} |" in table for c in CATEGORIES) and "overall" in table
+    assert all(f"| {c} |" in table for c in CATEGORIES) and "overall" in table and "95% interval" in table
+    for c in CATEGORIES:
+        lo, hi = data["category_intervals95"][c]
+        assert lo <= report.categories[c] <= hi == 1.0
+    lo, hi = report.overall_interval
+    assert lo < report.overall <= hi and data["overall_interval95"] == [lo, hi]
+
+
+def test_wilson_interval_matches_published_values_and_checks_its_input():
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I: Wilson's
+    # interval for 0/10 is 0-0.2775 and for 5/10 0.2366-0.7634
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-5)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=5e-5)
+    lo, hi = wilson_interval(26, 32)
+    assert lo < 26 / 32 < hi and hi - lo > wilson_interval(104, 128)[1] - wilson_interval(104, 128)[0]
+    for bad in ((3, 2), (-1, 4), (0, 0)):
+        with pytest.raises(ValueError, match="passed"):
+            wilson_interval(*bad)
 
 
 def test_in_distribution_prompt_set_has_no_heldout_score():
@@ -204,6 +224,8 @@ def test_in_distribution_prompt_set_has_no_heldout_score():
 def test_blank_and_wrong_generators_score_low():
     blank = evaluate(blank_generator(64), images_per_prompt=2)
     assert blank.overall == 0.0 and blank.held_out == 0.0
+    assert blank.interval("colors")[0] == 0.0 < blank.interval("colors")[1] < 0.25  # 0 of 16
+    assert blank.overall_interval[0] == 0.0 < blank.overall_interval[1]
     assert all(v == 0.0 for v in blank.categories.values())
     truth = ground_truth_generator(64)
 
@@ -214,6 +236,26 @@ def test_blank_and_wrong_generators_score_low():
     assert wrong.categories["single_object"] == pytest.approx(1 / 6)  # "a circle"
     assert wrong.categories["shapes"] == pytest.approx(2 / 8)  # "a green circle", "a pink circle"
     assert all(wrong.categories[c] == 0.0 for c in CATEGORIES if c not in ("single_object", "shapes"))
+
+
+def test_pooled_seed_blocks_equal_one_run_over_all_their_seeds():
+    truth, blank = ground_truth_generator(64), blank_generator(64)
+
+    def right_on_even_seeds(prompts, seeds):
+        images = [(truth if s % 2 == 0 else blank)([p], [s])[0] for p, s in zip(prompts, seeds, strict=True)]
+        return images
+
+    one_run = evaluate(right_on_even_seeds, images_per_prompt=3, seed=0)
+    blocks = [evaluate(right_on_even_seeds, images_per_prompt=n, seed=s) for s, n in ((0, 2), (2, 1))]
+    merged = pooled([report_from_dict(json.loads(json.dumps(b.to_dict()))) for b in blocks])
+    assert merged.results == one_run.results and merged.images_per_prompt == 3
+    assert merged.categories == one_run.categories and merged.overall == one_run.overall
+    assert merged.held_out == one_run.held_out and 0.6 < merged.overall < 0.7  # 2 of 3 seeds drawn right
+    assert merged.interval("colors") == wilson_interval(16, 24)
+    with pytest.raises(ValueError, match="count images twice"):
+        pooled([blocks[0], blocks[0]])
+    with pytest.raises(ValueError, match="same prompts"):
+        pooled([blocks[0], evaluate(right_on_even_seeds, images_per_prompt=1, seed=5, prompt_set="train")])
 
 
 def test_evaluate_rejects_a_generator_returning_the_wrong_number_of_images():

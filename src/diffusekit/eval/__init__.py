@@ -24,6 +24,9 @@ _EXPORTS = {
     "evaluate": "geneval",
     "format_table": "geneval",
     "ground_truth_generator": "geneval",
+    "pooled": "geneval",
+    "report_from_dict": "geneval",
+    "wilson_interval": "geneval",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,10 +25,17 @@ measure the generalization gap.
 
 Scores: per-category accuracy over all its images; `overall` is the mean over categories (GenEval);
 `held_out` is the mean over categories of the accuracy on their held-out prompts.
+
+Each score comes with a 95% interval, because at 4 images per prompt a category is 24-32 images and
+one image moves it by 0.03-0.04: Wilson's score interval for a category (its images taken as
+independent draws), and for `overall` the mean plus or minus 1.96 standard errors from the
+categories' Agresti-Coull variances (colors and shapes judge the same images, so this is a little
+narrower than it should be). Two seed blocks whose intervals overlap widely do not show a difference.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +69,7 @@ CATEGORIES: tuple[str, ...] = (
     "color_attribution",
 )
 PROMPT_SETS: tuple[str, ...] = ("heldout", "train")
+Z95 = 1.959964  # the standard normal quantile of a two-sided 95% interval
 
 # In-distribution counterparts of HELDOUT_PAIRS (one per color, same shape spacing rules) for "train".
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = (
@@ -185,6 +193,26 @@ class EvalReport:
     held_out: float | None
     results: tuple[PromptResult, ...]
 
+    def passes(self, category: str) -> tuple[int, int]:
+        """(images that pass, images judged) in a category."""
+        verdicts = [v for r in self.results if r.category == category for v in r.passed]
+        return sum(verdicts), len(verdicts)
+
+    def interval(self, category: str) -> tuple[float, float]:
+        """The 95% Wilson interval of a category's accuracy (see the module docstring)."""
+        return wilson_interval(*self.passes(category))
+
+    @property
+    def overall_interval(self) -> tuple[float, float]:
+        """`overall` plus or minus 1.96 standard errors (Agresti-Coull per category), within [0, 1]."""
+        variances = []
+        for c in CATEGORIES:
+            passed, n = self.passes(c)
+            p = (passed + Z95**2 / 2) / (n + Z95**2)
+            variances.append(p * (1 - p) / (n + Z95**2))
+        half = Z95 * math.sqrt(sum(variances)) / len(variances)
+        return max(0.0, self.overall - half), min(1.0, self.overall + half)
+
     def to_dict(self) -> dict:
         """A JSON-serializable dict of the whole report."""
         return {
@@ -192,8 +220,10 @@ class EvalReport:
             "images_per_prompt": self.images_per_prompt,
             "seed": self.seed,
             "overall": self.overall,
+            "overall_interval95": list(self.overall_interval),
             "held_out": self.held_out,
             "categories": dict(self.categories),
+            "category_intervals95": {c: list(self.interval(c)) for c in self.categories},
             "held_out_categories": dict(self.held_out_categories),
             "results": [
                 {
@@ -210,8 +240,25 @@ class EvalReport:
         }
 
 
+def wilson_interval(passed: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a pass rate of `passed` out of `n` independent trials (95% at z 1.96).
+    Unlike p +- z se it stays inside [0, 1] and is not empty at 0 or n passes."""
+    if not 0 <= passed <= n or n < 1:
+        raise ValueError(f"need 0 <= passed <= n and n >= 1, got passed={passed}, n={n}")
+    p = passed / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo = 0.0 if passed == 0 else max(0.0, center - half)  # exactly 0 and 1 at the ends, not 1 - 1e-16
+    hi = 1.0 if passed == n else min(1.0, center + half)
+    return lo, hi
+
+
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs))
+
+
+def _span(interval: tuple[float, float]) -> str:
+    return f"{interval[0]:.2f}-{interval[1]:.2f}"
 
 
 def _summary(dets: Sequence[DetectedObject]) -> str:
@@ -255,6 +302,13 @@ def evaluate(
         results.append(
             PromptResult(p.category, p.prompt, p.held_out, tuple(seeds), tuple(passed), tuple(detected))
         )
+    return _report(prompt_set, images_per_prompt, seed, results)
+
+
+def _report(
+    prompt_set: str, images_per_prompt: int, seed: int, results: Sequence[PromptResult]
+) -> EvalReport:
+    """The scores of per-prompt verdicts (see the module docstring)."""
     categories = {c: _mean([r.accuracy for r in results if r.category == c]) for c in CATEGORIES}
     held = {
         c: _mean([r.accuracy for r in results if r.category == c and r.held_out])
@@ -273,23 +327,60 @@ def evaluate(
     )
 
 
+def report_from_dict(data: dict) -> EvalReport:
+    """An EvalReport back from `EvalReport.to_dict()` (an `eval --json` file); scores are recomputed."""
+    results = [
+        PromptResult(r["category"], r["prompt"], r["held_out"], tuple(r["seeds"]), tuple(r["passed"]),
+                     tuple(r["detected"]))
+        for r in data["results"]
+    ]  # fmt: skip
+    return _report(data["prompt_set"], data["images_per_prompt"], data["seed"], results)
+
+
+def pooled(reports: Sequence[EvalReport]) -> EvalReport:
+    """Runs of one prompt set at different seeds (`eval --seed 0`, `--seed 4`, ...) as one report over
+    all their images: more images per prompt, narrower intervals."""
+    first = reports[0]
+    keys = [(r.category, r.prompt) for r in first.results]
+    for other in reports[1:]:
+        if other.prompt_set != first.prompt_set or [(r.category, r.prompt) for r in other.results] != keys:
+            raise ValueError(
+                f"can only pool runs over the same prompts; got prompt sets {first.prompt_set!r} "
+                f"and {other.prompt_set!r} (or different prompt lists)"
+            )
+    seeds = [s for rep in reports for s in rep.results[0].seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the runs share seeds ({sorted(seeds)}); pooling would count images twice")
+    merged = [
+        PromptResult(
+            r.category, r.prompt, r.held_out,
+            tuple(s for rep in reports for s in rep.results[i].seeds),
+            tuple(v for rep in reports for v in rep.results[i].passed),
+            tuple(d for rep in reports for d in rep.results[i].detected),
+        )
+        for i, r in enumerate(first.results)
+    ]  # fmt: skip
+    return _report(first.prompt_set, sum(rep.images_per_prompt for rep in reports), first.seed, merged)
+
+
 def format_table(report: EvalReport) -> str:
     """The report as a markdown table: one row per category, then overall and held-out means."""
     lines = [
         f"GenEval-style scores ({report.prompt_set} prompts, {report.images_per_prompt} images per prompt, "
         f"seed {report.seed})",
         "",
-        "| category | prompts | held-out prompts | accuracy | held-out accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| category | prompts | held-out prompts | accuracy | 95% interval | held-out accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for c in CATEGORIES:
         rows = [r for r in report.results if r.category == c]
         n_held = sum(r.held_out for r in rows)
         held = f"{report.held_out_categories[c]:.3f}" if c in report.held_out_categories else "-"
-        lines.append(f"| {c} | {len(rows)} | {n_held} | {report.categories[c]:.3f} | {held} |")
+        interval = _span(report.interval(c))
+        lines.append(f"| {c} | {len(rows)} | {n_held} | {report.categories[c]:.3f} | {interval} | {held} |")
     held_all = "-" if report.held_out is None else f"{report.held_out:.3f}"
     lines.append(f"| **overall** | {len(report.results)} | {sum(r.held_out for r in report.results)} | ")
-    lines[-1] += f"**{report.overall:.3f}** | **{held_all}** |"
+    lines[-1] += f"**{report.overall:.3f}** | {_span(report.overall_interval)} | **{held_all}** |"
     return "\n".join(lines)
 
 
