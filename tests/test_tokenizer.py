@@ -20,6 +20,7 @@ from diffusekit.models.tokenizer import (
     AddedToken,
     CLIPTokenizer,
     _letter_number_classes,
+    _patterns,
     normalize,
 )
 
@@ -400,6 +401,9 @@ def test_constructor_with_extra_added_tokens(tmp_path, ours):
 # The emulated Unicode classes and normalizer, code point by code point
 
 
+ASCII = "".join(chr(cp) for cp in range(0x80))
+
+
 def onig_marks(pattern: str, text: str) -> str:
     """text with NUL wherever the tokenizers (Oniguruma) pattern matches a code point."""
     return tokenizers.normalizers.Replace(tokenizers.Regex(pattern), "\0").normalize_str(text)
@@ -421,6 +425,18 @@ def test_unicode_classes_match_tokenizers_engine():
         wrong = [hex(ord(c)) for c, g, w in zip(chars, got, want, strict=True) if g != w]
         assert not wrong, f"{onig} differs at {wrong[:20]}"
     assert onig_marks(r"\s", "\x1c\x1d\x1e\x1f") == "\x1c\x1d\x1e\x1f"  # Python's \s would match these
+
+
+def test_ascii_patterns_split_ascii_text_as_the_full_ones():
+    """The cut-down classes used on ASCII text agree with the full ones at every ASCII code point, so
+    both patterns split any ASCII text alike (a regex class only meets the text's own characters)."""
+    letters, numbers = _letter_number_classes(0x80)
+    assert re.findall(f"[{letters}]", ASCII) == re.findall(f"[{_letter_number_classes()[0]}]", ASCII)
+    assert re.findall(f"[{numbers}]", ASCII) == list("0123456789")
+    text = ASCII + " a red circle, 3 blue stars: don't (stop)! x2  \t\n"
+    full, cut = _patterns(ascii_only=False), _patterns(ascii_only=True)
+    assert cut.words.findall(text) == full.words.findall(text)
+    assert cut.byte_level.findall(text) == full.byte_level.findall(text)
 
 
 def test_normalizer_matches_tokenizers_per_code_point():

@@ -77,10 +77,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @functools.cache
-def _letter_number_classes() -> tuple[str, str]:
-    """Regex class bodies for `\\p{L}` and `\\p{N}` (general categories L* and N*), built from unicodedata."""
+def _letter_number_classes(limit: int = 0x110000) -> tuple[str, str]:
+    """Regex class bodies for `\\p{L}` and `\\p{N}` (general categories L* and N*), built from unicodedata,
+    over the code points below `limit`: all of Unicode (about 1 s), or 0x80 for ASCII text (below)."""
     category = unicodedata.category
-    chars = [chr(cp) for cp in range(0x110000)]
+    chars = [chr(cp) for cp in range(limit)]
     letters = [ord(c) for c in chars if category(c)[0] == "L"]
     numbers = [ord(c) for c in chars if category(c)[0] == "N"]
 
@@ -103,9 +104,13 @@ class _Patterns(NamedTuple):
 
 
 @functools.cache
-def _patterns() -> _Patterns:
-    """The tokenizer regexes with `\\p{L}`, `\\p{N}` and `\\s` emulated (built once, on first use)."""
-    letters, numbers = _letter_number_classes()
+def _patterns(ascii_only: bool = False) -> _Patterns:
+    """The tokenizer regexes with `\\p{L}`, `\\p{N}` and `\\s` emulated (built once, on first use).
+
+    A regex class is only ever tested against the characters of the text, so on ASCII text the classes
+    cut down to ASCII match exactly what the full ones do; `ascii_only` builds those, which skips the
+    second of building the full Unicode classes for the usual all-ASCII prompt."""
+    letters, numbers = _letter_number_classes(0x80 if ascii_only else 0x110000)
     other = f"[^{_WHITESPACE}{letters}{numbers}]"
     clip_split = re.compile(
         rf"<\|startoftext\|>|<\|endoftext\|>|{_CONTRACTIONS}|[{letters}]+|[{numbers}]|{other}+"
@@ -119,7 +124,8 @@ def _patterns() -> _Patterns:
 
 def normalize(text: str) -> str:
     """transformers' CLIP normalizer: NFC, whitespace runs to one space, per-code-point lowercase."""
-    text = _patterns().whitespace.sub(" ", unicodedata.normalize("NFC", text))
+    # the whitespace class does not depend on the letter classes, so the ASCII patterns' serves any text
+    text = _patterns(ascii_only=True).whitespace.sub(" ", unicodedata.normalize("NFC", text))
     # str.lower() applies the final-sigma rule to U+03A3; the Rust normalizer maps it to U+03C3 always.
     return text.replace("\u03a3", "\u03c3").lower()
 
@@ -289,7 +295,7 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: list[int] = []
-        words = _patterns().words
+        words = _patterns(text.isascii()).words
         for raw in _split_on(text, self._raw_added, self._raw_ids):
             if isinstance(raw, int):
                 ids.append(raw)
@@ -362,7 +368,7 @@ class CLIPTokenizer:
         """Ids of one CLIP-split word (cached): byte-level split, byte -> char map, BPE."""
         ids: list[int] = []
         unk = self._ids["unk_token"]
-        for piece in _patterns().byte_level.findall(word):
+        for piece in _patterns(word.isascii()).byte_level.findall(word):
             try:
                 data = piece.encode("utf-8")
             except UnicodeEncodeError as exc:
