@@ -154,7 +154,9 @@ def test_polish_cycles_repeat_the_refine_objective_with_fresh_schedules():
     assert len({cfg.seed for _, cfg, _ in stages}) == len(stages)  # every cycle draws its own batches
     scaled = Recipe().scaled(0.1)
     assert [c.steps for c in scaled.ldm_polish] == [cfg.steps // 10 for _, cfg, _ in polish]
-    assert {c.warmup for c in scaled.ldm_polish} == {10}
+    assert {c.warmup for c in scaled.ldm_polish} == {10} and scaled.ldm.warmup == 30  # warmups scale too
+    tiny = Recipe().scaled(1e-4)
+    assert all(c.steps == c.warmup == 1 for c in (tiny.vae, tiny.ldm, tiny.ldm_refine, *tiny.ldm_polish))
 
 
 def test_min_snr_weights():

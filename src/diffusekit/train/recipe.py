@@ -105,8 +105,13 @@ class Recipe:
         return stages
 
     def scaled(self, factor: float) -> Recipe:
-        """The same recipe with every stage's step count multiplied by `factor` (for quick runs)."""
-        steps = lambda c: replace(c, steps=max(1, int(c.steps * factor)), warmup=min(c.warmup, 10))  # noqa: E731
+        """The same recipe with every stage's step count and warmup multiplied by `factor` (for quick
+        runs, or a recipe sized to a time budget)."""
+        steps = lambda c: replace(  # noqa: E731
+            c,
+            steps=max(1, int(c.steps * factor)),
+            warmup=max(1, min(int(c.steps * factor), round(c.warmup * factor))),
+        )
         refine = steps(self.ldm_refine) if self.ldm_refine else None
         polish = tuple(steps(c) for c in self.ldm_polish)
         return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_refine=refine, ldm_polish=polish)
