@@ -242,7 +242,7 @@ class EvalReport:
 
 def wilson_interval(passed: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson's score interval for a pass rate of `passed` out of `n` independent trials (95% at z 1.96).
-    Unlike p +- z se it stays inside [0, 1] and is not empty at 0 or n passes."""
+    Unlike p +- z se it stays inside [0, 1] and keeps a width at 0 or n passes."""
     if not 0 <= passed <= n or n < 1:
         raise ValueError(f"need 0 <= passed <= n and n >= 1, got passed={passed}, n={n}")
     p = passed / n
@@ -340,6 +340,8 @@ def report_from_dict(data: dict) -> EvalReport:
 def pooled(reports: Sequence[EvalReport]) -> EvalReport:
     """Runs of one prompt set at different seeds (`eval --seed 0`, `--seed 4`, ...) as one report over
     all their images: more images per prompt, narrower intervals."""
+    if not reports:
+        raise ValueError("pooled() needs at least one report")
     first = reports[0]
     keys = [(r.category, r.prompt) for r in first.results]
     for other in reports[1:]:

@@ -124,7 +124,7 @@ def _patterns(ascii_only: bool = False) -> _Patterns:
 
 def normalize(text: str) -> str:
     """transformers' CLIP normalizer: NFC, whitespace runs to one space, per-code-point lowercase."""
-    # the whitespace class does not depend on the letter classes, so the ASCII patterns' serves any text
+    # the whitespace regex does not use the letter classes, so the ASCII patterns' one serves any text
     text = _patterns(ascii_only=True).whitespace.sub(" ", unicodedata.normalize("NFC", text))
     # str.lower() applies the final-sigma rule to U+03A3; the Rust normalizer maps it to U+03C3 always.
     return text.replace("\u03a3", "\u03c3").lower()
