@@ -86,10 +86,11 @@ def stage_costs(recipe: Recipe, steps: int, out: Path, compiled: bool) -> tuple[
     rows.append({"stage": "latent pool", "steps": recipe.pool_size, "gflop_per_step": per_image,
                  "seconds_per_step": per_image_s})  # fmt: skip
 
+    tokenizer = CLIPTokenizer.bundled()
     for name, cfg, objective in recipe.stages():
         model = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
         loss = LatentDiffusionObjective(
-            pool, CLIPTokenizer.bundled(), batch_size=cfg.batch_size, scaling_factor=0.3,
+            pool, tokenizer, batch_size=cfg.batch_size, scaling_factor=0.3,
             caption_dropout=recipe.caption_dropout, objective=objective,
         )  # fmt: skip
         gflop, sec = measure(Trainer(name, model, cfg, out), loss, steps)

@@ -107,11 +107,11 @@ class Recipe:
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's step count and warmup multiplied by `factor` (for quick
         runs, or a recipe sized to a time budget)."""
-        steps = lambda c: replace(  # noqa: E731
-            c,
-            steps=max(1, int(c.steps * factor)),
-            warmup=max(1, min(int(c.steps * factor), round(c.warmup * factor))),
-        )
+
+        def steps(c: TrainConfig) -> TrainConfig:
+            n = max(1, int(c.steps * factor))
+            return replace(c, steps=n, warmup=max(1, min(n, round(c.warmup * factor))))
+
         refine = steps(self.ldm_refine) if self.ldm_refine else None
         polish = tuple(steps(c) for c in self.ldm_polish)
         return replace(self, vae=steps(self.vae), ldm=steps(self.ldm), ldm_refine=refine, ldm_polish=polish)

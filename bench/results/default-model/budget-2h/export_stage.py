@@ -14,20 +14,19 @@ import torch
 from diffusekit.models.clip import build_text_encoder
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
-from diffusekit.train.objectives import LatentPool, TextToLatent, latent_scale
-from diffusekit.train.recipe import Recipe, export
+from diffusekit.train.loop import TrainConfig, Trainer
+from diffusekit.train.objectives import TextToLatent, latent_scale
+from diffusekit.train.recipe import Recipe, export, latent_pool
 
 
-def load_ema(module: torch.nn.Module, checkpoint: Path, steps: int) -> None:
-    """The trainer checkpoint's weights with its EMA copied over them (Trainer.ema.copy_to)."""
-    ck = torch.load(checkpoint, weights_only=True)
-    if ck["step"] != steps:
-        raise SystemExit(f"{checkpoint} is at step {ck['step']}, not at the stage's end ({steps})")
-    module.load_state_dict(ck["module"])
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name in ck["ema"]:
-                p.copy_(ck["ema"][name])
+def load_ema(name: str, module: torch.nn.Module, cfg: TrainConfig, run: Path) -> None:
+    """The stage's checkpoint in `run` with its EMA weights copied in, as run_recipe ends a stage."""
+    trainer = Trainer(name, module, cfg, run)
+    if not trainer.resume() or trainer.state.step != cfg.steps:
+        raise SystemExit(
+            f"{trainer.checkpoint_path} is missing or not at the stage's end ({cfg.steps} steps)"
+        )
+    trainer.ema.copy_to(module)
 
 
 def main() -> None:
@@ -36,11 +35,10 @@ def main() -> None:
     if stage == "refine":
         recipe = replace(recipe, ldm_polish=())
     vae = AutoencoderKL(recipe.model.vae)
-    load_ema(vae, run / "vae.train.pt", recipe.vae.steps)
-    saved = torch.load(run / "latents.pt", weights_only=True)
-    scale = latent_scale(LatentPool(saved["moments"], saved["captions"]))
+    load_ema("vae", vae, recipe.vae, run)
+    scale = latent_scale(latent_pool(recipe, vae, run, resume=True))  # the run's saved pool
     ldm = TextToLatent(UNetModel(recipe.model.unet), build_text_encoder(recipe.model.text_encoders[0]))
-    load_ema(ldm, run / f"{stage}.train.pt", {n: c.steps for n, c, _ in recipe.stages()}[stage])
+    load_ema(stage, ldm, {n: c for n, c, _ in recipe.stages()}[stage], run)
     export(recipe, vae.eval(), ldm.eval(), scale, out)
     print(f"wrote {out} (latent scale {scale})")
 
