@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def data_dir() -> Path:
-    """The per-user data folder: $DIFFUSEKIT_HOME, else $XDG_DATA_HOME/diffusekit, else ~/.local/share/diffusekit.
+    """The per-user data folder: $DIFFUSEKIT_HOME, else $XDG_DATA_HOME/diffusekit, else
+    ~/.local/share/diffusekit.
 
     Not created here: the caller that writes makes it.
     """
