@@ -54,7 +54,7 @@ def _cell(text: str) -> str:
 def _usage(parser: argparse.ArgumentParser) -> str:
     """The usage block at a fixed width, so the page does not depend on the terminal."""
     formatter_class = parser.formatter_class
-    parser.formatter_class = functools.partial(formatter_class, width=100)
+    parser.formatter_class = functools.partial(formatter_class, width=88)
     try:
         return parser.format_usage().strip()
     finally:
@@ -83,6 +83,8 @@ def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
         else:
             name = f"`{action.metavar or action.dest}`"
         help_text = _cell(action.help or "")
+        if help_text and help_text[-1] not in ".!?)":
+            help_text += "."
         if action.choices is not None:
             choices = ", ".join(f"`{c}`" for c in action.choices)
             help_text += (" " if help_text else "") + f"One of: {choices}."
