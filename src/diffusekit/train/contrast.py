@@ -19,7 +19,7 @@ to the batch's one U-Net and text-encoder pass. At low noise x_t already shows t
 for a worse prediction there would teach the model to fight its input; hence the SNR cap. A
 contradicting caption that names a held-out composition is never used, so held-out captions stay out
 of training entirely. In the default model's stage 2b it took relations from chance to about 4 in 5
-(README, "The default model").
+(docs: how-it-was-made).
 """
 
 from __future__ import annotations

@@ -106,17 +106,18 @@ class Objective:
     `weight_floor` changes the weighting to an x0 weight of min(SNR, gamma) + floor (`min_snr_weights`).
     `kind_weights` ((caption kind, factor), ...) draws the pool's images of those kinds (data.KINDS:
     "relation", "list", ...) that many times as often as the pool holds them; kinds not named keep 1.
-    (Relations 2x in the default model's stage 2b left its relation score where it was; README.)
+    (Relations 2x in the default model's stage 2b left its relation score where it was: docs,
+    how-it-was-made.)
     `near_color_weight` draws the images whose caption has two groups of different shapes in colors at
     most one ring step apart (`data.has_near_color_pair`: "a red circle and an orange star", about 18% of
     the training data) that many times as often; it multiplies `kind_weights`. Such pairs are what the
-    default model draws as one shape twice (README, "The default model").
+    default model draws as one shape twice (docs: how-it-was-made).
     `contrast` adds the binding contrast (`train.contrast`): at high noise, a caption with its relation
     reversed, its position mirrored or its colors exchanged must predict worse than the true one.
     `pad_dropout` p gives a captioned row, with probability p, the empty caption's hidden states at the
     positions after its EOS. A causal CLIP encoder's padding states summarize the whole caption, and a
     jointly trained U-Net reads the prompt mostly there; dropping them makes it read the word positions.
-    (Tried on the default model, README "The default model": it did not help two objects; off there.)
+    (Tried on the default model, docs: how-it-was-made: it did not help two objects; off there.)
     Inference is unchanged: every tool feeds the prompt's own padding, which the model still sees in
     the other rows.
     """
@@ -324,7 +325,7 @@ def min_snr_weights(
     `floor`: the x0 weight is min(SNR, gamma) + floor instead, for either prediction. Without it, a
     v model's noisiest steps weigh about 1 on an x0 error that is mostly irreducible (the layout is a
     guess there) and make up most of the loss; a small floor keeps the zero-SNR step trained at a lower
-    weight. (Tried on the default model, README "The default model": it did not help there.)
+    weight. (Tried on the default model, docs: how-it-was-made: it did not help there.)
     """
     snr = alphas_cumprod / (1 - alphas_cumprod)
     if floor is not None:

@@ -51,10 +51,11 @@ class Recipe:
     binding contrast (`train.contrast`), without which the model ignores relation words. Each polish
     cycle (`ldm_polish`, none to several) is a warm restart: the last stage's objective again, from the
     previous stage's EMA weights, with a fresh optimizer, a lower peak learning rate and its own seed
-    (README, "The polish stage": two cycles, 3,000 + 1,500 steps, raised held-out accuracy from about
-    0.81 to 0.89 over two seed blocks). `model` describes the exported file and must match the last
-    stage's objective. The trained model is over-guided at A1111's CFG 7; `recommended` is what its file
-    tells generate/eval to use instead (chosen on training compositions; README, "The default model").
+    (docs: how-it-was-made, "The polish stage": two cycles, 3,000 + 1,500 steps, raised held-out
+    accuracy from about 0.81 to 0.89 over two seed blocks). `model` describes the exported file and must
+    match the last stage's objective. The trained model is over-guided at A1111's CFG 7; `recommended` is
+    what its file tells generate/eval to use instead (chosen on training compositions; docs:
+    how-it-was-made).
     """
 
     model: ModelConfig = DEFAULT
@@ -75,7 +76,7 @@ class Recipe:
     )
     caption_dropout: float = 0.1
     pool_size: int = 50_000  # training images encoded once for stage 2
-    # what the exported file recommends (README, "The default model": chosen on training compositions)
+    # what the exported file recommends (docs: how-it-was-made: chosen on training compositions)
     recommended: ModelDefaults = ModelDefaults(cfg_scale=2.0, sampler="DPM++ 2M SDE")
 
     def __post_init__(self):

@@ -1,8 +1,11 @@
-"""Export a scaled recipe's run at the end of one U-Net stage (EMA weights), as run_recipe exports.
+"""Reproduces: the 2-hour scaled recipe's model in this folder (`diffusekit train --scale 0.25`).
+
+Export a scaled recipe's run at the end of one U-Net stage (EMA weights), as run_recipe exports.
 
 Usage: python export_stage.py RUN_DIR STAGE OUT.safetensors SCALE
-Used for the 2-hour budget run (`diffusekit train --scale 0.25`, stopped after stage 2b): the README's
-"A recipe sized to two hours". With STAGE "refine" the file's recipe metadata has no polish cycles.
+Used for the 2-hour budget run (`diffusekit train --scale 0.25`, stopped after stage 2b): the docs'
+"How the default model was made", "What the recipe costs". With STAGE "refine" the file's recipe
+metadata has no polish cycles.
 """
 
 import sys

@@ -1,4 +1,6 @@
-"""Fine-tune trials: continue the shipped default model with stage 2b's objective and another contrast.
+"""Reproduces: the shipped model's two polish cycles (longer-finetune/second-cycle/) and the fine-tune trials.
+
+Fine-tune trials: continue the shipped default model with stage 2b's objective and another contrast.
 
 No stage-2 checkpoint exists on this machine, and stage 1 + stage 2 take about 2 h, so these trials
 start from the shipped file itself (fp16 EMA weights of stage 2b, cast to fp32) with a fresh optimizer,
@@ -8,7 +10,7 @@ and train `--steps` more steps of `Recipe().refine_objective` with the contrast'
 - all: breaks ("binding", "shared", "count"), aimed at two objects drawn as one shape or in one color,
   and at wrong counts.
 `--pad-dropout P` (0 unless given, so the runs above are unchanged) also sets `Objective.pad_dropout`
-(pad-trial/, README "The default model").
+(pad-trial/, docs: how-it-was-made).
 `--hue-weight F` (1 unless given) sets `Objective.near_color_weight`: the pool's images with two groups
 of different shapes in colors at most one ring step apart are drawn F times as often (hue-trial/): what
 a model that draws "a red circle and an orange star" as two circles gets wrong. (hue-trial/ ran this

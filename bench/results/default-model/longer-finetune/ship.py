@@ -1,4 +1,6 @@
-"""Write a polish run's weights as the bundled default model, with `Recipe()`'s metadata.
+"""Reproduces: the bundled default.safetensors from the second polish cycle's weights.
+
+Write a polish run's weights as the bundled default model, with `Recipe()`'s metadata.
 
 The bundled weights are the second polish cycle's: `finetune-trials/run.py binding OUT --base FILE
 --steps 1500 --seed 5 --threads 2` (lr 2e-4, fp32 on the AVX2-only EPYC) from the first cycle's file,
