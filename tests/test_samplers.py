@@ -552,7 +552,8 @@ def test_automatic_schedule_of_a_zero_terminal_snr_model_is_trailing():
     table = sd_schedule(zero_terminal_snr=True)
     trailing = sampler_sigmas("dpmpp_2m", "simple", 20, table)
     karras = sampler_sigmas("dpmpp_2m", "karras", 20, table)
-    assert trailing[0] == karras[0] == 4096.0  # both start at the (pinned) zero-SNR step
+    pinned = float(torch.tensor(2.0**24 - 1).sqrt())  # sqrt((1 - 2^-24) / 2^-24), correctly rounded
+    assert trailing[0] == karras[0] == table.sigma_max == pinned  # both start at the zero-SNR step
     assert int((trailing > 15).sum()) == 3 and int((karras > 15).sum()) == 13  # SD's own max is 14.6
 
 

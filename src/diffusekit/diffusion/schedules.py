@@ -108,7 +108,7 @@ class DiscreteSchedule:
                 "alphas_cumprod must lie in (0, 1]; a zero-terminal-SNR table must pin its last entry "
                 f"to a small positive value (e.g. {ZERO_SNR_LAST_ALPHA_CUMPROD})"
             )
-        sigmas = ((1 - ac) / ac) ** 0.5
+        sigmas = ((1 - ac) / ac).sqrt()  # sqrt is correctly rounded on every CPU; a vectorised pow is not
         if not bool((sigmas[1:] > sigmas[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing in t (sigmas strictly increasing)")
         object.__setattr__(self, "alphas_cumprod", ac)
