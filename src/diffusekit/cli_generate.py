@@ -108,7 +108,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "(0 = off, at most 0.75; 0.5 is a common choice)")  # fmt: skip
     p.add_argument("--int8", action="store_true", help="dynamic int8 U-Net transformer weights (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
-    p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
+    p.add_argument(
+        "-o", "--out", default="out.png",
+        help="output file: .png (infotext in a 'parameters' chunk), .jpg/.jpeg or .webp (infotext in EXIF "
+        "UserComment, as A1111 writes it); batches add -1, -2 ... before the extension",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
 
 
@@ -149,11 +153,29 @@ def _accel(args: argparse.Namespace):
     )
 
 
+def output_paths(out: str, count: int) -> list[Path]:
+    """The files a run of `count` images writes: `out` itself, or NAME-1.EXT, NAME-2.EXT, ..."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _check_outputs(args: argparse.Namespace, params) -> list[Path]:
+    """Every output file checked (folder exists and is writable, name, format) before any work."""
+    from .image_files import check_output_path
+
+    chars = len(params.prompt) + len(params.negative_prompt)
+    paths = output_paths(args.out, params.batch_size * params.n_iter)
+    return [check_output_path(p, prompt_chars=chars) for p in paths]
+
+
 def _run(args: argparse.Namespace, params, **inputs) -> int:
-    from .metadata import save_png
+    from .image_files import save_image
     from .pipeline import Pipeline
     from .runtime import resolve_device
 
+    paths = _check_outputs(args, params)
     model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     accel = _accel(args)
@@ -168,11 +190,9 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
         result = pipe.outpaint(params, image, callback=progress, **pads)
     else:
         result = pipe.generate(params, callback=progress, **inputs)
-    out = Path(args.out)
     files = []
-    for i, (img, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
-        save_png(img, path, text)
+    for path, img, text in zip(paths, result.images, result.infotexts, strict=True):
+        save_image(img, path, text)
         files.append(str(path))
     total_s = time.perf_counter() - t0
     if args.json:
@@ -219,7 +239,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from .images import load_image
 
-    image, mask = load_image(args.image), load_image(args.mask, mode="L")
+    image, mask = load_image(args.image), load_image(args.mask, mode="mask")
     params = _params(
         args,
         denoising_strength=args.strength,
@@ -241,12 +261,17 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .metadata import parse_infotext, read_infotext
+    from .metadata import parse_infotext, printable, read_infotext
 
     text = read_infotext(args.image)
     if text is None:
-        raise ValueError(f"{args.image}: has no generation parameters (no 'parameters' text chunk)")
-    print(json.dumps(parse_infotext(text), indent=2) if args.json else text)
+        raise ValueError(
+            f"{printable(args.image)}: has no generation parameters (no 'parameters' text chunk or "
+            "EXIF UserComment)"
+        )
+    # JSON escapes every control character itself; plain text is escaped so that untrusted metadata
+    # cannot send terminal escape sequences.
+    print(json.dumps(parse_infotext(text), indent=2) if args.json else printable(text))
     return 0
 
 

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
+
+from .image_files import MAX_PIXELS, ImageError, load_image
 
 RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
-
-
-class ImageError(ValueError):
-    """An image or mask that cannot be used, with what is wrong and what is expected."""
-
-
-def load_image(path: str | Path, *, mode: str = "RGB") -> Image.Image:
-    """Open an image file fully (so the file handle closes), converted to `mode`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e}); expected PNG, JPEG or WebP") from None
+__all__ = ["MAX_PIXELS", "ImageError", "load_image"]  # re-exported: the one image reader
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
