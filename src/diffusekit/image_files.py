@@ -241,9 +241,10 @@ def output_format(path: str | os.PathLike[str]) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def check_output_path(path: str | os.PathLike[str], *, prompt_chars: int = 0) -> Path:
+def check_output_path(path: str | os.PathLike[str], *, prompt_chars: int = 0, probe: bool = True) -> Path:
     """Refuse an output path that cannot be written, before any work: empty, a directory, a missing or
-    unwritable folder, an unknown extension. `prompt_chars` (prompt + negative) bounds JPEG's EXIF."""
+    unwritable folder (probed by creating a temporary file unless `probe` is False), an unknown
+    extension. `prompt_chars` (prompt + negative) bounds what a JPEG's EXIF block can hold."""
     text = os.fspath(path)
     if not text.strip():
         raise ImageError("the output path is empty; give a file name such as out.png")
@@ -263,6 +264,8 @@ def check_output_path(path: str | os.PathLike[str], *, prompt_chars: int = 0) ->
         raise ImageError(f"output folder {str(folder)!r} is not a directory")
     if out.exists() and _file_kind(out.stat().st_mode) is not None:
         raise ImageError(f"output {text!r} is {_file_kind(out.stat().st_mode)}; give a regular file name")
+    if not probe:
+        return out
     try:  # the honest test of writability (os.access is wrong for root and on some mounts)
         fd, probe = _create_temp(folder, out.name)
     except OSError as e:
