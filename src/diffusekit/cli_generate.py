@@ -207,6 +207,11 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     from .runtime import resolve_device
 
     paths = _check_outputs(args, params)
+    if params.prompt_mode != "plain":  # emphasis errors (bounds, bad numbers) before the model loads
+        from .prompts import parse_prompt_attention
+
+        parse_prompt_attention(params.prompt)
+        parse_prompt_attention(params.negative_prompt)
     model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     accel = _accel(args)
