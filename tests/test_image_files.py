@@ -285,3 +285,57 @@ def test_cli_refuses_a_bad_output_before_loading_the_model(tmp_path, capsys):
                          (tmp_path / "x.bmp", "valid: .png")):  # fmt: skip
         assert main(["generate", "x", "--model", str(missing_model), "-o", str(out)]) == 2
         assert message in capsys.readouterr().err
+
+
+# --- Hypothesis: random modes, sizes and truncations never give anything but an image or an ImageError ---
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# mode -> formats that store it; every Pillow mode a file can carry
+MODE_FORMATS = {
+    "1": ("PNG", "TIFF", "BMP"), "L": ("PNG", "JPEG", "TIFF", "WEBP"), "LA": ("PNG", "TIFF"),
+    "P": ("PNG", "GIF", "TIFF"), "RGB": ("PNG", "JPEG", "WEBP", "TIFF"), "RGBA": ("PNG", "WEBP", "TIFF"),
+    "CMYK": ("JPEG", "TIFF"), "YCbCr": ("TIFF",), "I;16": ("PNG", "TIFF"), "I": ("TIFF",), "F": ("TIFF",),
+}  # fmt: skip
+
+
+def _random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    probe = Image.new(mode, (1, 1))
+    nbytes = len(Image.new(mode, size).tobytes()) or len(probe.tobytes())
+    img = Image.frombytes(mode, size, rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    if mode == "P":
+        img.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return img
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    mode=st.sampled_from(sorted(MODE_FORMATS)),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    seed=st.integers(0, 2**16),
+    pick=st.integers(0, 3),
+    out=st.sampled_from(["RGB", "RGBA", "L", "mask"]),
+    cut=st.none() | st.floats(0, 1),
+)
+def test_reader_gives_an_image_or_an_image_error(mode, size, seed, pick, out, cut):
+    fmt = MODE_FORMATS[mode][pick % len(MODE_FORMATS[mode])]
+    img = _random_image(mode, size, seed)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    data = buf.getvalue()
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    try:
+        got = load_image(data, mode=out)
+    except ImageError as e:
+        assert cut is not None, f"{mode} {fmt} {size}: {e}"  # only a truncated file may be refused
+        assert str(e).startswith("image data: ")
+        return
+    assert got.size == size and got.mode == ("L" if out == "mask" else out)
+    arr = np.asarray(got)
+    if cut is None and out == "L" and mode == "L" and fmt in ("PNG", "TIFF"):
+        assert np.array_equal(arr, np.asarray(img))  # lossless gray stays exact
+    if cut is None and out == "L" and mode == "I;16":
+        np.testing.assert_allclose(arr, np.asarray(img) / 257.0, atol=0.5 + 1e-9)

@@ -259,11 +259,12 @@ def test_only_masked_changes_nothing_outside_the_padded_mask(tiny):
 
 def test_outpaint_extends_canvas_and_keeps_the_original(tiny):
     init = _image(4)
-    result = tiny.outpaint(_params(mask_blur=0), init, right=32, bottom=16)
+    # the size comes from the image and the pads (a different width/height would be an error)
+    result = tiny.outpaint(_params(mask_blur=0, width=None, height=None), init, right=32, bottom=16)
     out = np.asarray(result.images[0])
     assert out.shape == (80, 96, 3)
-    # the old area goes through the VAE only: close to the original, while the new area is generated
-    assert np.abs(out[:64, :64].astype(float) - np.asarray(init)).mean() < 60
+    # the old area is pasted back from the original (A1111's overlay), while the new area is generated
+    assert np.array_equal(out[:64, :64], np.asarray(init))
 
 
 def test_memory_estimate_refuses_instead_of_dying(tiny, monkeypatch):

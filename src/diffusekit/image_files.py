@@ -171,7 +171,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
     """An image in one of L, LA, RGB, RGBA with the same picture.
 
     16-bit ("I;16*") is divided by 257. 32-bit integers ("I") are taken as 8-bit when all values lie in
-    0..255, as 16-bit when in 0..65535, and are stretched from their min..max otherwise. Floats ("F") in
+    0..255, as 16-bit when in 0..65535, and are stretched from their min..max otherwise (clipped when all
+    equal). Floats ("F") in
     0..1 are scaled by 255, other floats are clipped to 0..255; NaN becomes 0.
     """
     m = img.mode
@@ -189,8 +190,10 @@ def to_8bit(img: Image.Image) -> Image.Image:
             pass
         elif lo >= 0 and hi <= 65535:
             arr = arr / 257.0
-        else:
+        elif hi > lo:
             arr = (arr - lo) * (255.0 / (hi - lo))
+        else:  # one value outside 0..65535: nothing to stretch
+            arr = np.clip(arr, 0, 255)
         return Image.fromarray(np.rint(arr).astype(np.uint8), "L")
     if m == "F":
         arr = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
