@@ -94,10 +94,11 @@ def test_batch_seeds_wrap_into_the_valid_range_and_replay(tiny):
 # --- inpainting keeps unmasked pixels; empty masks and no-op outpaints are errors --------------------------
 
 
-@pytest.mark.parametrize("blur", [0.0, 4.0])
-def test_inpaint_keeps_every_unmasked_pixel(tiny, blur):
+@pytest.mark.parametrize("blur,full_res", [(0.0, False), (4.0, False), (4.0, True)])
+def test_inpaint_keeps_every_unmasked_pixel(tiny, blur, full_res):
     init, mask = _image(1), _mask()
-    out = np.asarray(tiny.inpaint(_params(mask_blur=blur), init, mask).images[0]).astype(int)
+    params = _params(mask_blur=blur, inpaint_full_res=full_res, inpaint_full_res_padding=8)
+    out = np.asarray(tiny.inpaint(params, init, mask).images[0]).astype(int)
     blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask)
     keep = blurred == 0
     assert keep.sum() > 1000
