@@ -54,6 +54,7 @@ def test_oversized_images_are_refused_before_decoding(tmp_path, side):
             load_image(path)
         with pytest.raises(ImageError, match="at most 67,108,864"):
             load_image(path, mode="mask")
+        assert read_infotext(path) is None  # `info` reads the chunks without decoding: no traceback
 
 
 def test_the_pixel_limit_is_a_parameter():

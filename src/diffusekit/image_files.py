@@ -32,8 +32,8 @@ WEBP_QUALITY = 95
 # A JPEG APP1 (EXIF) segment holds at most 65,533 bytes; UserComment is UTF-16 (2 bytes a character).
 JPEG_EXIF_MAX_CHARS = 30_000
 PNG_KEY = "parameters"
-_EXIF_IFD = 0x8769
-_USER_COMMENT = 0x9286
+EXIF_IFD = 0x8769
+USER_COMMENT = 0x9286
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -58,7 +58,7 @@ def load_image(source: ImageSource, *, mode: str = "RGB", max_pixels: int = MAX_
     """
     if mode not in LOAD_MODES:
         raise ValueError(f"unknown image mode {mode!r}; valid: {', '.join(LOAD_MODES)}")
-    name, fp = _open_source(source)
+    name, fp = open_source(source)
     try:
         img = _decode(fp, name, max_pixels)
     finally:
@@ -67,7 +67,7 @@ def load_image(source: ImageSource, *, mode: str = "RGB", max_pixels: int = MAX_
     return _to_mode(to_8bit(img), mode)
 
 
-def _open_source(source: ImageSource) -> tuple[str, BinaryIO]:
+def open_source(source: ImageSource) -> tuple[str, BinaryIO]:
     """(a name for messages, a readable binary file) for a path, bytes or file object."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "image data", io.BytesIO(bytes(source))
@@ -296,7 +296,7 @@ def encode_image(image: Image.Image, fmt: str, infotext: str | None) -> bytes:
     if infotext:
         exif = Image.Exif()
         # piexif.helper.UserComment.dump(text, encoding="unicode"): a charset header, then UTF-16-BE
-        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + infotext.encode("utf-16-be")
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + infotext.encode("utf-16-be")
         kwargs["exif"] = exif.tobytes()
     img = image.convert("RGB") if fmt == "JPEG" and image.mode not in ("RGB", "L") else image
     try:

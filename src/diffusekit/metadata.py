@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from .image_files import _EXIF_IFD, _USER_COMMENT, PNG_KEY, _open_source, encode_image, write_atomic
+from .image_files import EXIF_IFD, PNG_KEY, USER_COMMENT, encode_image, open_source, write_atomic
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -289,7 +289,7 @@ def read_infotext(source: str | os.PathLike[str] | bytes | Image.Image) -> str |
     before or after the image data."""
     if isinstance(source, Image.Image):
         return _infotext_of(source)
-    name, fp = _open_source(source)
+    name, fp = open_source(source)
     try:
         return _read_infotext(fp, name)
     finally:
@@ -407,7 +407,7 @@ def _infotext_of(image: Image.Image) -> str | None:
     text = image.info.get(PNG_KEY)
     if isinstance(text, str) and text:
         return str(text)  # PIL's iTXt is a str subclass; hand back a plain str
-    comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
     return _decode_user_comment(comment) if comment else None
 
 
