@@ -270,11 +270,11 @@ def check_output_path(path: str | os.PathLike[str], *, prompt_chars: int = 0, pr
     if not probe:
         return out
     try:  # the honest test of writability (os.access is wrong for root and on some mounts)
-        fd, probe = _create_temp(folder, out.name)
+        fd, tmp = _create_temp(folder, out.name)
     except OSError as e:
         raise ImageError(f"output folder {str(folder)!r} is not writable ({e.strerror})") from None
     os.close(fd)
-    os.unlink(probe)
+    os.unlink(tmp)
     return out
 
 
