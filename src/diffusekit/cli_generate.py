@@ -31,6 +31,12 @@ class ProgressBar:
         self.key: tuple[int, int] | None = None
         self.t0, self.step0 = 0.0, 0
 
+    def announce(self, text: str) -> None:
+        """A line before the first step (which can take minutes at large sizes), overwritten by the bar."""
+        if self.enabled:
+            sys.stderr.write(f"\r{text}")
+            sys.stderr.flush()
+
     def __call__(self, p) -> None:  # p: pipeline.Progress
         if not self.enabled:
             return
@@ -42,7 +48,9 @@ class ProgressBar:
         eta = f"ETA {(p.total - p.step) * elapsed / done:.0f}s" if done else ""
         bar = "#" * int(20 * p.step / p.total)
         label = f"batch {p.batch + 1} " + (f"pass {p.pass_index}/{p.passes} " if p.passes > 1 else "")
-        end = "\n" if p.step == p.total else ""
+        end = ""
+        if p.step == p.total:  # the VAE decode that follows the last pass can take a while at large sizes
+            end = " decoding...\n" if p.pass_index == p.passes else "\n"
         sys.stderr.write(f"\r{label}[{bar:<20}] {p.step}/{p.total} {rate} {eta}   {end}")
         sys.stderr.flush()
 
@@ -108,7 +116,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "(0 = off, at most 0.75; 0.5 is a common choice)")  # fmt: skip
     p.add_argument("--int8", action="store_true", help="dynamic int8 U-Net transformer weights (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
-    p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
+    p.add_argument(
+        "-o", "--out", default="out.png",
+        help="output file: .png (infotext in a 'parameters' chunk), .jpg/.jpeg or .webp (infotext in EXIF "
+        "UserComment, as A1111 writes it); batches add -1, -2 ... before the extension",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
 
 
@@ -149,11 +161,57 @@ def _accel(args: argparse.Namespace):
     )
 
 
+def output_paths(out: str, count: int) -> list[Path]:
+    """The files a run of `count` images writes: `out` itself, or NAME-1.EXT, NAME-2.EXT, ..."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _check_outputs(args: argparse.Namespace, params) -> list[Path]:
+    """Every output file checked (folder exists and is writable, name, format) before any work."""
+    from .image_files import check_output_path
+    from .params import MAX_BATCH, MAX_N_ITER
+
+    chars = len(params.prompt) + len(params.negative_prompt)
+    in_range = 1 <= params.batch_size <= MAX_BATCH and 1 <= params.n_iter <= MAX_N_ITER  # else: refused later
+    paths = output_paths(args.out, params.batch_size * params.n_iter if in_range else 1)
+    return [check_output_path(p, prompt_chars=chars, probe=i == 0) for i, p in enumerate(paths)]
+
+
+# GenerationParams fields -> the options that set them, so that errors name what the user typed
+CLI_OPTIONS = {
+    "width": "--width", "height": "--height", "steps": "--steps", "cfg_scale": "--cfg", "seed": "--seed",
+    "subseed": "--subseed", "subseed_strength": "--subseed-strength", "batch_size": "--batch",
+    "n_iter": "--n-iter", "clip_skip": "--clip-skip", "cfg_rescale": "--cfg-rescale",
+    "denoising_strength": "--strength", "mask_blur": "--mask-blur", "inpaint_full_res_padding": "--padding",
+    "hr_scale": "--hires", "hr_second_pass_steps": "--hires-steps", "hr_upscaler": "--hires-upscaler",
+    "hr_denoising_strength": "--hires-strength", "prompt_mode": "--prompt-mode", "inpainting_fill": "--fill",
+    "resize_mode": "--resize-mode",
+}  # fmt: skip
+
+
+def _as_cli_error(err) -> ValueError:
+    """A ParamError ("field=value ...") reworded with the command-line option ("--option value ...")."""
+    option = CLI_OPTIONS.get(err.field)
+    if option is None:
+        return err
+    return ValueError(str(err).replace(f"{err.field}={err.value!r}", f"{option} {err.value}", 1))
+
+
 def _run(args: argparse.Namespace, params, **inputs) -> int:
-    from .metadata import save_png
+    from .image_files import save_image
+    from .params import ParamError
     from .pipeline import Pipeline
     from .runtime import resolve_device
 
+    paths = _check_outputs(args, params)
+    if params.prompt_mode != "plain":  # emphasis errors (bounds, bad numbers) before the model loads
+        from .prompts import parse_prompt_attention
+
+        parse_prompt_attention(params.prompt)
+        parse_prompt_attention(params.negative_prompt)
     model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     accel = _accel(args)
@@ -163,16 +221,22 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     )
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
-    if "outpaint" in inputs:
-        image, pads = inputs.pop("outpaint")
-        result = pipe.outpaint(params, image, callback=progress, **pads)
-    else:
-        result = pipe.generate(params, callback=progress, **inputs)
-    out = Path(args.out)
+    try:
+        if "outpaint" in inputs:
+            image, pads = inputs.pop("outpaint")
+            progress.announce("outpainting: encoding the prompt and running the first step ...")
+            result = pipe.outpaint(params, image, callback=progress, **pads)
+        else:
+            checked = params.validate(pipe.cfg.resolution, pipe.defaults)
+            w, h = pipe._output_size(checked)
+            count = checked.batch_size * checked.n_iter
+            progress.announce(f"{w}x{h}, {count} image(s), {checked.steps} steps: encoding the prompt ...")
+            result = pipe.generate(params, callback=progress, **inputs)
+    except ParamError as e:
+        raise _as_cli_error(e) from None
     files = []
-    for i, (img, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
-        save_png(img, path, text)
+    for path, img, text in zip(paths, result.images, result.infotexts, strict=True):
+        save_image(img, path, text)
         files.append(str(path))
     total_s = time.perf_counter() - t0
     if args.json:
@@ -219,7 +283,7 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 def cmd_inpaint(args: argparse.Namespace) -> int:
     from .images import load_image
 
-    image, mask = load_image(args.image), load_image(args.mask, mode="L")
+    image, mask = load_image(args.image), load_image(args.mask, mode="mask")
     params = _params(
         args,
         denoising_strength=args.strength,
@@ -241,12 +305,17 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .metadata import parse_infotext, read_infotext
+    from .metadata import parse_infotext, printable, read_infotext
 
     text = read_infotext(args.image)
     if text is None:
-        raise ValueError(f"{args.image}: has no generation parameters (no 'parameters' text chunk)")
-    print(json.dumps(parse_infotext(text), indent=2) if args.json else text)
+        raise ValueError(
+            f"{printable(args.image)}: has no generation parameters (no 'parameters' text chunk or "
+            "EXIF UserComment)"
+        )
+    # JSON escapes every control character itself; plain text is escaped so that untrusted metadata
+    # cannot send terminal escape sequences.
+    print(json.dumps(parse_infotext(text), indent=2) if args.json else printable(text))
     return 0
 
 

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
+
+from .image_files import MAX_PIXELS, ImageError, load_image
 
 RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
-
-
-class ImageError(ValueError):
-    """An image or mask that cannot be used, with what is wrong and what is expected."""
-
-
-def load_image(path: str | Path, *, mode: str = "RGB") -> Image.Image:
-    """Open an image file fully (so the file handle closes), converted to `mode`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e}); expected PNG, JPEG or WebP") from None
+MAX_CANVAS = 4096  # the largest generated side (params.MAX_SIDE; params imports this module)
+__all__ = ["MAX_PIXELS", "ImageError", "load_image"]  # re-exported: the one image reader
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -129,6 +114,30 @@ def paste_region(base: Image.Image, patch: Image.Image, region: CropRegion, mask
         mask.convert("L").crop((region.left, region.top, region.right, region.bottom)),
     )
     return out
+
+
+def overlay_original(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's inpainting overlay: the original where the (blurred) mask is black, the generated image
+    where it is white; the blurred edge, doubled as A1111 does, blends only inside the mask's side."""
+    doubled = np.clip(np.asarray(mask.convert("L"), np.float32) * 2, 0, 255).astype(np.uint8)
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), Image.fromarray(doubled, "L"))
+
+
+def outpaint_size(size: tuple[int, int], left: int, right: int, top: int, bottom: int) -> tuple[int, int]:
+    """The canvas size an outpaint makes, checked before any pixels are allocated."""
+    pads = {"left": left, "right": right, "top": top, "bottom": bottom}
+    for side, pad in pads.items():
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ImageError(f"outpainting pad {side}={pad!r} is invalid; valid: whole pixels >= 0")
+    if not any(pads.values()):
+        raise ImageError("outpainting needs a pad: give at least one of left, right, top, bottom > 0 pixels")
+    w, h = size[0] + left + right, size[1] + top + bottom
+    if w > MAX_CANVAS or h > MAX_CANVAS or w % 8 or h % 8:
+        raise ImageError(
+            f"the outpainted canvas would be {w}x{h} (image {size[0]}x{size[1]} plus the pads); "
+            f"valid: both sides multiples of 8 and at most {MAX_CANVAS}"
+        )
+    return w, h
 
 
 def outpaint_canvas(

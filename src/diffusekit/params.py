@@ -16,24 +16,27 @@ from .images import RESIZE_MODES
 MAX_SIDE = 4096
 MAX_STEPS = 150
 MAX_BATCH = 64
+MAX_N_ITER = 1000
 HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
 INPAINT_FILLS = ("original", "latent_noise", "latent_nothing", "fill")
 PROMPT_MODES = ("a1111", "a1111_no_norm", "plain")
 IMG2IMG_STEPS = ("a1111", "diffusers")
+STRENGTH_VALID = "more than 0 and at most 1"  # one wording for every strength check
+SEED_RANGE = 2**63  # seeds are 0..2^63-1; image i of a batch uses (seed + i) mod 2^63
 
 
 # field -> (min, max, description of the valid values or "" for "min..max")
 _RANGES: dict[str, tuple[float, float, str]] = {
     "steps": (1, MAX_STEPS, ""),
     "cfg_scale": (0.0, 30.0, ""),
-    "denoising_strength": (0.0, 1.0, ""),
+    "denoising_strength": (0.0, 1.0, STRENGTH_VALID),  # > 0 is checked where it is used (img2img)
     "subseed_strength": (0.0, 1.0, ""),
     "cfg_rescale": (0.0, 1.0, ""),
     "eta": (0.0, 2.0, ""),
     "batch_size": (1, MAX_BATCH, ""),
-    "n_iter": (1, 1000, ""),
+    "n_iter": (1, MAX_N_ITER, ""),
     "clip_skip": (1, 12, ""),
-    "seed": (-1, 2**63 - 1, "-1 (random) or 0..2^63-1"),
+    "seed": (-1, 2**63 - 1, "-1 (random) or 0..2^63-1"),  # batches wrap: see seed_at
     "subseed": (-1, 2**63 - 1, "-1 (random) or 0..2^63-1"),
     "mask_blur": (0.0, 64.0, "0..64 pixels"),
     "inpaint_full_res_padding": (0, 256, "0..256 pixels"),
@@ -41,7 +44,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
 _HIRES_RANGES: dict[str, tuple[float, float, str]] = {
     "hr_scale": (1.0, 4.0, ""),
     "hr_second_pass_steps": (0, MAX_STEPS, f"0 (same as steps)..{MAX_STEPS}"),
-    "hr_denoising_strength": (0.0, 1.0, ""),
+    "hr_denoising_strength": (0.0, 1.0, STRENGTH_VALID),
 }
 
 
@@ -52,6 +55,10 @@ Schedule = Enum("Schedule", {k.upper(): k for k in ("automatic", *SCHEDULES)}, t
 
 class ParamError(ValueError):
     """A generation parameter out of range; the message names the field and what is valid."""
+
+    def __init__(self, message: str, field: str = "", value: Any = None, valid: str = ""):
+        super().__init__(message)
+        self.field, self.value, self.valid = field, value, valid
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,9 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
     def size(self, native: int) -> tuple[int, int]:
-        """(width, height), defaulting to the model's native resolution."""
-        return self.width or native, self.height or native
+        """(width, height), defaulting to the model's native resolution (None only: 0 is out of range)."""
+        width = native if self.width is None else self.width
+        return width, native if self.height is None else self.height
 
     def validate(self, native: int = 512, defaults: ModelDefaults | None = None) -> GenerationParams:
         """Raise ParamError for the first field out of range; return the params with every field left to
@@ -107,16 +115,21 @@ class GenerationParams:
     def _check_ranges(self, native: int) -> GenerationParams:
         width, height = self.size(native)
         for name, value in (("width", width), ("height", height)):
-            _check(isinstance(value, int), name, value, "an integer number of pixels")
-            _check(
-                64 <= value <= MAX_SIDE and value % 8 == 0, name, value, f"a multiple of 8 in 64..{MAX_SIDE}"
-            )
-        for name in ("steps", "batch_size", "n_iter", "clip_skip", "inpaint_full_res_padding"):
-            _check(isinstance(getattr(self, name), int), name, getattr(self, name), "an integer")
+            valid = f"a multiple of 8 in 64..{MAX_SIDE} (leave it out for the model's native {native})"
+            _check(isinstance(value, int) and not isinstance(value, bool), name, value, valid)
+            _check(64 <= value <= MAX_SIDE and value % 8 == 0, name, value, valid)
+        integers = ("steps", "batch_size", "n_iter", "clip_skip", "inpaint_full_res_padding", "seed")
+        for name in (*integers, "subseed"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
         ranges = dict(_RANGES, **(_HIRES_RANGES if self.enable_hr else {}))
         for name, (lo, hi, valid) in ranges.items():
             value = getattr(self, name)
+            _check(_is_number(value), name, value, valid or f"{lo}..{hi}")
             _check(lo <= value <= hi, name, value, valid or f"{lo}..{hi}")
+        if self.enable_hr:  # the second pass must run at least one step
+            _check(self.hr_denoising_strength > 0, "hr_denoising_strength", self.hr_denoising_strength,
+                   STRENGTH_VALID)  # fmt: skip
         for name, choices in (
             ("inpainting_fill", INPAINT_FILLS),
             ("prompt_mode", PROMPT_MODES),
@@ -136,6 +149,11 @@ class GenerationParams:
                 max(hr_w, hr_h) <= MAX_SIDE, "hr_scale", self.hr_scale,
                 f"a factor keeping the hires size ({hr_w}x{hr_h}) within {MAX_SIDE}",
             )  # fmt: skip
+        return self
+
+    def check_img2img(self) -> GenerationParams:
+        """Raise ParamError unless img2img/inpainting can run: a strength above 0 (at least one step)."""
+        _check(self.denoising_strength > 0, "denoising_strength", self.denoising_strength, STRENGTH_VALID)
         return self
 
     def hires_size(self, native: int) -> tuple[int, int]:
@@ -212,6 +230,16 @@ def _scaled(side: int, scale: float) -> int:
     return int(side * scale) // 8 * 8
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _check(ok: bool, name: str, value: Any, valid: str) -> None:
     if not ok:
-        raise ParamError(f"{name}={value!r} is out of range; valid: {valid}")
+        raise ParamError(f"{name}={value!r} is out of range; valid: {valid}", name, value, valid)
+
+
+def seed_at(seed: int, index: int) -> int:
+    """The seed of image `index` of a run starting at `seed`: seed + index, wrapped into 0..2^63-1, so
+    every recorded seed is one ``--seed`` accepts and replays."""
+    return (seed + index) % SEED_RANGE

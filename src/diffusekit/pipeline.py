@@ -31,13 +31,32 @@ from .metadata import GenerationInfo, format_infotext
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
-from .params import GenerationParams
+from .params import GenerationParams, ParamError, seed_at
 from .prompts import encode_prompt, pad_to_same_length
 from .runtime import prepare, resolve_precision
 
 
 class Cancelled(Exception):
     """Raised between steps when the caller's cancel flag is set."""
+
+
+class NonFiniteError(ValueError):
+    """A component produced NaN/inf values (A1111's NansException): names the component and the fix."""
+
+
+def check_finite(x: torch.Tensor, component: str, dtype: torch.dtype) -> torch.Tensor:
+    """`x` unchanged, or a NonFiniteError naming `component` when any value is NaN or infinite."""
+    if bool(torch.isfinite(x).all()):
+        return x
+    bad = int((~torch.isfinite(x)).sum())
+    if dtype != torch.float32:
+        fix = f"it ran in {str(dtype).removeprefix('torch.')}: try --precision fp32 (precision='fp32')"
+    else:
+        fix = "it ran in fp32, so the model file likely holds NaN/inf weights: use another file"
+    raise NonFiniteError(
+        f"the {component} produced {bad:,} NaN/inf values of {x.numel():,}, which would give a black "
+        f"image; {fix}"
+    )
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,7 @@ class Pipeline:
                 cond, uncond = pad_to_same_length(cond, uncond, encode_prompt("", tok, enc, **kw))
         out = []
         for emb in (cond, uncond):
+            check_finite(emb.context, "text encoder", self.dtype)
             c = {"context": emb.context.to(self.device, self.dtype)}
             if self.cfg.unet.adm_in_channels is not None:  # SDXL: pooled text + size/crop ids
                 ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
@@ -269,7 +289,7 @@ class Pipeline:
                 z = post.mode()
             else:
                 z = post.mean + post.std * noise.randn(tuple(post.mean.shape[1:])).to(post.mean)
-        return z.float() * self.cfg.vae.scaling_factor
+        return check_finite(z.float(), "VAE encoder", self.dtype) * self.cfg.vae.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Scaled latents (B, 4, h, w) -> PIL images, one image at a time to bound memory."""
@@ -280,7 +300,7 @@ class Pipeline:
                 d = self.cfg.vae.downscale
                 chunk = self._chunk_vae(z.shape[-1] * d, z.shape[-2] * d)
                 x = decode_chunked(self.model.vae, z) if chunk else self.model.vae.decode(z)
-                out += images.to_pil(x.float())
+                out += images.to_pil(check_finite(x.float(), "VAE decoder", self.dtype))
         return out
 
     def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
@@ -329,13 +349,19 @@ class Pipeline:
         bottom: int = 0,
         **kw,
     ) -> GenerationResult:
-        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start)."""
+        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start).
+
+        The output size is the image plus the pads; a width/height in `params` other than that is an error.
+        """
+        w, h = images.outpaint_size(image.size, left, right, top, bottom)  # validated before any pixels
+        for name, given, size in (("width", params.width, w), ("height", params.height, h)):
+            if given is not None and given != size:
+                raise ParamError(
+                    f"{name}={given!r} conflicts with outpainting, whose size is the image plus the pads "
+                    f"({w}x{h}); leave it out",
+                    name, given, f"{size} or unset",
+                )  # fmt: skip
         canvas, mask = images.outpaint_canvas(image.convert("RGB"), left, right, top, bottom)
-        w, h = canvas.size
-        if w % 8 or h % 8:
-            raise images.ImageError(
-                f"the outpainted canvas is {w}x{h}; choose pads so both sides are multiples of 8"
-            )
         return self.generate(params.replace(width=w, height=h), init_image=canvas, mask=mask, **kw)
 
     def generate(
@@ -350,6 +376,8 @@ class Pipeline:
         """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask)."""
         params = params.validate(self.cfg.resolution, self.defaults)
         self.resolve_sampler(params)  # unknown names fail before any work
+        if init_image is not None:
+            params.check_img2img()
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint")
         if mask is not None and mask.size != init_image.size:
@@ -357,11 +385,14 @@ class Pipeline:
                 f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
                 f"{init_image.size[0]}x{init_image.size[1]}; they must match"
             )
+        if mask is not None and mask.convert("L").getbbox() is None:
+            raise images.ImageError("the mask is empty (all black): paint the area to repaint in white")
         width, height = params.size(self.cfg.resolution)
         final_w, final_h = self._output_size(params)
         check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
+        original = None  # inpainting: the init image at the output size, pasted back outside the mask
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
         conds = self.encode(params, width, height)  # the prompts are encoded once for all batches
@@ -374,10 +405,13 @@ class Pipeline:
             mask = images.blur_mask(mask, params.mask_blur)
             if params.inpaint_full_res:
                 region = images.masked_region(mask, params.inpaint_full_res_padding, width, height)
+            else:
+                original = images.resize_image(init_image.convert("RGB"), width, height, "resize")
         for it in range(params.n_iter):
             first = it * params.batch_size
-            seeds = [seed + first + j for j in range(params.batch_size)]
-            subseeds = [subseed + first + j for j in range(params.batch_size)]  # image i: subseed + i
+            # image i: seed + i and subseed + i, wrapped into the valid range so every seed replays
+            seeds = [seed_at(seed, first + j) for j in range(params.batch_size)]
+            subseeds = [seed_at(subseed, first + j) for j in range(params.batch_size)]
 
             def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
                 if cancel is not None and cancel.is_set():
@@ -390,10 +424,14 @@ class Pipeline:
                 latents = self._txt2img(run)
             else:
                 latents = self._img2img(run, init_image, mask, region)
+            check_finite(latents, "U-Net", self.dtype)
             imgs = self.decode(latents)
             if region is not None:  # "only masked": paste the inpainted crop back through the mask
                 base = init_image.convert("RGB")
                 imgs = [images.paste_region(base, im, region, mask) for im in imgs]
+            elif original is not None:  # A1111's overlay: unmasked pixels stay the original's
+                overlay = images.resize_image(mask, width, height, "resize")
+                imgs = [images.overlay_original(im, original, overlay) for im in imgs]
             all_images += imgs
             all_latents.append(latents.cpu())
             all_seeds += seeds

@@ -27,6 +27,9 @@ CHUNK_TOKENS = 75  # prompt tokens per CLIP window; BOS and EOS make it 77
 WINDOW = CHUNK_TOKENS + 2
 COMMA_BACKTRACK = 20  # A1111 "comma_padding_backtrack" default
 MAX_PROMPT_CHARS = 20_000  # parsing is quadratic in bracket depth; real prompts are far shorter
+# The largest emphasis a token may get, either sign: A1111 has no bound, and a weight past float32's range
+# (48 nested "(" reach 97; 1,000 reach 2.5e41) turns the conditioning into inf/NaN and the image black.
+MAX_WEIGHT = 100.0
 BREAK = "BREAK"
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -77,8 +80,7 @@ def parse_prompt_attention(text: str, *, max_chars: int = MAX_PROMPT_CHARS) -> l
         raise TypeError(f"prompt must be a str, got {type(text).__name__}")
     if len(text) > max_chars:
         raise PromptError(
-            f"prompt has {len(text)} characters, more than the limit of {max_chars}; "
-            "shorten it or pass a larger max_chars"
+            f"the prompt has {len(text):,} characters, more than the limit of {max_chars:,}; shorten it"
         )
 
     runs: list[list[Any]] = []  # [text, weight], mutated in place as groups close
@@ -116,6 +118,13 @@ def parse_prompt_attention(text: str, *, max_chars: int = MAX_PROMPT_CHARS) -> l
 
     if not runs:
         return [("", 1.0)]
+    for run_text, weight in runs:
+        if not (run_text == BREAK and weight == -1.0) and not abs(weight) <= MAX_WEIGHT:
+            shown = run_text.strip()[:40] or "(empty text)"
+            raise PromptError(
+                f"the emphasis weight of {shown!r} is {weight:.4g} (nested groups multiply); valid: "
+                f"-{MAX_WEIGHT:g}..{MAX_WEIGHT:g}: remove brackets or lower the (text:weight) number"
+            )
     merged: list[list[Any]] = [runs[0]]
     for run in runs[1:]:
         if run[1] == merged[-1][1]:
@@ -325,6 +334,11 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, *, normalize: bo
         before = z.mean(dim=(1, 2), keepdim=True)  # (n, 1, 1)
         after = scaled.mean(dim=(1, 2), keepdim=True)
         scaled = scaled * (before / after)
+        if not bool(torch.isfinite(scaled).all()):  # weights whose effects cancel: a zero mean after them
+            raise PromptError(
+                "the emphasis weights cancel out (the weighted mean of a 75-token chunk is 0); "
+                "use weights closer to 1 or --prompt-mode a1111_no_norm"
+            )
     return scaled.to(hidden.dtype)
 
 
