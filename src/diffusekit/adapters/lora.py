@@ -148,37 +148,17 @@ class LoraNetwork:
                 if m.mid is not None:
                     raise LoraError("the diffusers format has no place for LyCORIS mid weights; use kohya")
                 out[f"{name}.lora_A.weight"] = m.down.detach()
-                out[f"{name}.lora_B.weight"] = m.up.detach()
+                out[f"{name}.lora_B.weight"] = m.up.detach() * m.scale  # the scale folded in: alpha = r
         return out
 
     def save(
         self, path: str | Path, cfg: ModelConfig, *, style: str = "kohya", metadata: Mapping[str, str] = ()
     ) -> Path:
-        """Write a .safetensors file in `style`; diffusers files carry PEFT's adapter config per component."""
+        """Write a .safetensors file in `style` (diffusers: the scale folded into lora_B, scale 1 on read)."""
         path = Path(path)
-        tensors = self.state_dict(cfg, style)
-        meta = {"format": "pt", **dict(metadata)}
-        if style == "diffusers":
-            meta[PEFT_METADATA_KEY] = json.dumps(_peft_metadata(self.resolve(cfg)[0]), sort_keys=True)
-        save_state_dict(tensors, path, metadata=meta)
+        save_state_dict(self.state_dict(cfg, style), path, metadata={"format": "pt", **dict(metadata)})
         self.path, self._hash = path, None
         return path
-
-
-def _peft_metadata(resolved: Mapping[Target, LoraModule]) -> dict[str, object]:
-    """diffusers' packed LoraConfig fields (``unet.r``, ``unet.lora_alpha`` ...) with per-layer patterns."""
-    out: dict[str, object] = {}
-    by_comp: dict[str, list[LoraModule]] = {}
-    for target, m in resolved.items():
-        by_comp.setdefault(target.component, []).append(m)
-    for comp, mods in by_comp.items():
-        ranks = {m.rank for m in mods}
-        alphas = {m.alpha if m.alpha is not None else m.rank for m in mods}
-        if len(ranks) > 1 or len(alphas) > 1:
-            raise LoraError("writing per-layer ranks or alphas in the diffusers format is not supported")
-        out[f"{comp}.r"] = ranks.pop()
-        out[f"{comp}.lora_alpha"] = alphas.pop()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
