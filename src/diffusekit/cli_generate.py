@@ -82,6 +82,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    p.add_argument("--loras", metavar="DIR", help="folder of LoRA files for <lora:NAME:WEIGHT> in the prompt")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=-1, help="-1: random; image i of a batch uses seed+i")
     p.add_argument("--subseed", type=int, default=-1, help="variation seed")
@@ -161,6 +162,10 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     pipe = Pipeline.from_file(
         model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
     )
+    if args.loras:
+        from .adapters.extra_networks import LoraLibrary
+
+        pipe.loras = LoraLibrary(args.loras)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:
@@ -168,6 +173,8 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
         result = pipe.outpaint(params, image, callback=progress, **pads)
     else:
         result = pipe.generate(params, callback=progress, **inputs)
+    for line in result.warnings:
+        print(f"diffusekit: warning: {line}", file=sys.stderr)
     out = Path(args.out)
     files = []
     for i, (img, text) in enumerate(zip(result.images, result.infotexts, strict=True)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,8 @@ from PIL import Image, ImageFilter
 
 from . import __version__, images
 from .accel import Accel, DeepCache, apply_accel
+from .adapters.extra_networks import LoraLibrary, lora_hashes, prompt_loras, strip_extra_networks
+from .adapters.lora import LoraNetwork, apply_loras
 from .checkpoints.load import LoadedModel, load_model
 from .diffusion.denoiser import CFGDenoiser, Denoiser, HookedDenoiser
 from .diffusion.sampler_base import gaussian_noise
@@ -60,6 +62,7 @@ class GenerationResult:
     infos: list[GenerationInfo]
     seeds: list[int]
     latents: torch.Tensor | None = field(default=None, repr=False)  # (N, 4, h, w) before decoding
+    warnings: list[str] = field(default_factory=list)  # e.g. LoRA keys that matched no layer
 
     @property
     def infotexts(self) -> list[str]:
@@ -131,6 +134,7 @@ class Pipeline:
         self.schedule = sd_schedule(zero_terminal_snr=self.cfg.zero_terminal_snr)
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
+        self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
 
     @classmethod
     def from_file(
@@ -169,8 +173,8 @@ class Pipeline:
             tok = [tok if e.cfg.pad_token_id == tok.eos_id else self._bang_tokenizer for e in enc]
         kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
         with torch.inference_mode():
-            cond = encode_prompt(params.prompt, tok, enc, **kw)
-            uncond = encode_prompt(params.negative_prompt, tok, enc, **kw)
+            cond = encode_prompt(strip_extra_networks(params.prompt), tok, enc, **kw)
+            uncond = encode_prompt(strip_extra_networks(params.negative_prompt), tok, enc, **kw)
             if cond.context.shape[1] != uncond.context.shape[1]:
                 cond, uncond = pad_to_same_length(cond, uncond, encode_prompt("", tok, enc, **kw))
         out = []
@@ -339,6 +343,23 @@ class Pipeline:
         return self.generate(params.replace(width=w, height=h), init_image=canvas, mask=mask, **kw)
 
     def generate(
+        self,
+        params: GenerationParams,
+        *,
+        loras: Sequence[tuple[LoraNetwork, float, float]] = (),
+        **kw,
+    ) -> GenerationResult:
+        """Generate with `loras` ((network, te weight, unet weight), ...) and the prompt's <lora:...> tags
+        applied for this call only (see `_generate` for the other arguments)."""
+        active = list(loras) + prompt_loras(params.prompt, self.loras)
+        if active:
+            params = params.replace(extras={**params.extras, "Lora hashes": lora_hashes(active)})
+        with apply_loras(self.model, active) as applied:
+            result = self._generate(params, **kw)
+        result.warnings += applied.warnings()
+        return result
+
+    def _generate(
         self,
         params: GenerationParams,
         *,
