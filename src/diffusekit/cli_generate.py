@@ -83,6 +83,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
     p.add_argument("--loras", metavar="DIR", help="folder of LoRA files for <lora:NAME:WEIGHT> in the prompt")
+    p.add_argument("--embeddings", metavar="DIR", help="folder of textual-inversion embeddings, used by name")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=-1, help="-1: random; image i of a batch uses seed+i")
     p.add_argument("--subseed", type=int, default=-1, help="variation seed")
@@ -166,6 +167,10 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
         from .adapters.extra_networks import LoraLibrary
 
         pipe.loras = LoraLibrary(args.loras)
+    if args.embeddings:
+        from .adapters.embeddings import EmbeddingLibrary
+
+        pipe.embeddings = EmbeddingLibrary(args.embeddings)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:

@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 
 from . import __version__, images
 from .accel import Accel, DeepCache, apply_accel
+from .adapters.embeddings import EmbeddingLibrary, active_embeddings, used_embeddings
 from .adapters.extra_networks import LoraLibrary, lora_hashes, prompt_loras, strip_extra_networks
 from .adapters.lora import LoraNetwork, apply_loras
 from .checkpoints.load import LoadedModel, load_model
@@ -135,6 +136,7 @@ class Pipeline:
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
         self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
+        self.embeddings: EmbeddingLibrary | None = None  # textual-inversion names usable in prompts
 
     @classmethod
     def from_file(
@@ -172,7 +174,8 @@ class Pipeline:
                 self._bang_tokenizer = CLIPTokenizer.bundled(pad_token="!")
             tok = [tok if e.cfg.pad_token_id == tok.eos_id else self._bang_tokenizer for e in enc]
         kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
-        with torch.inference_mode():
+        toks = tok if isinstance(tok, list) else [tok] * len(enc)
+        with torch.inference_mode(), active_embeddings(enc, toks, self.embeddings) as tok:
             cond = encode_prompt(strip_extra_networks(params.prompt), tok, enc, **kw)
             uncond = encode_prompt(strip_extra_networks(params.negative_prompt), tok, enc, **kw)
             if cond.context.shape[1] != uncond.context.shape[1]:
@@ -352,8 +355,14 @@ class Pipeline:
         """Generate with `loras` ((network, te weight, unet weight), ...) and the prompt's <lora:...> tags
         applied for this call only (see `_generate` for the other arguments)."""
         active = list(loras) + prompt_loras(params.prompt, self.loras)
-        if active:
-            params = params.replace(extras={**params.extras, "Lora hashes": lora_hashes(active)})
+        texts = [strip_extra_networks(params.prompt), strip_extra_networks(params.negative_prompt)]
+        widths = [e.cfg.width for e in self.model.text_encoders]
+        used = used_embeddings(texts, self.loaded.tokenizer, self.embeddings, widths)
+        extras = {"Lora hashes": lora_hashes(active)} if active else {}
+        if used:
+            extras["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
+        if extras:
+            params = params.replace(extras={**params.extras, **extras})
         with apply_loras(self.model, active) as applied:
             result = self._generate(params, **kw)
         result.warnings += applied.warnings()
