@@ -358,7 +358,7 @@ class Pipeline:
         texts = [strip_extra_networks(params.prompt), strip_extra_networks(params.negative_prompt)]
         widths = [e.cfg.width for e in self.model.text_encoders]
         used = used_embeddings(texts, self.loaded.tokenizer, self.embeddings, widths)
-        extras = {"Lora hashes": lora_hashes(active)} if active else {}
+        extras = {"Lora hashes": lora_hashes(active)} if lora_hashes(active) else {}
         if used:
             extras["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
         if extras:

@@ -137,10 +137,13 @@ def _alias(name: str) -> str:
 
 
 def lora_hashes(loras: Sequence[tuple[LoraNetwork, float, float]]) -> str:
-    """A1111's "Lora hashes" value: ``name: shorthash`` joined by ", " (names without ':' and ',')."""
+    """A1111's "Lora hashes" value: ``name: shorthash`` joined by ", " (names without ':' and ',').
+
+    Networks that are not files yet (one being trained) have no hash and are left out."""
     seen: dict[str, str] = {}
     for net, _, _ in loras:
-        seen.setdefault(_alias(net.name), net.shorthash)
+        if net.path is not None:
+            seen.setdefault(_alias(net.name), net.shorthash)
     return ", ".join(f"{name}: {h}" for name, h in seen.items())
 
 
