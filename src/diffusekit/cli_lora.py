@@ -141,6 +141,22 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints.merge import merge_checkpoints
+
+    models = args.models
+    if len(models) not in (2, 3):
+        raise ValueError(f"merge takes models A B [C], got {len(models)}")
+    summary = merge_checkpoints(
+        models[0], models[1], args.out, c=models[2] if len(models) == 3 else None, multiplier=args.alpha,
+        method=args.method, dtype=torch.float16 if args.half else None,
+    )  # fmt: skip
+    print(json.dumps(summary) if args.json else f"wrote {summary['out']} ({args.method}, M={args.alpha})")
+    return 0
+
+
 def add_lora_commands(sub) -> None:
     p = sub.add_parser("train-lora", help="train a LoRA on a folder of images with .txt captions")
     p.add_argument("data", help="folder of images, each with a same-named .txt caption (kohya layout)")
@@ -176,3 +192,12 @@ def add_lora_commands(sub) -> None:
     p.add_argument("loras", nargs="+", help="LoRA files, each PATH or PATH:WEIGHT or PATH:TE:UNET")
     p.add_argument("-o", "--out", required=True, help="the merged checkpoint (.safetensors)")
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("merge", help="merge checkpoints as A1111's merger: weighted sum or add difference")
+    p.add_argument("models", nargs="+", help="A B (weighted-sum) or A B C (add-difference)")
+    p.add_argument("--method", choices=("weighted-sum", "add-difference"), default="weighted-sum")
+    p.add_argument("--alpha", type=float, default=0.5, help="M: (1-M)*A + M*B, or A + M*(B-C)")
+    p.add_argument("--half", action="store_true", help="store floats as fp16")
+    p.add_argument("-o", "--out", required=True, help="the merged checkpoint (.safetensors)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_merge)
