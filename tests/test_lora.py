@@ -78,13 +78,15 @@ class Setup:
 
     @torch.no_grad()
     def ref_outputs(self) -> list[torch.Tensor]:
-        """diffusers' U-Net output and each text encoder's last hidden state (before the final norm)."""
+        """diffusers' U-Net output and each text encoder's last hidden state (SD2: what the U-Net reads)."""
         p = self.ref
         extra = (
             {"added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}} if self.xl else {}
         )
         outs = [p.unet(self.x, self.t, self.ctx, **extra).sample]
         encoders = [p.text_encoder, p.text_encoder_2] if self.xl else [p.text_encoder]
+        if self.cfg.family == "sd2":  # what SD2 conditions on: the last kept layer + final LayerNorm
+            return outs + [p.text_encoder(self.ids).last_hidden_state]
         return outs + [te(self.ids, output_hidden_states=True).hidden_states[-1] for te in encoders]
 
     @torch.no_grad()
@@ -92,6 +94,8 @@ class Setup:
         m = self.ours
         y = torch.cat([self.pooled, size_embedding(self.time_ids, self.cfg.unet.size_embed_dim)], 1)
         outs = [m.unet(self.x, self.t, self.ctx, y=y if self.xl else None)]
+        if self.cfg.family == "sd2":  # diffusers stores SD2's encoder cut at the layer SD2 uses
+            return outs + [m.text_encoders[0](self.ids, final_norm=True).hidden]
         return outs + [
             te(self.ids, use_layers=te.cfg.layers, final_norm=False).hidden for te in m.text_encoders
         ]
@@ -104,6 +108,11 @@ def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     return Setup("tiny_sd1", tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    return Setup("tiny_sd2", tmp_path_factory.mktemp("sd2"))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +161,7 @@ def _check_pair(setup: Setup, file, ours_net: LoraNetwork, te: float = 1.0, unet
     return diff
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_peft_file_matches_diffusers(family, request):
     s = request.getfixturevalue(family)
     net = load_lora(s.peft_file)
@@ -170,7 +179,7 @@ def _sgm_paths(setup: Setup) -> dict[str, str]:
     return {n.removeprefix("unet."): t.path for n, t in names.items() if n.startswith("unet.")}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_independent_kohya_file_matches_diffusers(family, request, tmp_path):
     s = request.getfixturevalue(family)
     from safetensors.torch import load_file

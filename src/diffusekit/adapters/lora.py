@@ -304,8 +304,10 @@ class _Term:
 
 
 def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels: int) -> _Term:
+    device, dtype = (torch.device("cpu"), torch.float32) if ref.is_meta else (ref.device, ref.dtype)
+
     def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(device=ref.device, dtype=ref.dtype)
+        return None if t is None else t.to(device=device, dtype=dtype)
 
     down, up = m.down, m.up
     if target.kind == "conv":
@@ -318,7 +320,8 @@ def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels
 
 
 def _linear_update(x: Tensor, t: _Term) -> Tensor:
-    return F.linear(F.linear(x, t.down), t.up) * t.factor  # (..., in) -> (..., r) -> (..., out)
+    h = F.linear(x.to(t.down.dtype), t.down)  # (..., in) -> (..., r)
+    return (F.linear(h, t.up) * t.factor).to(x.dtype)  # (..., out)
 
 
 def _conv_update(module: nn.Conv2d, x: Tensor, t: _Term) -> Tensor:
@@ -350,9 +353,14 @@ def _make_hook(kind: str, terms: list[_Term]):
 
 
 def _weight_of(component: nn.Module, target: Target) -> Tensor:
+    """The layer's weight, or for a layer that keeps none (int8-quantized Linear) an fp32 stand-in."""
     if target.kind == "packed":
         return component.get_submodule(target.path.rpartition(".")[0]).in_proj_weight
-    return component.get_submodule(target.path).weight
+    layer = component.get_submodule(target.path)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    return torch.empty(layer.out_features, layer.in_features, device="meta")  # computed in fp32 on CPU
 
 
 class AppliedLoras:
