@@ -118,3 +118,31 @@ def test_merge_lora_cli_equals_runtime(data, capsys):
     with torch.no_grad():
         got = baked.unet(x, t, ctx)
     assert float((got - runtime).abs().max() / runtime.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_train_ti_writes_a1111_embedding_that_changes_the_prompt(data, suffix, capsys):
+    from diffusekit.adapters.embeddings import EmbeddingLibrary, load_embedding
+    from diffusekit.params import GenerationParams
+    from diffusekit.pipeline import Pipeline
+
+    tmp, model_path, _, _ = data
+    out = tmp / "emb" / f"zorb{suffix}"
+    out.parent.mkdir(exist_ok=True)
+    argv = ["train-ti", str(tmp / "data"), "--model", str(model_path), "-o", str(out), "--steps", "3",
+            "--batch", "2", "--vectors", "2", "--init-word", "ball", "--resolution", "64",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "zorb"
+    emb = load_embedding(out)
+    loaded = load_model(model_path)
+    table = loaded.model.text_encoders[0].text_model.embeddings.token_embedding.weight
+    init = table[loaded.tokenizer.encode("ball")[0]]
+    assert emb.vectors["*"].shape == (2, 32)
+    assert float((emb.vectors["*"] - init).abs().max()) > 0  # trained away from the init word
+    pipe = Pipeline(loaded)
+    params = GenerationParams(prompt="a red zorb", width=64, height=64)
+    plain = pipe.encode(params, 64, 64)[0]["context"]
+    pipe.embeddings = EmbeddingLibrary(out.parent)
+    assert float((pipe.encode(params, 64, 64)[0]["context"] - plain).abs().max()) > 1e-3
+    out.unlink()

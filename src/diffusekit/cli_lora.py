@@ -141,6 +141,44 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ti(args: argparse.Namespace) -> int:
+    from .adapters.embeddings import EmbeddingError
+    from .adapters.train_lora import CaptionedImages, LoraTrainConfig, LoraTraining
+    from .adapters.train_ti import EmbeddingParameters, make_ti_loss_fn, save_embedding
+    from .checkpoints.load import load_model
+    from .cli_generate import default_model_path
+    from .train.loop import TrainConfig, Trainer
+    from .train.report import loss_curve_png
+
+    out = Path(args.out)
+    name = args.name or out.stem
+    work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
+    loaded = load_model(Path(args.model) if args.model else default_model_path())
+    model = loaded.model.float()
+    res = args.resolution or loaded.cfg.resolution
+    data = CaptionedImages(args.data, res)
+    if not any(name in caption for _, caption, _ in data.items):
+        raise EmbeddingError(f"no caption in {args.data} contains the embedding's name {name!r}")
+    cfg = LoraTrainConfig(train_text_encoder=True, resolution=res, min_snr_gamma=args.min_snr, seed=args.seed)
+    params = EmbeddingParameters(model, loaded.tokenizer, args.init_word, args.vectors)
+    training = LoraTraining(model, loaded.tokenizer, data, cfg)
+    tcfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=0, grad_clip=1.0, bf16=False,
+        save_every=args.save_every, log_every=max(1, min(10, args.steps // 10)), seed=args.seed,
+    )  # fmt: skip
+    trainer = Trainer(name, params, tcfg, work, precision="fp32")
+    if args.resume:
+        trainer.resume()
+    trainer.run(make_ti_loss_fn(training, params, name, args.batch), progress=not args.json)
+    save_embedding(params, out, name, tcfg.steps)
+    if trainer.state.losses:
+        loss_curve_png({"embedding": trainer.state.losses}, work / "loss.png")
+    summary = {"out": str(out), "name": name, "vectors": args.vectors, "steps": tcfg.steps,
+               "final_loss": trainer.state.losses[-1][1] if trainer.state.losses else None}  # fmt: skip
+    print(json.dumps(summary) if args.json else f"wrote {out} (use '{name}' in prompts with --embeddings)")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
@@ -186,6 +224,27 @@ def add_lora_commands(sub) -> None:
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: stop as if killed here
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train_lora)
+
+    p = sub.add_parser("train-ti", help="train a textual-inversion embedding on captioned images")
+    p.add_argument("data", help="folder of images with .txt captions that contain the embedding's name")
+    p.add_argument("--model", help="base checkpoint or diffusers folder (default: the bundled model)")
+    p.add_argument(
+        "-o", "--out", required=True, help=".pt (A1111) or .safetensors (emb_params; SDXL clip_l/g)"
+    )
+    p.add_argument("--name", help="the word used in prompts (default: the output file's stem)")
+    p.add_argument("--init-word", default="object", help="initialise the vectors from this word")
+    p.add_argument("--vectors", type=int, default=1, help="vectors per token")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--min-snr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--work-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train_ti)
 
     p = sub.add_parser("merge-lora", help="bake LoRAs into a checkpoint (W += weight * scale * up @ down)")
     p.add_argument("model")

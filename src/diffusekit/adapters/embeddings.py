@@ -14,7 +14,7 @@ CLIP-L or bigG half for SDXL), so nothing else of the prompt changes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,13 +230,18 @@ def used_embeddings(
 
 @contextmanager
 def active_embeddings(
-    encoders: Sequence[nn.Module], tokenizers: Sequence, library: EmbeddingLibrary | None
+    encoders: Sequence[nn.Module],
+    tokenizers: Sequence,
+    library: EmbeddingLibrary | Mapping[str, list[Tensor]] | None,
 ) -> Iterator[list]:
     """Yield tokenizers (one per encoder) that place the library's embeddings, with the encoders hooked.
 
     Without a library, or with no embedding that fits, the tokenizers are yielded unchanged.
     """
-    fit = library.usable([e.cfg.width for e in encoders])[0] if library is not None else {}
+    if isinstance(library, EmbeddingLibrary):
+        fit = library.usable([e.cfg.width for e in encoders])[0]
+    else:  # {name: vectors per encoder}, e.g. an embedding being trained
+        fit = dict(library or {})
     if not fit:
         yield list(tokenizers)
         return
