@@ -308,3 +308,19 @@ def test_inpaint_conv_in_is_zero_padded(tmp_path):
     with torch.no_grad(), apply_loras(model, [(net, 1.0, 1.0)]):
         got = conv(x)
     torch.testing.assert_close(got, F.conv2d(x, merged, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_merge_mode_equals_hooks_and_restores_the_same_tensors(family, request):
+    s = request.getfixturevalue(family)
+    net = load_lora(s.peft_file)
+    params = dict(s.ours.named_parameters())
+    before = {k: (p.data_ptr(), p.detach().clone()) for k, p in params.items()}
+    with apply_loras(s.ours, [(net, 0.7, 1.1)]):
+        hooked = s.our_outputs()
+    with apply_loras(s.ours, [(net, 0.7, 1.1)], merge=True):
+        merged = s.our_outputs()
+        assert any(p.data_ptr() != before[k][0] for k, p in params.items())  # weights were swapped
+    assert _max_rel(merged, hooked) <= 1e-5
+    for k, p in params.items():
+        assert p.data_ptr() == before[k][0] and torch.equal(p.detach(), before[k][1]), k

@@ -137,6 +137,7 @@ class Pipeline:
         self._bang_tokenizer: CLIPTokenizer | None = None
         self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
         self.embeddings: EmbeddingLibrary | None = None  # textual-inversion names usable in prompts
+        self.lora_merge = True  # LoRAs as merged weight copies for a call (False: forward hooks)
 
     @classmethod
     def from_file(
@@ -363,7 +364,7 @@ class Pipeline:
             extras["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
         if extras:
             params = params.replace(extras={**params.extras, **extras})
-        with apply_loras(self.model, active) as applied:
+        with apply_loras(self.model, active, merge=self.lora_merge) as applied:
             result = self._generate(params, **kw)
         result.warnings += applied.warnings()
         return result

@@ -368,12 +368,19 @@ class AppliedLoras:
 
     def __init__(self, handles: list, unmatched: dict[str, list[str]]) -> None:
         self._handles = handles
+        self._swapped: list[tuple[Tensor, Tensor]] = []  # (parameter, its original data) in merge mode
         self.unmatched = unmatched  # {lora name: its keys that match no layer or cannot be applied}
+
+    def _swap(self, param: Tensor, merged: Tensor) -> None:
+        self._swapped.append((param, param.data))
+        param.data = merged
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for param, original in reversed(self._swapped):
+            param.data = original  # the very tensor it had: bit-identical
+        self._handles, self._swapped = [], []
 
     def __enter__(self) -> AppliedLoras:
         return self
@@ -393,10 +400,18 @@ def _components(model: nn.Module) -> dict[str, nn.Module]:
     return {k: m for k, (_, m) in model.components().items() if k != "vae"}
 
 
-def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraNetwork, float, float]]) -> AppliedLoras:
-    """Hook `loras` ((network, te multiplier, unet multiplier), ...) into a StableDiffusion `model`."""
+def apply_loras(
+    model: nn.Module, loras: Sequence[tuple[LoraNetwork, float, float]], *, merge: bool = False
+) -> AppliedLoras:
+    """Apply `loras` ((network, te multiplier, unet multiplier), ...) to a StableDiffusion `model`.
+
+    Default: forward hooks (differentiable; what training uses). ``merge=True``: each adapted weight is
+    swapped for a merged copy (W + ΔW, A1111's math) and the original tensor is put back on removal, so
+    inference pays nothing per step and the base is still bit-identical afterwards; layers without a
+    weight tensor (int8-quantized) get hooks either way.
+    """
     comps = _components(model)
-    per_layer: dict[Target, list[_Term]] = {}
+    per_layer: dict[Target, list[tuple[LoraModule, float, Tensor]]] = {}
     unmatched: dict[str, list[str]] = {}
     for net, te_mult, unet_mult in loras:
         resolved, missing = net.resolve(model.cfg)
@@ -408,15 +423,38 @@ def apply_loras(model: nn.Module, loras: Sequence[tuple[LoraNetwork, float, floa
             weight = _weight_of(comps[target.component], target)
             _check_shape(net.name, target, m, weight.shape)
             mult = te_mult if target.is_text else unet_mult
-            if mult == 0:
-                continue
-            in_ch = weight.shape[1] if weight.ndim > 1 else 1
-            per_layer.setdefault(target, []).append(_term(m, target, mult * m.scale, weight, in_ch))
-    handles = []
-    for target, terms in per_layer.items():
+            if mult != 0:
+                per_layer.setdefault(target, []).append((m, mult, weight))
+    applied = AppliedLoras([], unmatched)
+    for target, items in per_layer.items():
+        weight = items[0][2]
+        if merge and not weight.is_meta:
+            applied._swap(weight, _merged(target, items, weight))
+            continue
+        in_ch = weight.shape[1] if weight.ndim > 1 else 1
+        terms = [_term(m, target, mult * m.scale, weight, in_ch) for m, mult, _ in items]
         layer = comps[target.component].get_submodule(target.path)
-        handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
-    return AppliedLoras(handles, unmatched)
+        applied._handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
+    return applied
+
+
+@torch.no_grad()
+def _merged(target: Target, items: list[tuple[LoraModule, float, Tensor]], weight: Tensor) -> Tensor:
+    """weight + Σ mult * ΔW in the weight's dtype, device and memory layout."""
+    new = weight.detach().float().clone()
+    for m, mult, _ in items:
+        m_dev = LoraModule(*(t.to(weight.device) if t is not None else None for t in (m.down, m.up, m.mid)),
+                           alpha=m.alpha, scale_override=m.scale_override, rslora=m.rslora)  # fmt: skip
+        if target.kind == "packed":
+            width = weight.shape[0] // 3
+            rows = slice(target.part * width, (target.part + 1) * width)
+            new[rows] += mult * lora_delta(m_dev, (width, weight.shape[1]))
+        elif m.down.shape[1] != weight.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
+            delta = lora_delta(m_dev, (weight.shape[0], m.down.shape[1], *weight.shape[2:]))
+            new[:, : delta.shape[1]] += mult * delta
+        else:
+            new += mult * lora_delta(m_dev, weight.shape)
+    return new.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
