@@ -5,8 +5,9 @@ Both training steps use the same frozen-VAE latents, text, loss and fp32 AdamW o
 (or --model); the LoRA step updates only the LoRA matrices (attention layers, as `train-lora --targets
 attn`), the full step every U-Net parameter. Runs alternate (LoRA, full, LoRA, full ...) so load on a
 shared machine hits both alike; each figure is the minimum over the steps after one warm-up step. The
-inference part times one U-Net forward (batch 2, as a CFG step) with and without a rank-`rank` LoRA hooked
-in. Reports seconds and the ratios, with the CPU kind.
+inference part times one U-Net forward (batch 2, as a CFG step) plain, with the LoRA hooked in, and with
+it merged (the pipeline's mode), and the merge's apply + remove time. Reports seconds and the ratios,
+with the CPU kind.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> None:
             full_t.append(b)
 
     xi, ci, ti = x[:2], ctx[:2], t[:2]
-    plain_t, hooked_t = [], []
+    plain_t, hooked_t, merged_t, switch_t = [], [], [], []
     with torch.no_grad():
         for i in range(args.steps + 1):
             t0 = time.perf_counter()
@@ -91,9 +92,17 @@ def main() -> None:
             with apply_loras(model, [(net, 1.0, 1.0)]):
                 unet(xi, ti, ci)
             t2 = time.perf_counter()
+            applied = apply_loras(model, [(net, 1.0, 1.0)], merge=True)
+            t3 = time.perf_counter()
+            unet(xi, ti, ci)
+            t4 = time.perf_counter()
+            applied.remove()
+            t5 = time.perf_counter()
             if i:
                 plain_t.append(t1 - t0)
                 hooked_t.append(t2 - t1)
+                merged_t.append(t4 - t3)
+                switch_t.append((t3 - t2) + (t5 - t4))
     trainable = sum(p.numel() for p in lora_params.parameters())
     result = {
         "cpu": platform.processor() or platform.machine(),
@@ -110,6 +119,9 @@ def main() -> None:
         "unet_forward_s": min(plain_t),
         "unet_forward_with_lora_s": min(hooked_t),
         "lora_forward_overhead": min(hooked_t) / min(plain_t),
+        "unet_forward_merged_s": min(merged_t),
+        "merged_forward_overhead": min(merged_t) / min(plain_t),
+        "merge_apply_and_remove_s": min(switch_t),
     }
     print(json.dumps(result, indent=2))
     if args.json:
