@@ -190,8 +190,9 @@ def network_from_state_dict(
     unsupported: list[str] = []
     embeddings: dict[str, Tensor] = {}
     for key, value in sd.items():
-        if key.startswith(_BUNDLE):
+        if key.startswith(_BUNDLE):  # kept, but not used yet: reported like any key not applied
             embeddings[key] = value
+            unsupported.append(key)
             continue
         if key.startswith(_KOHYA_PREFIXES) and "." in key:
             module, _, leaf = key.partition(".")
