@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generation_commands(sub)
     add_training_commands(sub)
+    from .cli_lora import add_lora_commands
+
+    add_lora_commands(sub)
     return parser
 
 

@@ -90,6 +90,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    p.add_argument("--loras", metavar="DIR", help="folder of LoRA files for <lora:NAME:WEIGHT> in the prompt")
+    p.add_argument("--embeddings", metavar="DIR", help="folder of textual-inversion embeddings, used by name")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=-1, help="-1: random; image i of a batch uses seed+i")
     p.add_argument("--subseed", type=int, default=-1, help="variation seed")
@@ -219,6 +221,14 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     pipe = Pipeline.from_file(
         model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
     )
+    if args.loras:
+        from .adapters.extra_networks import LoraLibrary
+
+        pipe.loras = LoraLibrary(args.loras)
+    if args.embeddings:
+        from .adapters.embeddings import EmbeddingLibrary
+
+        pipe.embeddings = EmbeddingLibrary(args.embeddings)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     try:
@@ -234,6 +244,8 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
             result = pipe.generate(params, callback=progress, **inputs)
     except ParamError as e:
         raise _as_cli_error(e) from None
+    for line in result.warnings:
+        print(f"diffusekit: warning: {line}", file=sys.stderr)
     files = []
     for path, img, text in zip(paths, result.images, result.infotexts, strict=True):
         save_image(img, path, text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,9 @@ from PIL import Image, ImageFilter
 
 from . import __version__, images
 from .accel import Accel, DeepCache, apply_accel
+from .adapters.embeddings import EmbeddingLibrary, active_embeddings, used_embeddings
+from .adapters.extra_networks import LoraLibrary, lora_hashes, prompt_loras, strip_extra_networks
+from .adapters.lora import LoraNetwork, apply_loras
 from .checkpoints.load import LoadedModel, load_model
 from .diffusion.denoiser import CFGDenoiser, Denoiser, HookedDenoiser
 from .diffusion.sampler_base import gaussian_noise
@@ -79,6 +82,7 @@ class GenerationResult:
     infos: list[GenerationInfo]
     seeds: list[int]
     latents: torch.Tensor | None = field(default=None, repr=False)  # (N, 4, h, w) before decoding
+    warnings: list[str] = field(default_factory=list)  # e.g. LoRA keys that matched no layer
 
     @property
     def infotexts(self) -> list[str]:
@@ -150,6 +154,9 @@ class Pipeline:
         self.schedule = sd_schedule(zero_terminal_snr=self.cfg.zero_terminal_snr)
         self._hash: str | None = None
         self._bang_tokenizer: CLIPTokenizer | None = None
+        self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
+        self.embeddings: EmbeddingLibrary | None = None  # textual-inversion names usable in prompts
+        self.lora_merge = True  # LoRAs as merged weight copies for a call (False: forward hooks)
 
     @classmethod
     def from_file(
@@ -187,9 +194,10 @@ class Pipeline:
                 self._bang_tokenizer = CLIPTokenizer.bundled(pad_token="!")
             tok = [tok if e.cfg.pad_token_id == tok.eos_id else self._bang_tokenizer for e in enc]
         kw = dict(clip_skip=params.clip_skip, mode=params.prompt_mode)
-        with torch.inference_mode():
-            cond = encode_prompt(params.prompt, tok, enc, **kw)
-            uncond = encode_prompt(params.negative_prompt, tok, enc, **kw)
+        toks = tok if isinstance(tok, list) else [tok] * len(enc)
+        with torch.inference_mode(), active_embeddings(enc, toks, self.embeddings) as tok:
+            cond = encode_prompt(strip_extra_networks(params.prompt), tok, enc, **kw)
+            uncond = encode_prompt(strip_extra_networks(params.negative_prompt), tok, enc, **kw)
             if cond.context.shape[1] != uncond.context.shape[1]:
                 cond, uncond = pad_to_same_length(cond, uncond, encode_prompt("", tok, enc, **kw))
         out = []
@@ -365,6 +373,29 @@ class Pipeline:
         return self.generate(params.replace(width=w, height=h), init_image=canvas, mask=mask, **kw)
 
     def generate(
+        self,
+        params: GenerationParams,
+        *,
+        loras: Sequence[tuple[LoraNetwork, float, float]] = (),
+        **kw,
+    ) -> GenerationResult:
+        """Generate with `loras` ((network, te weight, unet weight), ...) and the prompt's <lora:...> tags
+        applied for this call only (see `_generate` for the other arguments)."""
+        active = list(loras) + prompt_loras(params.prompt, self.loras)
+        texts = [strip_extra_networks(params.prompt), strip_extra_networks(params.negative_prompt)]
+        widths = [e.cfg.width for e in self.model.text_encoders]
+        used = used_embeddings(texts, self.loaded.tokenizer, self.embeddings, widths)
+        extras = {"Lora hashes": lora_hashes(active)} if lora_hashes(active) else {}
+        if used:
+            extras["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
+        if extras:
+            params = params.replace(extras={**params.extras, **extras})
+        with apply_loras(self.model, active, merge=self.lora_merge) as applied:
+            result = self._generate(params, **kw)
+        result.warnings += applied.warnings()
+        return result
+
+    def _generate(
         self,
         params: GenerationParams,
         *,

@@ -141,6 +141,14 @@ class _HFTextTransformer(nn.Module):
 # open_clip layout
 
 
+class _InProjection(nn.Module):
+    """The packed q/k/v projection as a call of its own (no parameters: they stay on the attention
+    module under their original names), so adapters can hook it like a Linear."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias)  # (B, T, 3W)
+
+
 class _PackedAttention(nn.Module):
     """``nn.MultiheadAttention``'s parameter layout: one (3W, W) in-projection for q, k, v."""
 
@@ -151,10 +159,11 @@ class _PackedAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * w, w, **factory))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * w, **factory))
         self.out_proj = nn.Linear(w, w, **factory)
+        self.in_proj = _InProjection()
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, W)
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
+        q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
         return self.out_proj(_causal_attention(q, k, v, self.heads))
 
 

@@ -1,0 +1,497 @@
+"""LoRA / LoCon files (Hu et al. 2021, "LoRA: Low-Rank Adaptation"): read, apply at run time, merge, save.
+
+A file is read into a ``LoraNetwork``: per adapted layer a ``LoraModule`` (down, optional LyCORIS-CP mid,
+up, alpha), keyed by the name the file gives the layer. ``apply_loras`` resolves those names against a
+model (``adapters/keys.py``) and adds ``multiplier * scale * up(mid(down(x)))`` to each layer's output
+through forward hooks: the base weights are never written, so removing the hooks restores the model
+bit for bit, and switching LoRAs costs no more than registering hooks. ``merge_loras`` bakes the same
+update into a state dict with A1111's formula (``W + multiplier * scale * up @ down``).
+
+Scale: kohya/A1111 ``alpha / rank`` (1 without alpha); diffusers/PEFT ``lora_alpha / r`` from the file's
+``lora_adapter_metadata`` (1 without it), ``lora_alpha / sqrt(r)`` for rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoints.hashes import addnet_hash, sha256_file
+from ..checkpoints.single_file import load_state_dict, save_state_dict
+from ..models.configs import ModelConfig
+from .keys import Target, adapter_names, preferred_names
+
+__all__ = [
+    "LoraError",
+    "LoraModule",
+    "LoraNetwork",
+    "AppliedLoras",
+    "load_lora",
+    "apply_loras",
+    "merge_loras",
+    "lora_delta",
+]
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_LEAVES = {
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora_mid.weight": "mid",
+    "alpha": "alpha",
+    "scale": "scale",
+}
+_PEFT_LEAVES = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
+_BUNDLE = "bundle_emb."
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: down (r, in[, kh, kw]), up (out, r[, 1, 1]), optional CP mid (r, r, kh, kw)."""
+
+    down: Tensor
+    up: Tensor
+    mid: Tensor | None = None
+    alpha: float | None = None
+    scale_override: float | None = None  # an explicit `scale` tensor in the file (A1111 honours it)
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """The factor on up @ down: `scale` if given, else alpha / rank (alpha / sqrt(rank) for rsLoRA)."""
+        if self.scale_override is not None:
+            return self.scale_override
+        if self.alpha is None:
+            return 1.0
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclass
+class LoraNetwork:
+    """The layers of one LoRA file, keyed by the file's names, plus what could not be used."""
+
+    name: str
+    modules: dict[str, LoraModule]
+    unsupported: list[str] = field(default_factory=list)  # keys of module types we cannot apply
+    metadata: dict[str, str] = field(default_factory=dict)
+    embeddings: dict[str, Tensor] = field(default_factory=dict)  # bundle_emb.* tensors, by key
+    path: Path | None = None
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def hash(self) -> str:
+        """A1111's hash: the addnet sha256 of a .safetensors file, the full-file sha256 otherwise."""
+        if self._hash is None:
+            if self.path is None:
+                raise LoraError(f"LoRA {self.name!r} has no file to hash; save it first")
+            if self.metadata.get("sshs_model_hash"):
+                self._hash = self.metadata["sshs_model_hash"]
+            elif self.path.suffix.lower() == ".safetensors":
+                self._hash = addnet_hash(self.path)
+            else:
+                self._hash = sha256_file(self.path)
+        return self._hash
+
+    @property
+    def shorthash(self) -> str:
+        return self.hash[:12]
+
+    def resolve(self, cfg: ModelConfig) -> tuple[dict[Target, LoraModule], list[str]]:
+        """({our layer: module}, names that match no layer of `cfg`) for a model of config `cfg`."""
+        names = adapter_names(cfg)
+        found: dict[Target, LoraModule] = {}
+        unmatched: list[str] = []
+        for name, module in self.modules.items():
+            target = names.get(name)
+            if target is None:
+                unmatched.append(name)
+            elif target in found:
+                raise LoraError(f"LoRA {self.name!r}: two entries address the same layer ({name})")
+            else:
+                found[target] = module
+        return found, unmatched
+
+    def state_dict(self, cfg: ModelConfig, style: str = "kohya") -> dict[str, Tensor]:
+        """The tensors of a file in `style` ("kohya" or "diffusers") for a model of config `cfg`."""
+        resolved, unmatched = self.resolve(cfg)
+        if unmatched:
+            raise LoraError(
+                f"LoRA {self.name!r}: {len(unmatched)} layer(s) not in this model, e.g. {unmatched[0]}"
+            )
+        names = preferred_names(cfg, style)
+        out: dict[str, Tensor] = {}
+        for target, m in resolved.items():
+            name = names[target]
+            if style == "kohya":
+                out[f"{name}.lora_down.weight"] = m.down.detach()
+                out[f"{name}.lora_up.weight"] = m.up.detach()
+                if m.mid is not None:
+                    out[f"{name}.lora_mid.weight"] = m.mid.detach()
+                out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
+            else:
+                if m.mid is not None:
+                    raise LoraError("the diffusers format has no place for LyCORIS mid weights; use kohya")
+                out[f"{name}.lora_A.weight"] = m.down.detach()
+                out[f"{name}.lora_B.weight"] = m.up.detach() * m.scale  # the scale folded in: alpha = r
+        return out
+
+    def save(
+        self, path: str | Path, cfg: ModelConfig, *, style: str = "kohya", metadata: Mapping[str, str] = ()
+    ) -> Path:
+        """Write a .safetensors file in `style` (diffusers: the scale folded into lora_B, scale 1 on read)."""
+        path = Path(path)
+        save_state_dict(self.state_dict(cfg, style), path, metadata={"format": "pt", **dict(metadata)})
+        self.path, self._hash = path, None
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _float(t: Tensor) -> float:
+    return float(t.float().reshape(-1)[0])
+
+
+def _peft_alpha(config: Mapping[str, object], comp: str, path: str) -> tuple[float | None, bool]:
+    """(lora_alpha, rslora) for layer `path` of component `comp` from diffusers' adapter metadata."""
+    alpha = config.get(f"{comp}.lora_alpha")
+    patterns = config.get(f"{comp}.alpha_pattern") or {}
+    if isinstance(patterns, Mapping):
+        for pattern, value in patterns.items():  # PEFT's own rule: the pattern matches a name suffix
+            if re.fullmatch(rf"(.*\.)?({pattern})", path):
+                alpha = value
+                break
+    return (float(alpha) if alpha is not None else None), bool(config.get(f"{comp}.use_rslora", False))
+
+
+def network_from_state_dict(
+    sd: Mapping[str, Tensor], name: str, metadata: Mapping[str, str] | None = None
+) -> LoraNetwork:
+    """Group a LoRA state dict (kohya/A1111 or diffusers/PEFT keys) into a LoraNetwork."""
+    metadata = dict(metadata or {})
+    parts: dict[str, dict[str, Tensor]] = {}
+    unsupported: list[str] = []
+    embeddings: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(_BUNDLE):  # kept, but not used yet: reported like any key not applied
+            embeddings[key] = value
+            unsupported.append(key)
+            continue
+        if key.startswith(_KOHYA_PREFIXES) and "." in key:
+            module, _, leaf = key.partition(".")
+            role = _KOHYA_LEAVES.get(leaf)
+        else:
+            leaf = next((lf for lf in _PEFT_LEAVES if key.endswith("." + lf)), None)
+            module = key[: -len(leaf) - 1] if leaf else key
+            role = _PEFT_LEAVES.get(leaf) if leaf else None
+        if role is None:
+            unsupported.append(key)
+        else:
+            parts.setdefault(module, {})[role] = value
+    peft_config: dict[str, object] = {}
+    if PEFT_METADATA_KEY in metadata:
+        try:
+            peft_config = json.loads(metadata[PEFT_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise LoraError(f"LoRA {name!r}: {PEFT_METADATA_KEY} metadata is not valid JSON") from None
+    modules: dict[str, LoraModule] = {}
+    for module, p in parts.items():
+        if "down" not in p or "up" not in p:
+            unsupported += [f"{module} (has {', '.join(sorted(p))} but no {'up' if 'down' in p else 'down'})"]
+            continue
+        alpha = _float(p["alpha"]) if "alpha" in p else None
+        rslora = False
+        if not module.startswith(_KOHYA_PREFIXES) and alpha is None and peft_config:
+            comp, _, path = module.partition(".")
+            alpha, rslora = _peft_alpha(peft_config, comp, path)
+        if alpha == 0:
+            alpha = None  # kohya: alpha 0 means alpha = rank
+        modules[module] = LoraModule(
+            down=p["down"],
+            up=p["up"],
+            mid=p.get("mid"),
+            alpha=alpha,
+            scale_override=_float(p["scale"]) if "scale" in p else None,
+            rslora=rslora,
+        )
+    if not modules:
+        raise LoraError(
+            f"LoRA {name!r} holds no LoRA layers (expected keys like lora_unet_*.lora_down.weight or "
+            f"unet.*.lora_A.weight; found e.g. {next(iter(sd), 'nothing')!r})"
+        )
+    return LoraNetwork(name, modules, unsupported, metadata, embeddings)
+
+
+def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
+    """Read a LoRA file (.safetensors, or .pt/.ckpt/.bin through the weights-only loader)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{path}: no such LoRA file")
+    sd, metadata = load_state_dict(path)
+    net = network_from_state_dict(sd, name or path.stem, metadata)
+    net.path = path
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# The update of one layer
+
+
+def _as_conv(w: Tensor) -> Tensor:
+    return w if w.ndim == 4 else w[:, :, None, None]
+
+
+def lora_delta(m: LoraModule, shape: Sequence[int]) -> Tensor:
+    """ΔW = scale * up @ [mid] @ down, shaped like the layer's weight `shape` (A1111's calc_updown)."""
+    out, r = m.up.shape[0], m.rank
+    up, down = m.up.reshape(out, -1).float(), m.down.reshape(r, -1).float()
+    if m.mid is not None:  # LyCORIS CP: ΔW[i, j, k, l] = Σ up[i, n] mid[n, m, k, l] down[m, j]
+        delta = torch.einsum("nmkl,in,mj->ijkl", m.mid.float(), up, down)
+    else:
+        delta = up @ down  # (out, in * kh * kw)
+    if delta.numel() != math.prod(shape):
+        raise LoraError(f"LoRA update of {tuple(delta.shape)} does not fit a weight of shape {tuple(shape)}")
+    return delta.reshape(shape) * m.scale
+
+
+def _check_shape(name: str, target: Target, m: LoraModule, weight_shape: torch.Size) -> None:
+    """A clear error when a LoRA layer was made for a different model (SD1 file on an SD2 model...)."""
+    out = weight_shape[0] // 3 if target.kind == "packed" else weight_shape[0]
+    fan_in = weight_shape[1] if len(weight_shape) > 1 else 1
+    kernel = tuple(weight_shape[2:]) if target.kind == "conv" else ()
+    ok = m.up.shape[0] == out and m.down.shape[1] in (fan_in, 4 if fan_in == 9 else fan_in)
+    if m.mid is None and target.kind == "conv" and m.down.ndim == 4:
+        ok = ok and tuple(m.down.shape[2:]) == kernel
+    if m.mid is not None:
+        ok = ok and target.kind == "conv" and tuple(m.mid.shape[2:]) == kernel
+    if not ok:
+        raise LoraError(
+            f"LoRA layer {name} (down {tuple(m.down.shape)}, up {tuple(m.up.shape)}) does not fit "
+            f"{target.component}.{target.path} (weight {tuple(weight_shape)}): the LoRA was made for "
+            "a different model family or size"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-time application
+
+
+@dataclass
+class _Term:
+    """One LoRA's contribution to one layer, in the layer's dtype and device."""
+
+    down: Tensor
+    up: Tensor
+    mid: Tensor | None
+    factor: float  # multiplier * scale
+    part: int | None
+
+
+def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels: int) -> _Term:
+    device, dtype = (torch.device("cpu"), torch.float32) if ref.is_meta else (ref.device, ref.dtype)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    down, up = m.down, m.up
+    if target.kind == "conv":
+        down, up = _as_conv(down), _as_conv(up)
+        if down.shape[1] != in_channels:  # a 4-channel LoRA on a 9-channel inpainting conv_in: zero-pad
+            down = F.pad(down, (0, 0, 0, 0, 0, in_channels - down.shape[1]))
+    else:
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+    return _Term(cast(down), cast(up), cast(m.mid), factor, target.part)
+
+
+def _linear_update(x: Tensor, t: _Term) -> Tensor:
+    h = F.linear(x.to(t.down.dtype), t.down)  # (..., in) -> (..., r)
+    return (F.linear(h, t.up) * t.factor).to(x.dtype)  # (..., out)
+
+
+def _conv_update(module: nn.Conv2d, x: Tensor, t: _Term) -> Tensor:
+    geometry = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+    if t.mid is None:
+        h = F.conv2d(x, t.down, **geometry)  # (B, r, H', W'): the kernel sits in down
+    else:
+        h = F.conv2d(F.conv2d(x, t.down), t.mid, **geometry)  # 1x1 down, then the kernel in mid
+    return F.conv2d(h, t.up) * t.factor  # (B, out, H', W')
+
+
+def _make_hook(kind: str, terms: list[_Term]):
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        x = args[0]
+        if kind == "linear":
+            for t in terms:
+                out = out + _linear_update(x, t)
+        elif kind == "conv":
+            for t in terms:
+                out = out + _conv_update(module, x, t)
+        else:  # packed q/k/v: each term adds to its third of the output
+            pieces = list(out.chunk(3, dim=-1))
+            for t in terms:
+                pieces[t.part] = pieces[t.part] + _linear_update(x, t)
+            out = torch.cat(pieces, dim=-1)
+        return out
+
+    return hook
+
+
+def _weight_of(component: nn.Module, target: Target) -> Tensor:
+    """The layer's weight, or for a layer that keeps none (int8-quantized Linear) an fp32 stand-in."""
+    if target.kind == "packed":
+        return component.get_submodule(target.path.rpartition(".")[0]).in_proj_weight
+    layer = component.get_submodule(target.path)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    return torch.empty(layer.out_features, layer.in_features, device="meta")  # computed in fp32 on CPU
+
+
+class AppliedLoras:
+    """LoRAs hooked into a model; ``remove()`` (or leaving the ``with`` block) takes them out again."""
+
+    def __init__(self, handles: list, unmatched: dict[str, list[str]]) -> None:
+        self._handles = handles
+        self._swapped: list[tuple[Tensor, Tensor]] = []  # (parameter, its original data) in merge mode
+        self.unmatched = unmatched  # {lora name: its keys that match no layer or cannot be applied}
+
+    def _swap(self, param: Tensor, merged: Tensor) -> None:
+        self._swapped.append((param, param.data))
+        param.data = merged
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for param, original in reversed(self._swapped):
+            param.data = original  # the very tensor it had: bit-identical
+        self._handles, self._swapped = [], []
+
+    def __enter__(self) -> AppliedLoras:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def warnings(self) -> Iterator[str]:
+        """One line per LoRA with keys that were not applied."""
+        for name, keys in self.unmatched.items():
+            if keys:
+                more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+                yield f"LoRA {name}: {len(keys)} key(s) not applied: {', '.join(keys[:3])}{more}"
+
+
+def _components(model: nn.Module) -> dict[str, nn.Module]:
+    return {k: m for k, (_, m) in model.components().items() if k != "vae"}
+
+
+def apply_loras(
+    model: nn.Module, loras: Sequence[tuple[LoraNetwork, float, float]], *, merge: bool = False
+) -> AppliedLoras:
+    """Apply `loras` ((network, te multiplier, unet multiplier), ...) to a StableDiffusion `model`.
+
+    Default: forward hooks (differentiable; what training uses). ``merge=True``: each adapted weight is
+    swapped for a merged copy (W + ΔW, A1111's math) and the original tensor is put back on removal, so
+    inference pays nothing per step and the base is still bit-identical afterwards; layers without a
+    weight tensor (int8-quantized) get hooks either way.
+    """
+    comps = _components(model)
+    per_layer: dict[Target, list[tuple[LoraModule, float, Tensor]]] = {}
+    unmatched: dict[str, list[str]] = {}
+    for net, te_mult, unet_mult in loras:
+        resolved, missing = net.resolve(model.cfg)
+        unmatched[net.name] = missing + net.unsupported
+        for target, m in resolved.items():
+            if target.component not in comps:
+                unmatched[net.name].append(f"{target.component}.{target.path}")
+                continue
+            weight = _weight_of(comps[target.component], target)
+            _check_shape(net.name, target, m, weight.shape)
+            mult = te_mult if target.is_text else unet_mult
+            if mult != 0:
+                per_layer.setdefault(target, []).append((m, mult, weight))
+    applied = AppliedLoras([], unmatched)
+    for target, items in per_layer.items():
+        weight = items[0][2]
+        if merge and not weight.is_meta:
+            applied._swap(weight, _merged(target, items, weight))
+            continue
+        in_ch = weight.shape[1] if weight.ndim > 1 else 1
+        terms = [_term(m, target, mult * m.scale, weight, in_ch) for m, mult, _ in items]
+        layer = comps[target.component].get_submodule(target.path)
+        applied._handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
+    return applied
+
+
+@torch.no_grad()
+def _merged(target: Target, items: list[tuple[LoraModule, float, Tensor]], weight: Tensor) -> Tensor:
+    """weight + Σ mult * ΔW in the weight's dtype, device and memory layout."""
+    new = weight.detach().float().clone()
+    for m, mult, _ in items:
+        m_dev = LoraModule(*(t.to(weight.device) if t is not None else None for t in (m.down, m.up, m.mid)),
+                           alpha=m.alpha, scale_override=m.scale_override, rslora=m.rslora)  # fmt: skip
+        if target.kind == "packed":
+            width = weight.shape[0] // 3
+            rows = slice(target.part * width, (target.part + 1) * width)
+            new[rows] += mult * lora_delta(m_dev, (width, weight.shape[1]))
+        elif m.down.shape[1] != weight.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
+            delta = lora_delta(m_dev, (weight.shape[0], m.down.shape[1], *weight.shape[2:]))
+            new[:, : delta.shape[1]] += mult * delta
+        else:
+            new += mult * lora_delta(m_dev, weight.shape)
+    return new.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging into weights
+
+
+def merge_loras(
+    sd: Mapping[str, Tensor], cfg: ModelConfig, loras: Sequence[tuple[LoraNetwork, float, float]]
+) -> dict[str, Tensor]:
+    """A copy of single-file state dict `sd` with `loras` baked in (W += mult * ΔW); others shared."""
+    prefixes = {"unet": "model.diffusion_model."}
+    for i, p in enumerate(cfg.text_prefixes):
+        prefixes["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = p
+    out = dict(sd)
+    for net, te_mult, unet_mult in loras:
+        resolved, missing = net.resolve(cfg)
+        if missing:
+            raise LoraError(f"LoRA {net.name!r}: {len(missing)} key(s) match no layer, e.g. {missing[0]}")
+        for target, m in resolved.items():
+            mult = te_mult if target.is_text else unet_mult
+            if target.kind == "packed":
+                key = prefixes[target.component] + target.path + "_weight"  # attn.in_proj -> in_proj_weight
+            else:
+                key = prefixes[target.component] + target.path + ".weight"
+            w = out[key]
+            _check_shape(net.name, target, m, w.shape)
+            if target.kind == "packed":
+                width = w.shape[0] // 3
+                rows = slice(target.part * width, (target.part + 1) * width)
+                new = w.float().clone()
+                new[rows] += mult * lora_delta(m, (width, w.shape[1]))
+            elif m.down.shape[1] != w.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
+                delta = lora_delta(m, (w.shape[0], m.down.shape[1], *w.shape[2:]))
+                new = w.float().clone()
+                new[:, : delta.shape[1]] += mult * delta
+            else:
+                new = w.float() + mult * lora_delta(m, w.shape)
+            out[key] = new.to(w.dtype)
+    return out

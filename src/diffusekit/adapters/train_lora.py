@@ -1,0 +1,289 @@
+"""Train a LoRA on a folder of captioned images (kohya's layout: ``img.png`` + ``img.txt``), for any model.
+
+The base model stays frozen; the LoRA's down/up matrices are the only parameters (kohya's init: down
+Kaiming-uniform, up zero, so step 0 is the base model). They act through the same forward hooks as a
+loaded LoRA (``lora.apply_loras``), so what is trained is exactly what is applied later. Images are put
+in resolution buckets (sides multiples of 64 near the target area, aspect ratio kept), encoded once by
+the frozen VAE, and each step's batch, timesteps and noise are a pure function of (seed, step), which
+with ``train.loop.Trainer``'s checkpoints makes ``--resume`` exact after a kill. The result is written
+as a kohya-format .safetensors with ``ss_*`` metadata (or in the diffusers format on request).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..diffusion.schedules import sd_alphas_cumprod
+from ..images import to_tensor
+from ..models.configs import ModelConfig
+from ..models.sd import StableDiffusion
+from ..prompts import encode_prompt
+from .keys import Target, preferred_names
+from .lora import LoraError, LoraModule, LoraNetwork, apply_loras
+
+__all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets", "new_network"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+TARGET_SETS = ("attn", "attn+conv")
+BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """What to train: rank/alpha (kohya's network_dim/network_alpha), targets, optimisation and data."""
+
+    rank: int = 4
+    alpha: float = 1.0
+    targets: str = "attn"  # "attn": transformer blocks (+ text attention/MLP); "attn+conv": + ResBlock convs
+    conv_rank: int | None = None  # rank of conv layers (default: rank)
+    train_text_encoder: bool = False
+    resolution: int = 512
+    min_snr_gamma: float | None = None  # Hang et al. 2023 loss weighting; None: plain MSE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGET_SETS:
+            raise LoraError(f"unknown targets {self.targets!r}; valid: {', '.join(TARGET_SETS)}")
+        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
+            raise LoraError(f"rank must be >= 1, got {self.rank}")
+        if self.resolution % 64:
+            raise LoraError(f"resolution must be a multiple of 64, got {self.resolution}")
+
+
+def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
+    """The layers kohya's networks.lora adapts: U-Net transformer blocks (+ conv layers), text attn/MLP."""
+    out = []
+    for target in preferred_names(cfg, "kohya"):
+        if target.is_text:
+            if text and ("self_attn" in _hf(target) or ".mlp." in _hf(target)):
+                out.append(target)
+        elif ".transformer_blocks." in target.path or target.path.endswith(("proj_in", "proj_out")):
+            out.append(target)
+        elif targets == "attn+conv" and target.kind == "conv" and _is_block_conv(target.path):
+            out.append(target)
+    return out
+
+
+def _hf(target: Target) -> str:
+    return target.path if target.kind != "packed" else target.path + ".self_attn"
+
+
+def _is_block_conv(path: str) -> bool:
+    """ResBlock convs, skip convs, down/upsampler convs; not the U-Net's conv_in/conv_out."""
+    return path.endswith(("in_layers.2", "out_layers.3", "skip_connection", ".op", ".conv"))
+
+
+def new_network(model: StableDiffusion, name: str, cfg: LoraTrainConfig, seed: int) -> LoraNetwork:
+    """A fresh LoRA over `lora_targets`: down Kaiming-uniform (a=sqrt(5)), up zero, alpha as given."""
+    g = torch.Generator().manual_seed(seed)
+    comps = {k: m for k, (_, m) in model.components().items()}
+    names = preferred_names(model.cfg, "kohya")
+    modules = {}
+    for target in lora_targets(model.cfg, cfg.targets, cfg.train_text_encoder):
+        comp = comps[target.component]
+        if target.kind == "packed":
+            w = comp.get_submodule(target.path.rpartition(".")[0]).in_proj_weight
+            out_f, shape_in = w.shape[0] // 3, (w.shape[1],)
+        else:
+            w = comp.get_submodule(target.path).weight
+            out_f, shape_in = w.shape[0], tuple(w.shape[1:])
+        spatial = target.kind == "conv" and w.shape[-1] > 1  # a 3x3 conv, not a 1x1 projection
+        rank = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
+        down = torch.empty(rank, *shape_in)
+        bound = 1 / math.sqrt(math.prod(shape_in))  # kaiming_uniform(a=sqrt(5)) on a (rank, fan_in) weight
+        down.uniform_(-bound, bound, generator=g)
+        up = torch.zeros(out_f, rank, *([1, 1] if len(shape_in) == 3 else []))
+        modules[names[target]] = LoraModule(nn.Parameter(down), nn.Parameter(up), alpha=cfg.alpha)
+    return LoraNetwork(name, modules)
+
+
+class LoraParameters(nn.Module):
+    """The trainable tensors of a LoraNetwork as one module (so the Trainer's optimizer/EMA/checkpoint
+    see exactly them and nothing of the frozen base)."""
+
+    def __init__(self, net: LoraNetwork) -> None:
+        super().__init__()
+        self.names = list(net.modules)
+        self.down = nn.ParameterList([net.modules[n].down for n in self.names])
+        self.up = nn.ParameterList([net.modules[n].up for n in self.names])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def bucket_sizes(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `step`, with area at most resolution^2 and aspect <= max_ratio."""
+    area = resolution * resolution
+    out = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = min(int(area // w) // step * step, int(w * max_ratio) // step * step)
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((w, h))
+        w += step
+    return sorted(out)
+
+
+def _bucket_for(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = size[0] / size[1]
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1] / ratio)), -b[0] * b[1]))
+
+
+def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to cover `size`, then center-crop to it."""
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    img = img.resize(
+        (max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.Resampling.LANCZOS
+    )
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+class CaptionedImages:
+    """Images with same-named .txt captions under a folder (recursive); missing caption: empty prompt."""
+
+    def __init__(self, folder: str | Path, resolution: int) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise LoraError(f"training data folder {self.folder} does not exist")
+        paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise LoraError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        buckets = bucket_sizes(resolution)
+        self.items: list[tuple[Image.Image, str, tuple[int, int]]] = []
+        for p in paths:
+            img = Image.open(p).convert("RGB")
+            caption_file = p.with_suffix(".txt")
+            caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            size = _bucket_for(img.size, buckets)
+            self.items.append((_fit(img, size), caption, size))
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, size) in enumerate(self.items):
+            self.by_bucket.setdefault(size, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch_indices(self, seed: int, step: int, batch: int) -> list[int]:
+        """The images of step `step`: one bucket (drawn by its size), without replacement where possible."""
+        rng = random.Random(seed * 1_000_003 + step)
+        buckets = sorted(self.by_bucket)
+        bucket = rng.choices(buckets, weights=[len(self.by_bucket[b]) for b in buckets])[0]
+        pool = self.by_bucket[bucket]
+        return rng.sample(pool, batch) if batch <= len(pool) else [rng.choice(pool) for _ in range(batch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+class LoraTraining:
+    """The loss of a LoRA on a frozen model: eps/v MSE (optionally min-SNR weighted) on cached latents."""
+
+    def __init__(
+        self, model: StableDiffusion, tokenizer, data: CaptionedImages, cfg: LoraTrainConfig
+    ) -> None:
+        self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
+        model.requires_grad_(False)
+        scale = model.cfg.vae.scaling_factor
+        with torch.no_grad():  # VAE posterior moments of every image, once
+            self.moments = []
+            for img, _, _ in data.items:
+                post = model.vae.encode(to_tensor(img))
+                self.moments.append((post.mean * scale, post.std * scale))  # (1, 4, h, w) each
+        self.alphas = sd_alphas_cumprod(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (1, T, C), pooled or None); cached unless the text encoder is being trained."""
+        if not self.cfg.train_text_encoder and caption in self._text_cache:
+            return self._text_cache[caption]
+        with torch.set_grad_enabled(self.cfg.train_text_encoder):
+            emb = encode_prompt(caption, self.tokenizer, self.model.text_encoders)
+        out = (emb.context, emb.pooled)
+        if not self.cfg.train_text_encoder:
+            self._text_cache[caption] = out
+        return out
+
+    def loss(self, step: int, batch: int) -> torch.Tensor:
+        """The training loss of step `step` (its images, timesteps and noise depend on (seed, step) only)."""
+        model, cfg = self.model, self.cfg
+        idx = self.data.batch_indices(cfg.seed, step, batch)
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        z = torch.cat([m + s * torch.randn(m.shape, generator=g) for m, s in (self.moments[i] for i in idx)])
+        t = torch.randint(0, len(self.alphas), (len(idx),), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise  # (B, 4, h, w)
+        texts = [self.encode(self.data.items[i][1]) for i in idx]
+        context = torch.cat([c for c, _ in texts])
+        y = None
+        if model.cfg.unet.adm_in_channels is not None:  # SDXL: pooled text + size/crop ids
+            from ..models.unet import size_embedding
+
+            w, h = self.data.items[idx[0]][2]
+            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(len(idx), -1)
+            y = torch.cat(
+                [torch.cat([p for _, p in texts]), size_embedding(ids, model.cfg.unet.size_embed_dim)], 1
+            )
+        pred = model.unet(x_t, t.float(), context, y).float()
+        target = noise if model.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if cfg.min_snr_gamma is not None:
+            snr = self.alphas[t] / (1 - self.alphas[t])
+            base = snr + 1 if model.cfg.prediction == "v" else snr
+            per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
+        return per_sample.mean()
+
+
+def make_loss_fn(
+    training: LoraTraining, net: LoraNetwork, batch: int
+) -> Callable[[nn.Module, int], torch.Tensor]:
+    """A Trainer loss function: the LoRA hooked in for the step's forward pass only."""
+
+    def loss_fn(_module: nn.Module, step: int) -> torch.Tensor:
+        with apply_loras(training.model, [(net, 1.0, 1.0)]):
+            return training.loss(step, batch)
+
+    return loss_fn
+
+
+def training_metadata(cfg: LoraTrainConfig, model_cfg: ModelConfig, name: str, steps: int, lr: float,
+                      n_images: int, base_name: str) -> dict[str, str]:  # fmt: skip
+    """The ``ss_*`` fields sd-scripts writes and A1111/ComfyUI read (network, base, training settings)."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": str(cfg.alpha),
+        "ss_network_args": json.dumps(
+            {"conv_dim": str(cfg.conv_rank or cfg.rank), "conv_alpha": str(cfg.alpha)}
+        )
+        if cfg.targets == "attn+conv"
+        else "{}",
+        "ss_output_name": name,
+        "ss_base_model_version": BASE_VERSIONS[model_cfg.family],
+        "ss_v2": str(model_cfg.family == "sd2"),
+        "ss_sd_model_name": base_name,
+        "ss_max_train_steps": str(steps),
+        "ss_learning_rate": str(lr),
+        "ss_unet_lr": str(lr),
+        "ss_text_encoder_lr": str(lr if cfg.train_text_encoder else 0),
+        "ss_network_train_unet_only": str(not cfg.train_text_encoder),
+        "ss_num_train_images": str(n_images),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_seed": str(cfg.seed),
+        "ss_training_comment": "trained with diffusekit train-lora",
+    }
