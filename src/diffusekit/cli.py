@@ -115,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.set_defaults(func=cmd_create)
 
+    from .cli_animate import add_animate_commands
     from .cli_generate import add_generation_commands
     from .cli_train import add_training_commands
 
     add_generation_commands(sub)
     add_training_commands(sub)
+    add_animate_commands(sub)
     return parser
 
 
