@@ -46,7 +46,7 @@ class Schedule:
             raise ScheduleError(f"unknown curve {self.curve!r}; valid: {', '.join(CURVES)}")
 
     def __call__(self, frame: int) -> float:
-        """The value at `frame` (frames before the first keyframe take its value, after the last, the last)."""
+        """The value at `frame`; before the first keyframe its value holds, after the last the last."""
         keys = self.keyframes
         if frame <= keys[0][0]:
             return keys[0][1]
