@@ -27,7 +27,8 @@ def _adapter_ref(cfg, seed=0):
 
     widths = tuple(m * cfg.unet.model_channels for m in cfg.unet.channel_mult)
     ref = MotionAdapter(block_out_channels=widths, motion_layers_per_block=cfg.unet.num_res_blocks,
-                        motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32)  # fmt: skip
+                        motion_num_attention_heads=8, motion_norm_num_groups=32,
+                        motion_max_seq_length=32)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ref.parameters():
@@ -90,7 +91,8 @@ def test_inflated_unet_matches_unet_motion_model(setup, source):
         after = pipe.model.unet(x, t.expand(FRAMES), ctx.expand(FRAMES, -1, -1))
     rel = (got - want).abs().max() / want.abs().max()
     print(
-        f"inflated U-Net vs UNetMotionModel ({source}): max abs {float((got - want).abs().max()):.2e}, rel {float(rel):.2e}"
+        f"inflated U-Net vs UNetMotionModel ({source}): "
+        f"max abs {float((got - want).abs().max()):.2e}, rel {float(rel):.2e}"
     )
     assert rel < 1e-4
     assert (got - base).abs().max() > 1e-2  # the motion modules really act
@@ -112,9 +114,10 @@ def test_animatediff_pipeline_end_to_end(setup):
                               sampler="euler", schedule="normal", seed=40, prompt_mode="plain",
                               batch_size=FRAMES)  # fmt: skip
     noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(40 + i))
-                       for i in range(FRAMES)])  # our per-frame seeds: frame i draws from seed + i  # fmt: skip
+                       for i in range(FRAMES)])  # our per-frame seeds: seed + i  # fmt: skip
     want = ref("a red circle", negative_prompt="gray", num_frames=FRAMES, num_inference_steps=5,
-               guidance_scale=5.0, output_type="np", latents=noise.transpose(0, 1)[None]).frames[0]  # fmt: skip
+               guidance_scale=5.0, output_type="np",
+               latents=noise.transpose(0, 1)[None]).frames[0]  # fmt: skip
     with inflate(pipe, load_motion_adapter(tmp / "adapter"), FRAMES):
         got = pipe.generate(params)
     ours = np.stack([np.asarray(im, dtype=np.float64) / 255 for im in got.images])
@@ -158,3 +161,37 @@ def test_wrong_files_and_wrong_models_are_clear_errors(setup, tmp_path):
         inflate(pipe, MotionAdapter(small), 4),
     ):
         pass
+
+
+def test_cli_animatediff_with_windows_and_prompt_travel(setup, tmp_path):
+    from PIL import Image
+
+    from diffusekit.cli import main
+
+    cfg, sd, path, ref_adapter, tmp = setup
+    out = tmp_path / "ad.webp"
+    prompts = '{"0": "a red circle", "5": "a blue square"}'
+    args = ["animate", "x", "--model", str(path), "--mode", "animatediff",
+            "--motion-module", str(tmp / "adapter"),
+            "--prompts", prompts, "--frames", "6", "--context", "4", "--overlap", "2", "--steps", "2",
+            "--seed", "5", "-o", str(out), "--json"]  # fmt: skip
+    assert main(args) == 0
+    with Image.open(out) as im:
+        assert im.n_frames == 6
+    assert (
+        main(
+            [
+                "animate",
+                "x",
+                "--model",
+                str(path),
+                "--mode",
+                "animatediff",
+                "--frames",
+                "4",
+                "-o",
+                str(tmp_path / "b.gif"),
+            ]
+        )
+        == 2
+    )  # fmt: skip  (no --motion-module: a one-line error)

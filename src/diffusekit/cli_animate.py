@@ -72,6 +72,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     spec = AnimationSpec(
         mode=args.mode, frames=args.frames, fps=args.fps, prompts=_prompts(args), seeds=_seeds(args.seeds),
         curve=args.curve, cadence=args.cadence, interpolation=args.interpolation, motion=motion,
+        motion_module=args.motion_module or "", context=args.context, overlap=args.overlap,
     ).check()  # fmt: skip
     init = load_image(args.init_image) if args.init_image else None
     params = _params(args)
@@ -108,9 +109,10 @@ def add_animate_commands(sub) -> None:
     )
     _add_common(p)
     p.set_defaults(out="animation.mp4", func=cmd_animate)
-    p.add_argument("--mode", default="travel", choices=("travel", "seed", "motion"),
+    p.add_argument("--mode", default="travel", choices=("travel", "seed", "motion", "animatediff"),
                    help="travel: keyframed prompts; seed: noise slerped between --seeds; motion: each frame "
-                   "the previous one warped and passed through img2img")  # fmt: skip
+                   "the previous one warped and passed through img2img; animatediff: all frames at once "
+                   "through an AnimateDiff motion module (--motion-module)")  # fmt: skip
     p.add_argument("--frames", type=int, default=16, help="number of frames")
     p.add_argument("--fps", type=float, default=8.0, help="frames per second of the video")
     p.add_argument("--prompts", help='keyframed prompts: JSON {"0": "...", "24": "..."} or a JSON file')
@@ -143,6 +145,11 @@ def add_animate_commands(sub) -> None:
         help="match each frame's LAB histograms to the first frame's",
     )
     g.add_argument("--init-image", help="start the motion from this image instead of a txt2img frame")
+    g = p.add_argument_group("animatediff mode")
+    g.add_argument("--motion-module", help="AnimateDiff motion module: mm_sd_v15*.ckpt/.safetensors or a "
+                   "diffusers MotionAdapter folder (SD1.x models)")  # fmt: skip
+    g.add_argument("--context", type=int, default=16, help="frames per motion-module window")
+    g.add_argument("--overlap", type=int, default=4, help="frames shared by consecutive windows")
     p.add_argument(
         "--resume",
         action="store_true",

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..params import GenerationParams
+from ..params import MAX_BATCH, GenerationParams
 from ..pipeline import Pipeline, slerp
 from . import warp as warp2d
 from .schedule import CURVES, ScheduleError, blend_weights, parse_schedule
 from .video import frame_path, save_frame
 
-MODES = ("travel", "seed", "motion")
+MODES = ("travel", "seed", "motion", "animatediff")
 INTERPOLATIONS = ("slerp", "blend")
 COLOR_COHERENCE = ("lab", "none")
 STATE_FILE = "animation.json"
@@ -73,6 +73,9 @@ class AnimationSpec:
     cadence: int = 1  # diffuse every N-th frame, interpolate the rest
     interpolation: str = "slerp"  # in-between frames: "slerp" of latents or "blend" of pixels
     motion: MotionSettings = MotionSettings()
+    motion_module: str = ""  # animatediff: the motion module file or diffusers folder
+    context: int = 16  # animatediff: frames per window of the motion module
+    overlap: int = 4  # animatediff: frames shared by consecutive windows
 
     def check(self) -> AnimationSpec:
         if self.mode not in MODES:
@@ -95,6 +98,16 @@ class AnimationSpec:
             raise AnimationError("seeds must be in 0..2^63-1")
         if self.mode == "motion":
             self.motion.check()
+        if self.mode == "animatediff":
+            if not self.motion_module:
+                raise AnimationError("animatediff mode needs --motion-module PATH (an AnimateDiff module)")
+            if self.frames > MAX_BATCH or self.cadence != 1:
+                raise AnimationError(
+                    f"animatediff renders all frames in one sampler run: at most {MAX_BATCH} frames, "
+                    "cadence 1"
+                )
+            if not 2 <= self.context <= 32 or not 0 <= self.overlap < self.context:
+                raise AnimationError("--context must be 2..32 frames and --overlap 0..context-1")
         return self
 
     def key_frames(self) -> list[int]:
@@ -122,8 +135,15 @@ class FrameProgress:
 class Renderer:
     """Renders one AnimationSpec with one Pipeline into a folder of frame_NNNNNN.png files."""
 
-    def __init__(self, pipe: Pipeline, params: GenerationParams, spec: AnimationSpec, folder: Path):
+    def __init__(
+        self, pipe: Pipeline, params: GenerationParams, spec: AnimationSpec, folder: Path, adapter=None
+    ):
         self.pipe, self.spec, self.folder = pipe, spec.check(), Path(folder)
+        if spec.mode == "animatediff" and adapter is None:
+            from .animatediff import load_motion_adapter
+
+            adapter = load_motion_adapter(spec.motion_module)
+        self.adapter = adapter  # animatediff: a motion_module.MotionAdapter
         if params.seed < 0:
             params = params.replace(seed=random.randrange(2**32))
         self.params = params.validate(pipe.cfg.resolution, pipe.defaults)
@@ -210,6 +230,8 @@ class Renderer:
         """Render every frame; return their paths in order."""
         keys = self.spec.key_frames()
         start = self._start(resume)
+        if self.spec.mode == "animatediff":
+            return self._render_animatediff(start, callback, cancel)
         prev: tuple[int, torch.Tensor, Image.Image] | None = None  # (frame, latent, image) of last key
         first: Image.Image | None = None
         if start > 0:
@@ -234,6 +256,34 @@ class Renderer:
             prev = (f, latent, image)
             first = first or image
         return [frame_path(self.folder, i) for i in range(self.spec.frames)]
+
+    def _render_animatediff(self, start: int, callback, cancel) -> list[Path]:
+        """All frames in one sampler run of the inflated U-Net (a killed run restarts from frame 0)."""
+        from .animatediff import inflate
+
+        frames = self.spec.frames
+        paths = [frame_path(self.folder, i) for i in range(frames)]
+        if start > 0 and all(p.is_file() for p in paths):
+            return paths
+        per_frame = [self.conds_at(f) for f in range(frames)]
+        conds = tuple({k: torch.cat([c[i][k] for c in per_frame]) for k in per_frame[0][i]} for i in range(2))
+        params = self.params.replace(
+            batch_size=frames, n_iter=1, extras={**self.params.extras, "Animation": "animatediff",
+            "Motion module": Path(self.spec.motion_module).name},
+        )  # fmt: skip
+
+        def report(p) -> None:
+            if callback is not None:
+                callback(FrameProgress(0, frames, p.step, p.total))
+
+        spec = self.spec
+        with inflate(self.pipe, self.adapter, frames, context=spec.context, overlap=spec.overlap):
+            result = self.pipe.generate(params, conds=conds, callback=report, cancel=cancel)
+        for i, (image, info) in enumerate(zip(result.images, result.infotexts, strict=True)):
+            save_frame(image, self.folder, i, info)
+            if callback is not None:
+                callback(FrameProgress(i, frames))
+        return paths
 
     def key_frame(self, f, prev, first, init_image, report, cancel) -> tuple[torch.Tensor, Image.Image, str]:
         """Diffuse key frame `f`: (latent (1, C, h, w), image, infotext)."""
