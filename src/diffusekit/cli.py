@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.set_defaults(func=cmd_create)
 
+    from .cli_animate import add_animate_commands
     from .cli_generate import add_generation_commands
     from .cli_train import add_training_commands
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_lora import add_lora_commands
 
     add_lora_commands(sub)
+    add_animate_commands(sub)
     return parser
 
 

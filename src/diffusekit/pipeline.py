@@ -403,8 +403,13 @@ class Pipeline:
         mask: Image.Image | None = None,
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        conds: tuple[dict, dict] | None = None,
     ) -> GenerationResult:
-        """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask)."""
+        """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask).
+
+        `conds` replaces the encoded prompts with ready (cond, uncond) conditioning from `encode` (prompt
+        travel interpolates them); the infotext still records `params.prompt`.
+        """
         params = params.validate(self.cfg.resolution, self.defaults)
         self.resolve_sampler(params)  # unknown names fail before any work
         if init_image is not None:
@@ -426,7 +431,8 @@ class Pipeline:
         original = None  # inpainting: the init image at the output size, pasted back outside the mask
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
-        conds = self.encode(params, width, height)  # the prompts are encoded once for all batches
+        if conds is None:  # the prompts are encoded once for all batches
+            conds = self.encode(params, width, height)
         hires_conds = None
         if params.enable_hr and init_image is None:  # only SDXL's conditioning depends on the size
             sdxl = self.cfg.unet.adm_in_channels is not None

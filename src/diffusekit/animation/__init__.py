@@ -1,0 +1,1 @@
+"""Animations: keyframe schedules, prompt/seed travel, 2D motion, AnimateDiff, video files."""
