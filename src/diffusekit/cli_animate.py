@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_generate import _accel, _add_common, _params, default_model_path
+from .cli_generate import _add_common, _params, load_pipeline
 
 
 def _frame_bar(enabled: bool):
@@ -57,8 +57,6 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from .animation.render import AnimationError, AnimationSpec, MotionSettings, Renderer
     from .animation.video import check_output, frame_path, write_video
     from .images import load_image
-    from .pipeline import Pipeline
-    from .runtime import resolve_device
 
     if args.batch != 1 or args.n_iter != 1:
         raise AnimationError("--batch and --n-iter do not apply to animate (each frame is one image)")
@@ -80,11 +78,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.resume and params.seed < 0 and state.is_file():  # a random seed is kept by the first run
         params = params.replace(seed=json.loads(state.read_text())["params"]["seed"])
     t0 = time.perf_counter()
-    model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_file(
-        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=_accel(args),
-        device=resolve_device(args.device),
-    )  # fmt: skip
+    pipe = load_pipeline(args)
     renderer = Renderer(pipe, params, spec, folder)
     files = renderer.render(resume=args.resume, init_image=init, callback=_frame_bar(not args.json))
     summary = {"frames": [str(f) for f in files], "seed": renderer.params.seed, **renderer.state()}

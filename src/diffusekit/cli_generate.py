@@ -202,25 +202,16 @@ def _as_cli_error(err) -> ValueError:
     return ValueError(str(err).replace(f"{err.field}={err.value!r}", f"{option} {err.value}", 1))
 
 
-def _run(args: argparse.Namespace, params, **inputs) -> int:
-    from .image_files import save_image
-    from .params import ParamError
+def load_pipeline(args: argparse.Namespace):
+    """The Pipeline the common options ask for: model, VAE, precision, accelerators, LoRA and TI folders."""
     from .pipeline import Pipeline
     from .runtime import resolve_device
 
-    paths = _check_outputs(args, params)
-    if params.prompt_mode != "plain":  # emphasis errors (bounds, bad numbers) before the model loads
-        from .prompts import parse_prompt_attention
-
-        parse_prompt_attention(params.prompt)
-        parse_prompt_attention(params.negative_prompt)
     model = Path(args.model) if args.model else default_model_path()
-    t0 = time.perf_counter()
-    accel = _accel(args)
-    device = resolve_device(args.device)
     pipe = Pipeline.from_file(
-        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
-    )
+        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=_accel(args),
+        device=resolve_device(args.device),
+    )  # fmt: skip
     if args.loras:
         from .adapters.extra_networks import LoraLibrary
 
@@ -229,6 +220,21 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
         from .adapters.embeddings import EmbeddingLibrary
 
         pipe.embeddings = EmbeddingLibrary(args.embeddings)
+    return pipe
+
+
+def _run(args: argparse.Namespace, params, **inputs) -> int:
+    from .image_files import save_image
+    from .params import ParamError
+
+    paths = _check_outputs(args, params)
+    if params.prompt_mode != "plain":  # emphasis errors (bounds, bad numbers) before the model loads
+        from .prompts import parse_prompt_attention
+
+        parse_prompt_attention(params.prompt)
+        parse_prompt_attention(params.negative_prompt)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     try:
