@@ -79,7 +79,9 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint file, diffusers folder or store model NAME[@VERSION] "
+                   "(default: the bundled model)")  # fmt: skip
+    p.add_argument("--store", type=Path, help="model store folder for --model NAME (default: the per-user one)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
     add_sampling_options(p)
@@ -154,13 +156,17 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     from .pipeline import Pipeline
     from .runtime import resolve_device
 
-    model = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     accel = _accel(args)
     device = resolve_device(args.device)
-    pipe = Pipeline.from_file(
-        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
-    )
+    from .cli_models import store_pipeline
+
+    pipe = store_pipeline(args, accel=accel, device=device)  # None unless --model names a store model
+    if pipe is None:
+        model = Path(args.model) if args.model else default_model_path()
+        pipe = Pipeline.from_file(
+            model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
+        )
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:
