@@ -302,8 +302,8 @@ def add_models_commands(sub) -> None:
         return p
 
     def thresholds(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--min-psnr", type=float, help="pass threshold in dB (default: the recorded one, 40)")
-        p.add_argument("--max-diff", type=int, help="largest allowed 0..255 pixel difference (default 32)")
+        p.add_argument("--min-psnr", type=float, help="pass threshold in dB (default: the recorded one, 50)")
+        p.add_argument("--max-diff", type=int, help="largest allowed 0..255 pixel difference (default: the recorded one, 16)")
 
     p = cmd("add", cmd_add, "add a checkpoint file or diffusers folder as the next version of NAME")
     p.add_argument("path", type=Path)

@@ -3,10 +3,14 @@
 Renders run in fp32 on the CPU with a deterministic sampler (Euler) and fixed seeds, so the same
 weights and the same code give the same pixels bit for bit on one machine. The comparison is on the
 8-bit RGB output: PSNR = 10 log10(255^2 / MSE) over all pixels and channels, and the largest absolute
-difference of any one channel value. A check passes when PSNR >= `min_psnr` (default 40 dB: an RMS
-error of at most 2.55 levels, room for float reassociation between CPUs or BLAS builds) and the max
-difference <= `max_diff` (default 32 levels). Changed weights or changed sampler arithmetic move whole
-regions of the image and fall far below these (see tests/test_store_golden.py and the guide).
+difference of any one channel value. A check passes when PSNR >= `min_psnr` (default 50 dB, an RMS
+error of 0.8 levels) and the max difference <= `max_diff` (default 16 levels).
+
+Why these numbers (measured on this repo's models, fp32, one CPU): the same weights rendered with a
+different thread count (another float reduction order, as on another CPU or BLAS build) stay at
+86-89 dB with max diff 1; warping the last sampler sigmas by 10% gives 42-54 dB on the default model,
+scaling the denoiser output by 1.1 gives 44 dB on a random tiny model; a flipped exponent bit in one
+U-Net weight gives under 20 dB. Changes that keep every image above 50 dB are below what the eye sees.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from .. import __version__
 from ..models.configs import ModelConfig
 from ..params import GenerationParams, ModelDefaults
 
-MIN_PSNR = 40.0
-MAX_DIFF = 32
+MIN_PSNR = 50.0
+MAX_DIFF = 16
 GOLDEN_SAMPLER = "Euler"
 GOLDEN_PROMPTS = (
     ("a red circle above a blue square", 11),
