@@ -17,11 +17,16 @@ def create_tiny(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def fine_tune(base: Path, out: Path, *, prefix: str = "model.diffusion_model.", scale: float = 0.01, seed: int = 1) -> Path:
+def fine_tune(
+    base: Path, out: Path, *, prefix: str = "model.diffusion_model.", scale: float = 0.01, seed: int = 1
+) -> Path:
     """`base` with every tensor under `prefix` perturbed by scale * N(0, 1) (the rest byte-identical)."""
     sd, meta = load_state_dict(base)
     g = torch.Generator().manual_seed(seed)
-    out_sd = {k: (v + scale * torch.randn(v.shape, generator=g) if k.startswith(prefix) else v.clone()) for k, v in sd.items()}
+    out_sd = {
+        k: (v + scale * torch.randn(v.shape, generator=g) if k.startswith(prefix) else v.clone())
+        for k, v in sd.items()
+    }
     save_state_dict(out_sd, out, metadata=meta)
     return out
 

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from store_helpers import create_tiny, fine_tune, flip_bit
 
 from diffusekit.checkpoints.hashes import sha256_file
 from diffusekit.checkpoints.load import read_checkpoint
@@ -15,6 +14,7 @@ from diffusekit.checkpoints.single_file import load_state_dict
 from diffusekit.cli import main
 from diffusekit.store import ModelStore, Ref, StoreError
 from diffusekit.store.audit import diff, du, export, verify
+from store_helpers import create_tiny, fine_tune, flip_bit
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def test_add_list_show_history_and_dedup(tmp_path, files):
     store = _two_versions(tmp_path, files)
     assert store.names() == ["m"]
     [row] = store.list()
-    assert row["versions"] == [1, 2] and row["current"] == 1  # the first version stays current until a promote
+    assert (
+        row["versions"] == [1, 2] and row["current"] == 1
+    )  # the first version stays current until a promote
     v1, v2 = store.get("m@1"), store.get("m@2")
     assert store.get("m").version == 1 and v1.current and not v2.current
     assert v2.parent == "m@1" and v2.note == "fine-tune" and v1.license == "CC0"
@@ -77,7 +79,9 @@ def test_add_list_show_history_and_dedup(tmp_path, files):
 def test_export_round_trips(tmp_path, files):
     store = _two_versions(tmp_path, files)
     out = export(store, "m@2", tmp_path / "out.safetensors")
-    assert out["identical_file"] and out["sha256"] == sha256_file(files["ft"])  # the added file, byte for byte
+    assert out["identical_file"] and out["sha256"] == sha256_file(
+        files["ft"]
+    )  # the added file, byte for byte
     assert out["autov2"] == out["original_autov2"]
     assert _tensors_equal(load_state_dict(tmp_path / "out.safetensors")[0], load_state_dict(files["ft"])[0])
 
@@ -178,7 +182,9 @@ def test_concurrent_adds_are_serialized(tmp_path, files):
     store = ModelStore(root)
     assert verify(store)["ok"] and len(store.versions("c")) == 3
     report = du(store)
-    assert report["physical_tensor_bytes"] < 0.65 * report["logical_tensor_bytes"]  # 1 base + 2 U-Nets of 3 models
+    assert (
+        report["physical_tensor_bytes"] < 0.65 * report["logical_tensor_bytes"]
+    )  # 1 base + 2 U-Nets of 3 models
 
 
 def test_clear_errors(tmp_path, files):
@@ -211,8 +217,12 @@ def test_clear_errors(tmp_path, files):
 
 def test_cli(tmp_path, files, capsys):
     s = ["--store", str(tmp_path / "store")]
-    assert main(["models", "add", str(files["base"]), "--name", "m", "--no-golden", "--note", "base", *s]) == 0
-    assert main(["models", "add", str(files["ft"]), "--name", "m", "--no-golden", "--license", "MIT", *s]) == 0
+    assert (
+        main(["models", "add", str(files["base"]), "--name", "m", "--no-golden", "--note", "base", *s]) == 0
+    )
+    assert (
+        main(["models", "add", str(files["ft"]), "--name", "m", "--no-golden", "--license", "MIT", *s]) == 0
+    )
     capsys.readouterr()
     assert main(["models", "list", "--json", *s]) == 0
     assert json.loads(capsys.readouterr().out)[0]["versions"] == [1, 2]

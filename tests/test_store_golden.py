@@ -4,12 +4,12 @@ arithmetic (naming the version), promote refuses a failing version, rollback res
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from store_helpers import create_tiny, fine_tune, flip_bit
 
 from diffusekit.cli import main
 from diffusekit.diffusion import samplers
@@ -17,6 +17,7 @@ from diffusekit.metadata import read_infotext
 from diffusekit.params import GenerationParams
 from diffusekit.store import ModelStore, StoreError
 from diffusekit.store.audit import verify
+from store_helpers import create_tiny, fine_tune, flip_bit
 
 
 @pytest.fixture(autouse=True)
@@ -35,13 +36,23 @@ def files(tmp_path_factory):
     return {"base": base, "ft": fine_tune(base, d / "ft.safetensors", scale=0.05)}
 
 
-@pytest.fixture
-def store(tmp_path, files):
-    s = ModelStore(tmp_path / "store")
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, files):
+    """A store with m@1 (base) and m@2 (U-Net fine-tune), goldens recorded; each test gets a copy."""
+    root = tmp_path_factory.mktemp("template") / "store"
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    s = ModelStore(root)
     s.add(files["base"], "m")
     s.add(files["ft"], "m")
-    return s
+    torch.set_num_threads(before)
+    return root
+
+
+@pytest.fixture
+def store(tmp_path, template):
+    shutil.copytree(template, tmp_path / "store")
+    return ModelStore(tmp_path / "store")
 
 
 def _render(store: ModelStore, ref: str) -> bytes:
@@ -108,9 +119,13 @@ def test_rollback_restores_identical_images(store):
 
 def test_record_replaces_goldens_and_generate_resolves_names(store, tmp_path, capsys):
     old = store.get("m@1").golden
-    assert main(["models", "check", "m@1", "--record", "--reason", "new code", "--store", str(store.root)]) == 0
+    assert (
+        main(["models", "check", "m@1", "--record", "--reason", "new code", "--store", str(store.root)]) == 0
+    )
     new = store.get("m@1").golden
-    assert [g.fingerprint for g in new.images] == [g.fingerprint for g in old.images]  # same code, same pixels
+    assert [g.fingerprint for g in new.images] == [
+        g.fingerprint for g in old.images
+    ]  # same code, same pixels
     assert store.history("m")[-1]["action"] == "golden"
     out = tmp_path / "gen.png"
     args = ["generate", "a red cube", "--model", "m@2", "--store", str(store.root), "--steps", "3"]

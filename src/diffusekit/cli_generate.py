@@ -81,7 +81,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file, diffusers folder or store model NAME[@VERSION] "
                    "(default: the bundled model)")  # fmt: skip
-    p.add_argument("--store", type=Path, help="model store folder for --model NAME (default: the per-user one)")
+    p.add_argument("--store", type=Path, help="model store folder for --model NAME (default: per-user)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
     add_sampling_options(p)
@@ -165,8 +165,9 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     if pipe is None:
         model = Path(args.model) if args.model else default_model_path()
         pipe = Pipeline.from_file(
-            model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
-        )
+            model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel,
+            device=device,
+        )  # fmt: skip
     load_s = time.perf_counter() - t0
     progress = ProgressBar(not args.json)
     if "outpaint" in inputs:

@@ -1,4 +1,4 @@
-"""`diffusekit models ...`: the model store from the command line (add, list, promote, rollback, check, ...)."""
+"""`diffusekit models ...`: the model store from the command line (add, promote, rollback, check, ...)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _when(t: float | None) -> str:
 
 
 def _store(args: argparse.Namespace):
-    """The store named by --store, else the per-user one (which starts with the bundled model as default@1)."""
+    """The store named by --store, else the per-user one (which starts with the bundled default@1)."""
     from .store import ModelStore
 
     if args.store is not None:
@@ -38,13 +38,19 @@ def store_pipeline(args: argparse.Namespace, **kw):
     if not args.model or Path(args.model).exists() or not looks_like_ref(args.model):
         return None
     if args.vae or args.prediction:
-        raise StoreError(f"--vae/--prediction cannot change the store model {args.model}; add a new version instead")
+        raise StoreError(
+            f"--vae/--prediction cannot change the store model {args.model}; add a new version instead"
+        )
     store = _store(args)
     return store.pipeline(args.model, precision=args.precision, **kw)
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=lambda o: None if isinstance(o, float) and math.isinf(o) else str(o)))
+    print(
+        json.dumps(
+            obj, indent=2, default=lambda o: None if isinstance(o, float) and math.isinf(o) else str(o)
+        )
+    )
 
 
 def _command() -> str:
@@ -120,7 +126,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for c in card["components"]:
         dtypes = "/".join(c["dtypes"])
         lines.append(
-            f"    {c['name']:<15} {c['parameters']:>14,} params  {_size(c['bytes']):>10}  {dtypes:<9} {c['blob'][:12]}"
+            f"    {c['name']:<15} {c['parameters']:>14,} params  {_size(c['bytes']):>10}  {dtypes:<9} "
+            f"{c['blob'][:12]}"
         )
     if card["recipe"]:
         r = card["recipe"]
@@ -204,8 +211,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for p in out["problems"]:
             print(f"  {p['kind']}: {p['detail']}; breaks {', '.join(p['versions']) or '-'}")
         if out["unreferenced_blobs"] or out["temp_files"]:
-            print(f"  {len(out['unreferenced_blobs'])} unreferenced blob(s), {out['temp_files']} partial write(s): "
-                  "'models gc' removes them")  # fmt: skip
+            n, t = len(out["unreferenced_blobs"]), out["temp_files"]
+            print(f"  {n} unreferenced blob(s), {t} partial write(s): 'models gc' removes them")
     return 0 if out["ok"] else 1
 
 
@@ -218,14 +225,24 @@ def cmd_du(args: argparse.Namespace) -> int:
         return 0
     print(f"{out['store']}")
     print(f"  logical   {_size(out['logical_bytes']):>11}  (every version counted whole)")
-    print(f"  physical  {_size(out['physical_bytes']):>11}  (each blob once; saved {_size(out['saved_bytes'])})")
-    print(f"  tensors   {_size(out['logical_tensor_bytes']):>11} logical, {_size(out['physical_tensor_bytes'])} physical")
+    print(
+        f"  physical  {_size(out['physical_bytes']):>11}  (each blob once; saved {_size(out['saved_bytes'])})"
+    )
+    print(
+        f"  tensors   {_size(out['logical_tensor_bytes']):>11} logical, "
+        f"{_size(out['physical_tensor_bytes'])} physical"
+    )
     if out["unreferenced_bytes"]:
         print(f"  garbage   {_size(out['unreferenced_bytes']):>11}  (unreferenced; 'models gc' frees it)")
     print(f"  {'version':<24} {'logical':>11} {'adds':>11} {'unique':>11}  shared components")
     for v in out["versions"]:
-        shared = ", ".join(f"{n}={'+'.join(c['shared_with'])}" for n, c in v["components"].items() if c["shared_with"])
-        print(f"  {v['ref']:<24} {_size(v['logical']):>11} {_size(v['adds']):>11} {_size(v['unique']):>11}  {shared or '-'}")
+        shared = ", ".join(
+            f"{n}={'+'.join(c['shared_with'])}" for n, c in v["components"].items() if c["shared_with"]
+        )
+        print(
+            f"  {v['ref']:<24} {_size(v['logical']):>11} {_size(v['adds']):>11} {_size(v['unique']):>11}  "
+            f"{shared or '-'}"
+        )
     return 0
 
 
@@ -236,8 +253,9 @@ def _check_table(out: dict) -> None:
         s = i["spec"]
         psnr = "inf" if i["psnr"] is None else f"{i['psnr']:.2f}"
         verdict = "ok" if i["passed"] else "FAIL"
-        print(f"  [{i['index']}] {verdict:<4} PSNR {psnr:>6} dB  max diff {i['max_diff']:>3}  mean {i['mean_diff']:.3f}  "
-              f"{s['width']}x{s['height']} {s['steps']} steps seed {s['seed']}  ({i['seconds']:.1f}s)")  # fmt: skip
+        size = f"{s['width']}x{s['height']} {s['steps']} steps seed {s['seed']}"
+        print(f"  [{i['index']}] {verdict:<4} PSNR {psnr:>6} dB  max diff {i['max_diff']:>3}  "
+              f"mean {i['mean_diff']:.3f}  {size}  ({i['seconds']:.1f}s)")  # fmt: skip
     if not out["passed"] and out["recorded_with"] != out["now"]:
         print(f"  recorded with {out['recorded_with']}, now {out['now']}")
 
@@ -280,7 +298,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(f"{out['a']} vs {out['b']}" + ("" if out["same_config"] else "  (different model configs)"))
     for c in out["components"]:
         if c["status"] == "differs":
-            extra = f", {len(c['only_in_a']) + len(c['only_in_b'])} key(s) on one side only" if c["only_in_a"] or c["only_in_b"] else ""
+            extra = (
+                f", {len(c['only_in_a']) + len(c['only_in_b'])} key(s) on one side only"
+                if c["only_in_a"] or c["only_in_b"]
+                else ""
+            )
             print(f"  {c['component']:<15} differs: relative change {c['relative_change']:.3e} "
                   f"({c['tensors_changed']}/{c['tensors_compared']} tensors){extra}")  # fmt: skip
         else:
@@ -291,7 +313,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def add_models_commands(sub) -> None:
     """Register `diffusekit models ...`."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", type=Path, help="store folder (default: the per-user data folder's models/)")
+    common.add_argument(
+        "--store", type=Path, help="store folder (default: the per-user data folder's models/)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
     models = sub.add_parser("models", help="the model store: versions, rollback, dedup, golden checks")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -303,7 +327,11 @@ def add_models_commands(sub) -> None:
 
     def thresholds(p: argparse.ArgumentParser) -> None:
         p.add_argument("--min-psnr", type=float, help="pass threshold in dB (default: the recorded one, 50)")
-        p.add_argument("--max-diff", type=int, help="largest allowed 0..255 pixel difference (default: the recorded one, 16)")
+        p.add_argument(
+            "--max-diff",
+            type=int,
+            help="largest allowed 0..255 pixel difference (default: the recorded one, 16)",
+        )
 
     p = cmd("add", cmd_add, "add a checkpoint file or diffusers folder as the next version of NAME")
     p.add_argument("path", type=Path)
@@ -339,7 +367,9 @@ def add_models_commands(sub) -> None:
     cmd("du", cmd_du, "logical vs physical bytes, what each version adds")
     p = cmd("check", cmd_check, "re-render NAME[@VERSION]'s golden images and compare (exit 1 on failure)")
     p.add_argument("ref")
-    p.add_argument("--record", action="store_true", help="(re-)record the golden images with the current code")
+    p.add_argument(
+        "--record", action="store_true", help="(re-)record the golden images with the current code"
+    )
     p.add_argument("--reason", help="with --record: why")
     thresholds(p)
     p = cmd("export", cmd_export, "write NAME@VERSION as a .safetensors file or a diffusers folder")

@@ -38,7 +38,9 @@ def verify(store: ModelStore, *, rehash: bool = True) -> dict:
                              "(SELECT 1 FROM versions v WHERE v.name = m.name)"):  # fmt: skip
             problems.append({"kind": "alias", "detail": f"{row['name']} has versions but no current one",
                              "versions": [row["name"]]})  # fmt: skip
-        versions = [f"{r[0]}@{r[1]}" for r in c.execute("SELECT name, version FROM versions ORDER BY name, version")]
+        versions = [
+            f"{r[0]}@{r[1]}" for r in c.execute("SELECT name, version FROM versions ORDER BY name, version")
+        ]
     checked = 0
     for digest, users in sorted(refs.items()):
         who = sorted(users)
@@ -50,8 +52,8 @@ def verify(store: ModelStore, *, rehash: bool = True) -> dict:
         if rehash:
             now = store.blobs.rehash(digest)
             if now != digest:
-                problems.append({"kind": "corrupt", "blob": digest, "versions": who,
-                                 "detail": f"blob {digest[:12]} now hashes to {now[:12]} (its bytes changed)"})  # fmt: skip
+                detail = f"blob {digest[:12]} now hashes to {now[:12]} (its bytes changed)"
+                problems.append({"kind": "corrupt", "blob": digest, "versions": who, "detail": detail})
     on_disk = store.blobs.all()
     broken = sorted({v for p in problems for v in p["versions"]})
     return {
@@ -74,8 +76,12 @@ def du(store: ModelStore) -> dict:
     apart from the small rest (original headers, golden PNGs).
     """
     with closing(store._conn()) as c:
-        rows = c.execute("SELECT name, version, manifest FROM versions ORDER BY created_at, name, version").fetchall()
-        goldens = {(r["name"], r["version"]): json.loads(r["record"]) for r in c.execute("SELECT * FROM goldens")}
+        rows = c.execute(
+            "SELECT name, version, manifest FROM versions ORDER BY created_at, name, version"
+        ).fetchall()
+        goldens = {
+            (r["name"], r["version"]): json.loads(r["record"]) for r in c.execute("SELECT * FROM goldens")
+        }
         refs = store.referenced(c)
     sizes = store.blobs.all()
     seen: set[str] = set()
@@ -142,7 +148,9 @@ def diff(store: ModelStore, a: str, b: str) -> dict:
             entry["blob"] = x["blob"][:12]
         else:
             entry["status"] = "differs"
-            entry.update(relative_change(store.blobs.read_tensors(x["blob"]), store.blobs.read_tensors(y["blob"])))
+            entry.update(
+                relative_change(store.blobs.read_tensors(x["blob"]), store.blobs.read_tensors(y["blob"]))
+            )
         out.append(entry)
     same_config = va.manifest["config"] == vb.manifest["config"]
     return {"a": va.ref, "b": vb.ref, "same_config": same_config, "components": out}

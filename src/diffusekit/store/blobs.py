@@ -53,7 +53,11 @@ def _header(tensors: Mapping[str, torch.Tensor]) -> bytes:
         if t.dtype not in DTYPE_CODES:
             raise StoreError(f"tensor {key!r} has dtype {t.dtype}, which a safetensors blob cannot hold")
         n = t.numel() * t.element_size()
-        entries[key] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        entries[key] = {
+            "dtype": DTYPE_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     text = json.dumps(entries, separators=(",", ":"), sort_keys=True).encode()
     text += b" " * (-len(text) % 8)
@@ -138,12 +142,16 @@ class BlobStore:
             with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
                 return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         except Exception as e:
-            raise StoreError(f"blob {digest[:12]} is not a readable tensor blob ({e}); run 'models verify'") from e
+            raise StoreError(
+                f"blob {digest[:12]} is not a readable tensor blob ({e}); run 'models verify'"
+            ) from e
 
     def _existing(self, digest: str) -> Path:
         path = self.path(digest)
         if not path.is_file():
-            raise StoreError(f"blob {digest[:12]} is missing from {self.root}; run 'diffusekit models verify'")
+            raise StoreError(
+                f"blob {digest[:12]} is missing from {self.root}; run 'diffusekit models verify'"
+            )
         return path
 
     def rehash(self, digest: str) -> str:
@@ -170,7 +178,13 @@ class BlobStore:
         """Partial writes a crash left behind (only safe to delete while holding the store lock)."""
         if not self.root.is_dir():
             return []
-        return [f for sub in self.root.iterdir() if sub.is_dir() for f in sub.iterdir() if f.name.endswith(TMP_SUFFIX)]
+        return [
+            f
+            for sub in self.root.iterdir()
+            if sub.is_dir()
+            for f in sub.iterdir()
+            if f.name.endswith(TMP_SUFFIX)
+        ]
 
     def remove(self, digest: str) -> None:
         path = self.path(digest)

@@ -73,7 +73,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 @contextlib.contextmanager
 def store_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` for the length of one store command (released on exit or crash)."""
+    """An exclusive flock on `path` for the length of one store command (released on exit or crash)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -72,7 +72,8 @@ def default_specs(cfg: ModelConfig, defaults: ModelDefaults) -> list[GoldenSpec]
     side = cfg.resolution if small else 256
     steps, count = (8, 3) if small else (6, 2)
     return [
-        GoldenSpec(prompt, seed, steps, defaults.cfg_scale, side, side) for prompt, seed in GOLDEN_PROMPTS[:count]
+        GoldenSpec(prompt, seed, steps, defaults.cfg_scale, side, side)
+        for prompt, seed in GOLDEN_PROMPTS[:count]
     ]
 
 
@@ -146,7 +147,10 @@ class GoldenRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> GoldenRecord:
-        images = [GoldenImage(GoldenSpec(**i["spec"]), i["png_blob"], i["fingerprint"], i["seconds"]) for i in d["images"]]
+        images = [
+            GoldenImage(GoldenSpec(**i["spec"]), i["png_blob"], i["fingerprint"], i["seconds"])
+            for i in d["images"]
+        ]
         return cls(images, d["min_psnr"], d["max_diff"], d["recorded_at"], d.get("environment", {}))
 
 
@@ -206,5 +210,7 @@ def check(
         else:
             m = compare(png_pixels(read_bytes(g.png_blob)), px)
         ok = m["psnr"] >= min_psnr and m["max_diff"] <= max_diff
-        results.append(CheckResult(i, g.spec, m["psnr"], m["max_diff"], m["mean_diff"], m["identical"], ok, seconds))
+        results.append(
+            CheckResult(i, g.spec, m["psnr"], m["max_diff"], m["mean_diff"], m["identical"], ok, seconds)
+        )
     return results

@@ -129,7 +129,9 @@ def export_single_file(manifest: Mapping, blobs: BlobStore, out: Path) -> str:
     entries.pop("__metadata__", None)
     order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
     if set(order) != set(sd):
-        raise StoreError("the stored header and the version's tensors name different keys; run 'models verify'")
+        raise StoreError(
+            "the stored header and the version's tensors name different keys; run 'models verify'"
+        )
 
     def write(f, digest) -> None:
         for chunk in (header, *(tensor_bytes(sd[k]) for k in order)):
@@ -160,7 +162,16 @@ def relative_change(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     }
 
 
-MANIFEST_KEYS = ("format", "family", "prediction", "config", "components", "metadata", "layout", "source_file")
+MANIFEST_KEYS = (
+    "format",
+    "family",
+    "prediction",
+    "config",
+    "components",
+    "metadata",
+    "layout",
+    "source_file",
+)
 
 
 def check_manifest(manifest: Mapping) -> None:

@@ -23,7 +23,13 @@ import torch
 from ..checkpoints.detect import CONFIG_METADATA_KEY
 from ..checkpoints.hashes import AUTOV2_LEN, autov1, sha256_file
 from ..checkpoints.inspect import disk_bytes
-from ..checkpoints.load import LoadedModel, build_model, checkpoint_metadata, read_checkpoint, validate_state_dict
+from ..checkpoints.load import (
+    LoadedModel,
+    build_model,
+    checkpoint_metadata,
+    read_checkpoint,
+    validate_state_dict,
+)
 from ..checkpoints.single_file import cast_floats, detect_format, read_safetensors_header
 from ..models.configs import ModelConfig, config_from_dict
 from ..models.sd import StableDiffusion
@@ -34,6 +40,15 @@ from .blobs import BlobStore, StoreError
 from .db import connect, store_lock, transaction
 from .manifest import MANIFEST_FORMAT, assemble, check_manifest, read_raw_header, store_components
 from .refs import Ref, check_name
+
+_VERSION_COLUMNS = (
+    "name", "version", "created_at", "created_by", "command", "source", "license", "note", "parent",
+)  # fmt: skip
+_NEW_MODEL = "INSERT INTO models (name, current, next_version, created_at) VALUES (?, NULL, 1, ?)"
+_NEW_VERSION = (
+    "INSERT INTO versions (name, version, created_at, created_by, command, source, license, note, parent, "
+    "manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def default_root() -> Path:
@@ -174,16 +189,19 @@ class ModelStore:
         manifest = json.loads(row["manifest"])
         check_manifest(manifest)
         return Version(
-            name=row["name"], version=row["version"], created_at=row["created_at"], created_by=row["created_by"],
-            command=row["command"], source=row["source"], license=row["license"], note=row["note"],
-            parent=row["parent"], manifest=manifest, current=bool(cur and cur[0] == version),
+            **{k: row[k] for k in _VERSION_COLUMNS},
+            manifest=manifest,
+            current=bool(cur and cur[0] == version),
             golden=gold.GoldenRecord.from_dict(json.loads(g[0])) if g else None,
-        )  # fmt: skip
+        )
 
     def _resolve(self, c: sqlite3.Connection, ref: str | Ref) -> Version:
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
         model = c.execute("SELECT current FROM models WHERE name=?", (r.name,)).fetchone()
-        known = [row[0] for row in c.execute("SELECT version FROM versions WHERE name=? ORDER BY version", (r.name,))]
+        known = [
+            row[0]
+            for row in c.execute("SELECT version FROM versions WHERE name=? ORDER BY version", (r.name,))
+        ]
         if model is None or not known:
             names = [row[0] for row in c.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
             hint = f"models in this store: {', '.join(names)}" if names else "the store is empty"
@@ -203,7 +221,9 @@ class ModelStore:
     def versions(self, name: str) -> list[Version]:
         check_name(name)
         with closing(self._conn()) as c:
-            nums = [r[0] for r in c.execute("SELECT version FROM versions WHERE name=? ORDER BY version", (name,))]
+            nums = [
+                r[0] for r in c.execute("SELECT version FROM versions WHERE name=? ORDER BY version", (name,))
+            ]
             if not nums:
                 self._resolve(c, name)  # raises the clear error
             return [self._version(c, name, n) for n in nums]
@@ -239,7 +259,9 @@ class ModelStore:
         check_name(name)
         path = Path(path)
         if not path.exists():
-            raise StoreError(f"{path}: no such file or folder; add takes a .safetensors/.ckpt file or a diffusers folder")
+            raise StoreError(
+                f"{path}: no such file or folder; add takes a .safetensors/.ckpt file or a diffusers folder"
+            )
         parent_ref = Ref.parse(parent) if parent else None
         if parent_ref is not None:
             self.get(parent_ref)  # a clear error now rather than after hashing
@@ -303,7 +325,9 @@ class ModelStore:
         info.update(sha256=sha, autov2=sha[:AUTOV2_LEN], autov1=autov1(path))
         return info
 
-    def _commit_add(self, name, manifest, record, raw, sd, cfg, source, license, note, parent_ref, command, actor):
+    def _commit_add(
+        self, name, manifest, record, raw, sd, cfg, source, license, note, parent_ref, command, actor
+    ):
         with self._lock():
             # gc may have run between the writes above and now: re-store anything it removed
             if any(not self.blobs.exists(c["blob"]) for c in manifest["components"]):
@@ -316,22 +340,23 @@ class ModelStore:
             with closing(self._conn()) as c, transaction(c):
                 row = c.execute("SELECT current, next_version FROM models WHERE name=?", (name,)).fetchone()
                 if row is None:
-                    c.execute("INSERT INTO models (name, current, next_version, created_at) VALUES (?, NULL, 1, ?)",
-                              (name, now))  # fmt: skip
+                    c.execute(_NEW_MODEL, (name, now))
                     current, version = None, 1
                 else:
                     current, version = row["current"], row["next_version"]
                 parent = str(parent_ref) if parent_ref else (f"{name}@{current}" if current else None)
                 c.execute(
-                    "INSERT INTO versions (name, version, created_at, created_by, command, source, license, note, "
-                    "parent, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _NEW_VERSION,
                     (name, version, now, actor, command, source, license, note, parent, json.dumps(manifest)),
                 )
                 if record is not None:
                     c.execute("INSERT INTO goldens (name, version, record) VALUES (?, ?, ?)",
                               (name, version, json.dumps(record.to_dict())))  # fmt: skip
                 new_current = current if current is not None else version
-                c.execute("UPDATE models SET current=?, next_version=? WHERE name=?", (new_current, version + 1, name))
+                c.execute(
+                    "UPDATE models SET current=?, next_version=? WHERE name=?",
+                    (new_current, version + 1, name),
+                )
                 c.execute(
                     "INSERT INTO history (name, at, action, from_version, to_version, reason, actor) "
                     "VALUES (?, ?, 'add', ?, ?, ?, ?)",
@@ -358,13 +383,20 @@ class ModelStore:
                              note="the model diffusekit trains itself (train/recipe.py)",
                              command="first use of the store")  # fmt: skip
         with closing(self._conn()) as c, transaction(c):
-            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('default_seeded', ?)", (str(time.time()),))
+            c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('default_seeded', ?)", (str(time.time()),)
+            )
         return v
 
     # --- loading ---------------------------------------------------------------------------------
 
     def _load_manifest(
-        self, manifest: dict, label: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        self,
+        manifest: dict,
+        label: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> LoadedModel:
         sd = assemble(manifest, self.blobs)
         cfg = config_from_dict(manifest["config"])
@@ -381,13 +413,15 @@ class ModelStore:
             model_hash=manifest["source_file"].get("autov2"),
         )
 
-    def load(self, ref: str | Ref, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    def load(
+        self, ref: str | Ref, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> LoadedModel:
         """A version as a LoadedModel (named NAME@VERSION, hashed as its original file)."""
         v = self.get(ref)
         return self._load_manifest(v.manifest, v.ref, device=device, dtype=dtype)
 
     def pipeline(self, ref: str | Ref, **kw):
-        """A Pipeline over a version (kw as Pipeline: device, dtype, accel; precision as Pipeline.from_file)."""
+        """A Pipeline over a version (kw: device, dtype, accel as Pipeline; precision as from_file)."""
         from ..pipeline import Pipeline
         from ..runtime import resolve_precision
 
@@ -395,7 +429,9 @@ class ModelStore:
         device = kw.get("device", "cpu")
         loaded = self.load(ref)
         if kw.get("dtype") is None:
-            kw["dtype"] = resolve_precision(precision, device, sum(p.numel() for p in loaded.model.unet.parameters()))
+            kw["dtype"] = resolve_precision(
+                precision, device, sum(p.numel() for p in loaded.model.unet.parameters())
+            )
         return Pipeline(loaded, **kw)
 
     @staticmethod
@@ -411,7 +447,9 @@ class ModelStore:
         """Re-render a version's golden images with the current code and compare them."""
         v = self.get(ref)
         if v.golden is None:
-            raise StoreError(f"{v.ref} has no golden images; record them with 'diffusekit models check {v.ref} --record'")
+            raise StoreError(
+                f"{v.ref} has no golden images; record them with 'diffusekit models check {v.ref} --record'"
+            )
         pipe = self._pipeline(self._load_manifest(v.manifest, v.ref))
         results = gold.check(pipe, v.golden, self.blobs.read_bytes, min_psnr=min_psnr, max_diff=max_diff)
         return {
@@ -424,11 +462,15 @@ class ModelStore:
             "images": [r.to_dict() for r in results],
         }
 
-    def record_golden(self, ref: str | Ref, *, reason: str | None = None, actor: str | None = None) -> gold.GoldenRecord:
+    def record_golden(
+        self, ref: str | Ref, *, reason: str | None = None, actor: str | None = None
+    ) -> gold.GoldenRecord:
         """Render and store (replacing any earlier set) a version's golden images with the current code."""
         v = self.get(ref)
         loaded = self._load_manifest(v.manifest, v.ref)
-        specs = [g.spec for g in v.golden.images] if v.golden else gold.default_specs(v.config, loaded.defaults)
+        specs = (
+            [g.spec for g in v.golden.images] if v.golden else gold.default_specs(v.config, loaded.defaults)
+        )
         pngs: dict[str, bytes] = {}
 
         def put(data: bytes) -> str:
@@ -454,12 +496,15 @@ class ModelStore:
 
     # --- aliases -------------------------------------------------------------------------------------
 
-    def _switch(self, c: sqlite3.Connection, name: str, to: int, action: str, reason: str | None, actor: str | None) -> dict:
+    def _switch(
+        self, c: sqlite3.Connection, name: str, to: int, action: str, reason: str | None, actor: str | None
+    ) -> dict:
         cur = c.execute("SELECT current FROM models WHERE name=?", (name,)).fetchone()["current"]
         now = time.time()
         c.execute("UPDATE models SET current=? WHERE name=?", (to, name))
         c.execute(
-            "INSERT INTO history (name, at, action, from_version, to_version, reason, actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO history (name, at, action, from_version, to_version, reason, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (name, now, action, cur, to, reason, actor or who()),
         )
         return {"name": name, "from": cur, "to": to, "action": action, "at": now}
@@ -477,12 +522,17 @@ class ModelStore:
         """Make NAME@VERSION the current version; refused when its golden check fails, unless `force`."""
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
         if r.version is None:
-            raise StoreError(f"promote needs a version: {r.name}@VERSION (see 'diffusekit models history {r.name}')")
+            raise StoreError(
+                f"promote needs a version: {r.name}@VERSION (see 'diffusekit models history {r.name}')"
+            )
         v = self.get(r)
         report = None
         if not force:
             if v.golden is None:
-                raise StoreError(f"{v.ref} has no golden images to check; run 'models check {v.ref} --record' or pass --force")
+                raise StoreError(
+                    f"{v.ref} has no golden images to check; "
+                    f"run 'models check {v.ref} --record' or pass --force"
+                )
             report = self.check(v.ref, min_psnr=min_psnr, max_diff=max_diff)
             if not report["passed"]:
                 bad = next(i for i in report["images"] if not i["passed"])
@@ -519,20 +569,28 @@ class ModelStore:
             self._resolve(c, name)
             target = self.rollback_target(c, name)
             if target is None:
-                raise StoreError(f"{name} has no earlier current version to roll back to (see 'models history {name}')")
+                raise StoreError(
+                    f"{name} has no earlier current version to roll back to (see 'models history {name}')"
+                )
             return self._switch(c, name, target, "rollback", reason, actor)
 
     def remove(self, ref: str | Ref, *, reason: str | None = None, actor: str | None = None) -> dict:
-        """Delete one version's record (its blobs stay until `gc`); the current version only if it is the last."""
+        """Delete one version (its blobs stay until `gc`); the current one only if it is the last."""
         r = ref if isinstance(ref, Ref) else Ref.parse(ref)
         if r.version is None:
             raise StoreError(f"rm needs a version: {r.name}@VERSION (versions are removed one at a time)")
         with self._lock(), closing(self._conn()) as c, transaction(c):
             v = self._resolve(c, r)
-            others = [row[0] for row in c.execute("SELECT version FROM versions WHERE name=? AND version<>?", (r.name, r.version))]
+            others = [
+                row[0]
+                for row in c.execute(
+                    "SELECT version FROM versions WHERE name=? AND version<>?", (r.name, r.version)
+                )
+            ]
             if v.current and others:
                 raise StoreError(
-                    f"{v.ref} is the current version of {r.name}; promote or roll back to another version first"
+                    f"{v.ref} is the current version of {r.name}; "
+                    "promote or roll back to another version first"
                 )
             c.execute("DELETE FROM goldens WHERE name=? AND version=?", (r.name, r.version))
             c.execute("DELETE FROM versions WHERE name=? AND version=?", (r.name, r.version))
@@ -580,4 +638,9 @@ class ModelStore:
                 freed += t.stat().st_size
                 if not dry_run:
                     t.unlink(missing_ok=True)
-        return {"removed_blobs": removed, "removed_temp_files": len(temps), "freed_bytes": freed, "dry_run": dry_run}
+        return {
+            "removed_blobs": removed,
+            "removed_temp_files": len(temps),
+            "freed_bytes": freed,
+            "dry_run": dry_run,
+        }
