@@ -114,6 +114,7 @@ def test_promote_rollback_history(tmp_path, files):
     store.add(files["ft2"], "m", golden=False)
     assert store.promote("m@2", force=True, reason="better")["to"] == 2
     assert store.get("m").version == 2
+    assert store.promote("m@2", force=True)["action"] == "none"  # already current: no history entry
     store.promote("m@3", force=True)
     assert store.rollback("m")["to"] == 2
     assert store.rollback("m", reason="bad upgrade")["to"] == 1

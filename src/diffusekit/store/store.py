@@ -541,8 +541,16 @@ class ModelStore:
                     f"{bad['max_diff']}); not promoted (pass --force to promote anyway)"
                 )
         with self._lock(), closing(self._conn()) as c, transaction(c):
-            self._resolve(c, r)  # still there under the lock
-            out = self._switch(c, r.name, r.version, "promote", reason, actor)
+            if self._resolve(c, r).current:  # still there under the lock; already current: nothing to record
+                out = {
+                    "name": r.name,
+                    "from": r.version,
+                    "to": r.version,
+                    "action": "none",
+                    "at": time.time(),
+                }
+            else:
+                out = self._switch(c, r.name, r.version, "promote", reason, actor)
         out["check"] = report
         return out
 
