@@ -164,6 +164,9 @@ def test_verify_names_corrupt_and_missing_blobs(tmp_path, files, capsys):
     assert verify(store, rehash=False)["ok"]  # --quick checks presence only
     assert main(["models", "verify", "--store", str(store.root)]) == 1
     assert "corrupt" in capsys.readouterr().out
+    assert main(["models", "repair", str(files["ft"]), "--store", str(store.root)]) == 0  # from a copy
+    assert "restored 1 blob(s)" in capsys.readouterr().out and verify(store)["ok"]
+    flip_bit(store.blobs.path(unet2), "out.2.bias", bit=0)
     vae = next(c["blob"] for c in store.get("m@1").manifest["components"] if c["name"] == "vae")
     store.blobs.path(vae).unlink()
     report = verify(store)

@@ -187,6 +187,18 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    out = _store(args).repair(args.path, fp16=args.fp16, prune=args.prune, prediction=args.prediction)
+    if args.json:
+        _print_json(out)
+    elif out["restored_blobs"]:
+        blobs = ", ".join(d[:12] for d in out["restored_blobs"])
+        print(f"restored {len(out['restored_blobs'])} blob(s) ({blobs}) of {', '.join(out['versions'])}")
+    else:
+        print(f"nothing to restore from {args.path}: every blob of it that a version names is intact")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     out = _store(args).gc(dry_run=args.dry_run)
     if args.json:
@@ -360,6 +372,11 @@ def add_models_commands(sub) -> None:
     p = cmd("rm", cmd_rm, "remove NAME@VERSION (not the current one while others exist)")
     p.add_argument("ref")
     p.add_argument("--reason")
+    p = cmd("repair", cmd_repair, "rewrite missing or corrupt blobs from a copy of a file that was added")
+    p.add_argument("path", type=Path)
+    p.add_argument("--fp16", action="store_true", help="as the version was added with --fp16")
+    p.add_argument("--prune", action="store_true", help="as the version was added with --prune")
+    p.add_argument("--prediction", choices=("eps", "v"), help="as the version was added with --prediction")
     p = cmd("gc", cmd_gc, "delete blobs no version uses")
     p.add_argument("--dry-run", action="store_true")
     p = cmd("verify", cmd_verify, "re-hash every blob; name broken versions (exit 1 on problems)")

@@ -116,18 +116,26 @@ class BlobStore:
         fsync_dir(target.parent)
         return target
 
-    def put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[str, int, bool]:
-        """Store tensors as a canonical blob: (sha256, bytes, whether it was new)."""
+    def _present(self, digest: str, recheck: bool) -> bool:
+        """Whether blob `digest` is there (and, with `recheck`, still hashes to its name)."""
+        return self.exists(digest) and (not recheck or self.rehash(digest) == digest)
+
+    def put_tensors(
+        self, tensors: Mapping[str, torch.Tensor], *, recheck: bool = False
+    ) -> tuple[str, int, bool]:
+        """Store tensors as a canonical blob: (sha256, bytes, whether it was written).
+
+        `recheck`: re-hash an existing blob and rewrite it when its bytes changed (repair)."""
         digest, size = tensors_digest(tensors)
-        if self.exists(digest):
+        if self._present(digest, recheck):
             return digest, size, False
         self._write(digest, _chunks(tensors))
         return digest, size, True
 
-    def put_bytes(self, data: bytes) -> tuple[str, int, bool]:
-        """Store raw bytes (a checkpoint header, a golden PNG): (sha256, bytes, whether it was new)."""
+    def put_bytes(self, data: bytes, *, recheck: bool = False) -> tuple[str, int, bool]:
+        """Store raw bytes (a checkpoint header, a golden PNG): (sha256, bytes, whether it was written)."""
         digest = hashlib.sha256(data).hexdigest()
-        if self.exists(digest):
+        if self._present(digest, recheck):
             return digest, len(data), False
         self._write(digest, [data])
         return digest, len(data), True

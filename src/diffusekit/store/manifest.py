@@ -60,12 +60,14 @@ def describe(tensors: Mapping[str, torch.Tensor]) -> dict:
 
 
 def store_components(
-    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, blobs: BlobStore
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, blobs: BlobStore, *, recheck: bool = False
 ) -> tuple[list[dict], list[str]]:
-    """Write each component as a blob (deduplicated): (manifest component entries, digests newly written)."""
+    """Write each component as a blob (deduplicated): (manifest component entries, digests written).
+
+    `recheck`: also rewrite existing blobs whose bytes no longer match their name."""
     entries, new = [], []
     for name, (prefix, tensors) in split_components(sd, cfg).items():
-        digest, size, fresh = blobs.put_tensors(tensors)
+        digest, size, fresh = blobs.put_tensors(tensors, recheck=recheck)
         if fresh:
             new.append(digest)
         entries.append({"name": name, "prefix": prefix, "blob": digest, "bytes": size, **describe(tensors)})

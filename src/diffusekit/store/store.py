@@ -10,6 +10,7 @@ blobs are durable (fsync + rename + dir fsync) before the one SQLite transaction
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import socket
 import sqlite3
@@ -36,9 +37,16 @@ from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..params import ModelDefaults
 from . import golden as gold
-from .blobs import BlobStore, StoreError
+from .blobs import BlobStore, StoreError, tensors_digest
 from .db import connect, store_lock, transaction
-from .manifest import MANIFEST_FORMAT, assemble, check_manifest, read_raw_header, store_components
+from .manifest import (
+    MANIFEST_FORMAT,
+    assemble,
+    check_manifest,
+    read_raw_header,
+    split_components,
+    store_components,
+)
 from .refs import Ref, check_name
 
 _VERSION_COLUMNS = (
@@ -628,6 +636,35 @@ class ModelStore:
             for img in json.loads(row["record"])["images"]:
                 refs.setdefault(img["png_blob"], set()).add(f"{row['name']}@{row['version']}")
         return refs
+
+    def repair(
+        self, path: str | Path, *, fp16: bool = False, prune: bool = False, prediction: str | None = None
+    ) -> dict:
+        """Rewrite the missing or changed blobs that a copy of an added file holds (add's flags must match).
+
+        Only blobs some version names are written; no version is created. Returns what was restored.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"{path}: no such file or folder; repair reads a copy of a file that was added")
+        sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction, prune_training=prune)
+        if fp16:
+            sd = cast_floats(sd, torch.float16)
+        with self._lock():
+            with closing(self._conn()) as c:
+                refs = self.referenced(c)
+            restored: list[str] = []
+            for _, (_, tensors) in split_components(sd, cfg).items():
+                digest, _ = tensors_digest(tensors)
+                if digest in refs and self.blobs.put_tensors(tensors, recheck=True)[2]:
+                    restored.append(digest)
+            if path.is_file() and detect_format(path) == "safetensors":
+                header = read_raw_header(path)
+                digest = hashlib.sha256(header).hexdigest()
+                if digest in refs and self.blobs.put_bytes(header, recheck=True)[2]:
+                    restored.append(digest)
+        matched = sorted({v for d in restored for v in refs[d]})
+        return {"restored_blobs": restored, "versions": matched}
 
     def gc(self, *, dry_run: bool = False) -> dict:
         """Delete blobs no version names and partial writes left by crashes."""
