@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
 
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -35,8 +37,14 @@ def store_pipeline(args: argparse.Namespace, **kw):
     """For `generate --model NAME[@VERSION]`: a Pipeline from the store, or None when --model is a path."""
     from .store import StoreError, looks_like_ref
 
-    if not args.model or Path(args.model).exists() or not looks_like_ref(args.model):
-        return None
+    model = Path(args.model) if args.model else None
+    if (
+        model is None
+        or model.exists()
+        or model.suffix.lower() in CHECKPOINT_SUFFIXES
+        or not looks_like_ref(args.model)
+    ):
+        return None  # a path (a missing file gets the loader's "no such file" error)
     if args.vae or args.prediction:
         raise StoreError(
             f"--vae/--prediction cannot change the store model {args.model}; add a new version instead"
