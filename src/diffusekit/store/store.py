@@ -9,14 +9,11 @@ blobs are durable (fsync + rename + dir fsync) before the one SQLite transaction
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
-import socket
 import sqlite3
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +29,7 @@ from ..checkpoints.load import (
     validate_state_dict,
 )
 from ..checkpoints.single_file import cast_floats, detect_format, read_safetensors_header
-from ..models.configs import ModelConfig, config_from_dict
+from ..models.configs import config_from_dict
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..params import ModelDefaults
@@ -48,6 +45,7 @@ from .manifest import (
     store_components,
 )
 from .refs import Ref, check_name
+from .version import Version, default_root, who
 
 _VERSION_COLUMNS = (
     "name", "version", "created_at", "created_by", "command", "source", "license", "note", "parent",
@@ -57,80 +55,6 @@ _NEW_VERSION = (
     "INSERT INTO versions (name, version, created_at, created_by, command, source, license, note, parent, "
     "manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def default_root() -> Path:
-    """The store folder used when none is given: `diffusekit.paths.data_dir() / "models"`."""
-    from ..paths import data_dir
-
-    return data_dir() / "models"
-
-
-def who() -> str:
-    """user@host of this process, recorded as the actor of CLI actions."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-@dataclass
-class Version:
-    """One immutable version of a model and its provenance."""
-
-    name: str
-    version: int
-    created_at: float
-    created_by: str
-    command: str
-    source: str | None
-    license: str | None
-    note: str | None
-    parent: str | None
-    manifest: dict
-    current: bool = False
-    golden: gold.GoldenRecord | None = field(default=None, repr=False)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def config(self) -> ModelConfig:
-        return config_from_dict(self.manifest["config"])
-
-    @property
-    def autov2(self) -> str | None:
-        return self.manifest["source_file"].get("autov2")
-
-    def card(self) -> dict:
-        """The model card: provenance, hashes, components, recipe (JSON-ready)."""
-        m = self.manifest
-        meta = m.get("metadata", {})
-        recipe = meta.get("diffusekit.recipe")
-        return {
-            "ref": self.ref,
-            "current": self.current,
-            "family": m["family"],
-            "prediction": m["prediction"],
-            "zero_terminal_snr": m["config"].get("zero_terminal_snr", False),
-            "resolution": m["config"]["resolution"],
-            "created_at": self.created_at,
-            "created_by": self.created_by,
-            "command": self.command,
-            "source": self.source,
-            "license": self.license,
-            "note": self.note,
-            "parent": self.parent,
-            "original": m["source_file"],
-            "stored": m["stored"],
-            "components": m["components"],
-            "parameters": sum(c["parameters"] for c in m["components"] if c["name"] != "extra"),
-            "recommended": ModelDefaults.from_metadata(meta, self.ref).overrides(),
-            "recipe": json.loads(recipe) if recipe else None,
-            "golden": self.golden.to_dict() if self.golden else None,
-        }
 
 
 class ModelStore:
