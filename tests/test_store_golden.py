@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -139,9 +140,14 @@ def test_record_replaces_goldens_and_generate_resolves_names(store, tmp_path, ca
 
 def test_default_model_is_default_at_1_and_its_check_catches_a_warped_sampler(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUSEKIT_HOME", str(tmp_path / "home"))
+    with ThreadPoolExecutor(2) as pool:  # two first uses at once seed it once
+        list(pool.map(lambda _: ModelStore(None, seed_default=True), range(2)))
     assert main(["models", "list"]) == 0  # the per-user store starts with the bundled model
-    assert capsys.readouterr().out.startswith("default@1  sd1")
+    assert (
+        capsys.readouterr().out.splitlines()[0].startswith("default@1  sd1  AutoV2 e64d0b7cae  versions: 1  ")
+    )
     store = ModelStore(tmp_path / "home" / "models")
+    assert [h["action"] for h in store.history("default")] == ["add"]
     assert store.check("default")["passed"]
     spec = samplers.SAMPLERS["euler"]
     monkeypatch.setitem(samplers.SAMPLERS, "euler", dataclasses.replace(spec, fn=_warped_euler(spec.fn, 0.9)))

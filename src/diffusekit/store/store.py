@@ -298,9 +298,17 @@ class ModelStore:
 
     def ensure_default(self) -> Version | None:
         """Add the bundled default model as `default@1` the first time a store is used (once only)."""
+        seeded = "SELECT value FROM meta WHERE key='default_seeded'"
         with closing(self._conn()) as c:
-            if c.execute("SELECT value FROM meta WHERE key='default_seeded'").fetchone():
+            if c.execute(seeded).fetchone():
                 return None
+        with store_lock(self.root / "seed.lock"):  # two first uses at once seed it once
+            with closing(self._conn()) as c:
+                if c.execute(seeded).fetchone():
+                    return None
+            return self._seed_default()
+
+    def _seed_default(self) -> Version | None:
         from importlib import resources
 
         from .. import __version__
