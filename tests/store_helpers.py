@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffusekit.checkpoints.single_file import load_state_dict, save_state_dict
@@ -44,3 +45,12 @@ def flip_bit(blob: Path, key: str, index: int = 0, bit: int = 30) -> None:
     data[pos : pos + 4] = struct.pack("<I", word ^ (1 << bit))
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread: fast on a shared 2-core machine, and the golden renders are recorded alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ from diffusekit.checkpoints.single_file import load_state_dict
 from diffusekit.cli import main
 from diffusekit.store import ModelStore, Ref, StoreError
 from diffusekit.store.audit import diff, du, export, verify
-from store_helpers import create_tiny, fine_tune, flip_bit
+from store_helpers import create_tiny, fine_tune, flip_bit, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

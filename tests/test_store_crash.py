@@ -16,7 +16,7 @@ from diffusekit.cli import main
 from diffusekit.store import ModelStore
 from diffusekit.store.audit import verify
 from diffusekit.store.manifest import assemble
-from store_helpers import create_tiny, fine_tune
+from store_helpers import create_tiny, fine_tune, one_thread  # noqa: F401 (autouse fixture)
 
 
 def _child(args: list[str]) -> None:

@@ -20,16 +20,7 @@ from diffusekit.metadata import read_infotext
 from diffusekit.params import GenerationParams
 from diffusekit.store import ModelStore, StoreError
 from diffusekit.store.audit import verify
-from store_helpers import create_tiny, fine_tune, flip_bit
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Renders on one thread: fast on a shared 2-core machine (the goldens are recorded the same way)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from store_helpers import create_tiny, fine_tune, flip_bit, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
