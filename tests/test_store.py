@@ -107,6 +107,11 @@ def test_export_round_trips(tmp_path, files):
     sd_folder = read_checkpoint(tmp_path / "folder")[0]
     base_net = {k: v for k, v in base.items() if k in sd_folder}
     assert len(base_net) == len(sd_folder) and _tensors_equal(base_net, sd_folder)
+    # ... and adding that folder back stores nothing new: same components, same blobs as the single file
+    before = set(store.blobs.all())
+    store.add(tmp_path / "folder", "folder", golden=False)
+    assert all(c["status"] == "identical" for c in diff(store, "m@1", "folder@1")["components"])
+    assert set(store.blobs.all()) == before
 
 
 def test_promote_rollback_history(tmp_path, files):
