@@ -258,3 +258,5 @@ def test_cli(tmp_path, files, capsys):
     assert "m@9 does not exist; versions of m: m@1" in capsys.readouterr().err
     assert main(["models", "add", str(files["base"]), "--name", "no good", *s]) == 2
     assert "invalid model name 'no good'" in capsys.readouterr().err
+    assert main(["models", "list", "--store", str(tmp_path / "typo")]) == 2  # a read never creates a store
+    assert "no model store there" in capsys.readouterr().err and not (tmp_path / "typo").exists()

@@ -26,9 +26,13 @@ def _when(t: float | None) -> str:
 
 def _store(args: argparse.Namespace):
     """The store named by --store, else the per-user one (which starts with the bundled default@1)."""
-    from .store import ModelStore
+    from .store import ModelStore, StoreError
 
     if args.store is not None:
+        creates = getattr(args, "func", None) is cmd_add
+        if not creates and not (args.store / "store.db").is_file():
+            raise StoreError(f"{args.store}: no model store there; 'diffusekit models add PATH --name NAME "
+                             f"--store {args.store}' creates one")  # fmt: skip
         return ModelStore(args.store)
     return ModelStore(None, seed_default=True)
 
