@@ -61,7 +61,10 @@ def main() -> None:
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--half-file", action="store_true", help="write the large model's file in fp16")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="store-bench-"))
     result = {"cpu": cpu_kind(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     try:

@@ -67,9 +67,12 @@ class GoldenSpec:
 
 
 def default_specs(cfg: ModelConfig, defaults: ModelDefaults) -> list[GoldenSpec]:
-    """Three 8-step images at the native size for small models; two 6-step 256-px images for big ones."""
+    """Three 8-step images at the native size for small models; two 6-step 128-px images for big ones.
+
+    128 px keeps every U-Net level (a 16x16 latent) while a real-size SD1.5 check stays near a minute on
+    one CPU core (256 px took 194 s there: bench/results/store_golden_time_256px.json)."""
     small = cfg.resolution <= 128
-    side = cfg.resolution if small else 256
+    side = cfg.resolution if small else 128
     steps, count = (8, 3) if small else (6, 2)
     return [
         GoldenSpec(prompt, seed, steps, defaults.cfg_scale, side, side)
