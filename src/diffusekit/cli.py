@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_animate import add_animate_commands
     from .cli_generate import add_generation_commands
+    from .cli_models import add_models_commands
     from .cli_train import add_training_commands
 
     add_generation_commands(sub)
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lora_commands(sub)
     add_animate_commands(sub)
+    add_models_commands(sub)
     return parser
 
 

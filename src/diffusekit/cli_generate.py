@@ -87,7 +87,9 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint file, diffusers folder or store model NAME[@VERSION] "
+                   "(default: the bundled model)")  # fmt: skip
+    p.add_argument("--store", type=Path, help="model store folder for --model NAME (default: per-user)")
     p.add_argument("--vae", help="replace the model's VAE")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
     p.add_argument("--loras", metavar="DIR", help="folder of LoRA files for <lora:NAME:WEIGHT> in the prompt")
@@ -204,14 +206,18 @@ def _as_cli_error(err) -> ValueError:
 
 def load_pipeline(args: argparse.Namespace):
     """The Pipeline the common options ask for: model, VAE, precision, accelerators, LoRA and TI folders."""
+    from .cli_models import store_pipeline
     from .pipeline import Pipeline
     from .runtime import resolve_device
 
-    model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_file(
-        model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=_accel(args),
-        device=resolve_device(args.device),
-    )  # fmt: skip
+    accel, device = _accel(args), resolve_device(args.device)
+    pipe = store_pipeline(args, accel=accel, device=device)  # None unless --model names a store model
+    if pipe is None:
+        model = Path(args.model) if args.model else default_model_path()
+        pipe = Pipeline.from_file(
+            model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel,
+            device=device,
+        )  # fmt: skip
     if args.loras:
         from .adapters.extra_networks import LoraLibrary
 

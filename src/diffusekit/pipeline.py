@@ -585,6 +585,8 @@ class Pipeline:
     @property
     def model_hash(self) -> str | None:
         """A1111 AutoV2 hash of the model file (computed once; None for folders)."""
+        if self._hash is None and self.loaded.model_hash is not None:
+            self._hash = self.loaded.model_hash
         if self._hash is None and self.loaded.path.is_file():
             from .checkpoints.hashes import autov2
 

@@ -40,6 +40,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)  # e.g. dropped keys, VAE replaced
     vae_path: Path | None = None
     defaults: ModelDefaults = field(default_factory=ModelDefaults)  # recommended steps, CFG, sampler
+    model_hash: str | None = None  # AutoV2 of the original file when `path` is not that file (model store)
 
     @property
     def cfg(self) -> ModelConfig:

@@ -1,0 +1,184 @@
+"""A checkpoint <-> its manifest: components split by key prefix, stored as blobs, reassembled on export.
+
+The manifest of a version names each component (U-Net, VAE, each text encoder, and "extra": every
+other tensor such as schedule buffers or EMA copies) by the sha256 of its canonical blob, with the
+key prefix that was stripped. When the stored tensors are exactly the added .safetensors file's, the
+file's own header is stored too, so export writes the original bytes back (same sha256 and AutoV2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.inspect import dtype_name
+from ..checkpoints.single_file import save_state_dict, split_by_prefixes
+from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
+from .blobs import BlobStore, StoreError, fsync_dir, tensor_bytes
+
+MANIFEST_FORMAT = 1
+EXTRA = "extra"  # the component holding every tensor outside the networks
+
+
+def component_prefixes(cfg: ModelConfig) -> dict[str, str]:
+    """{'unet': 'model.diffusion_model.', 'vae': ..., 'text_encoder': ..., 'text_encoder_2': ...}."""
+    out = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+    for i, p in enumerate(cfg.text_prefixes):
+        out["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = p
+    return out
+
+
+def split_components(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tuple[str, dict]]:
+    """{component: (prefix, {stripped key: tensor})}; tensors no prefix claims go to 'extra' (prefix '')."""
+    prefixes = component_prefixes(cfg)
+    parts, leftover = split_by_prefixes(sd, prefixes)
+    out = {name: (prefixes[name], parts[name]) for name in prefixes}
+    if leftover:
+        out[EXTRA] = ("", leftover)
+    return out
+
+
+def describe(tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Parameter count, tensor bytes and parameters per dtype of one component."""
+    dtypes: Counter[str] = Counter()
+    for t in tensors.values():
+        dtypes[dtype_name(t.dtype)] += t.numel()
+    return {
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "dtypes": dict(dtypes),
+    }
+
+
+def store_components(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, blobs: BlobStore, *, recheck: bool = False
+) -> tuple[list[dict], list[str]]:
+    """Write each component as a blob (deduplicated): (manifest component entries, digests written).
+
+    `recheck`: also rewrite existing blobs whose bytes no longer match their name."""
+    entries, new = [], []
+    for name, (prefix, tensors) in split_components(sd, cfg).items():
+        digest, size, fresh = blobs.put_tensors(tensors, recheck=recheck)
+        if fresh:
+            new.append(digest)
+        entries.append({"name": name, "prefix": prefix, "blob": digest, "bytes": size, **describe(tensors)})
+    return entries, new
+
+
+def read_raw_header(path: Path) -> bytes:
+    """The first 8 + header_len bytes of a .safetensors file, verbatim."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        return head + f.read(n)
+
+
+def assemble(manifest: Mapping, blobs: BlobStore) -> dict[str, torch.Tensor]:
+    """The full single-file state dict of a version (memory-mapped from its blobs)."""
+    sd: dict[str, torch.Tensor] = {}
+    for comp in manifest["components"]:
+        for key, t in blobs.read_tensors(comp["blob"]).items():
+            sd[comp["prefix"] + key] = t
+    return sd
+
+
+def _atomic_write(out: Path, write) -> str:
+    """Run write(f, digest) into a temp file next to `out`, fsync, rename; returns the file's sha256."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "xb") as f:
+            write(f, digest)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)
+    return digest.hexdigest()
+
+
+def export_single_file(manifest: Mapping, blobs: BlobStore, out: Path) -> str:
+    """Write the version as one .safetensors file; returns its sha256.
+
+    With a stored original header the output is the added file byte for byte; otherwise it is a fresh
+    safetensors file of the same tensors and the version's metadata.
+    """
+    if out.suffix.lower() != ".safetensors":
+        raise StoreError(f"{out}: a single-file export is written as .safetensors; name it *.safetensors")
+    sd = assemble(manifest, blobs)
+    header_blob = manifest.get("layout", {}).get("header_blob")
+    if header_blob is None:
+        save_state_dict(sd, out, metadata=dict(manifest.get("metadata", {})))
+        h = hashlib.sha256()
+        with open(out, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+    header = blobs.read_bytes(header_blob)
+    entries = json.loads(header[8:].decode())
+    entries.pop("__metadata__", None)
+    order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+    if set(order) != set(sd):
+        raise StoreError(
+            "the stored header and the version's tensors name different keys; run 'models verify'"
+        )
+
+    def write(f, digest) -> None:
+        for chunk in (header, *(tensor_bytes(sd[k]) for k in order)):
+            digest.update(chunk)
+            f.write(chunk)
+
+    return _atomic_write(out, write)
+
+
+def relative_change(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict:
+    """||B - A|| / ||A|| over the keys both hold (float64), plus the keys only one side has."""
+    shared = [k for k in a if k in b and a[k].shape == b[k].shape]
+    num = den = 0.0
+    changed = 0
+    for k in shared:
+        x, y = a[k].double(), b[k].double()
+        d = float((y - x).pow(2).sum())
+        num += d
+        den += float(x.pow(2).sum())
+        changed += d > 0
+    return {
+        "relative_change": (num**0.5) / (den**0.5) if den > 0 else float(num > 0),
+        "tensors_changed": changed,
+        "tensors_compared": len(shared),
+        "only_in_a": sorted(k for k in a if k not in b),
+        "only_in_b": sorted(k for k in b if k not in a),
+        "shape_changed": sorted(k for k in a if k in b and a[k].shape != b[k].shape),
+    }
+
+
+MANIFEST_KEYS = (
+    "format",
+    "family",
+    "prediction",
+    "config",
+    "components",
+    "metadata",
+    "layout",
+    "source_file",
+)
+
+
+def check_manifest(manifest: Mapping) -> None:
+    """Refuse a manifest this code cannot read."""
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise StoreError(
+            f"manifest format {manifest.get('format')!r} is not one this diffusekit reads ({MANIFEST_FORMAT})"
+        )
