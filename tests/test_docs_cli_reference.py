@@ -34,8 +34,11 @@ def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 
 def _options_in_help(parser: argparse.ArgumentParser) -> set[str]:
-    """Option strings as `--help` prints them (the usage line and the options list)."""
-    return set(OPTION.findall(parser.format_help()))
+    """The option strings `--help` lists (not option-like words inside help prose, e.g. "kohya --x")."""
+    shown = set(OPTION.findall(parser.format_help()))
+    options = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+    assert options <= shown | {"-h"}, f"options missing from --help: {sorted(options - shown)}"
+    return options
 
 
 def _sections(page: str) -> dict[str, str]:
