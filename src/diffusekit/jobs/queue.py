@@ -271,6 +271,14 @@ class SQLiteQueue(JobQueue):
                 c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
+    def list_by_key(self, owner: str | None, idempotency_key: str) -> Job | None:
+        """The job an owner submitted with this idempotency key, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM jobs WHERE owner IS ? AND idempotency_key = ?", (owner, idempotency_key)
+            ).fetchone()
+            return None if row is None else self._job(self._conn, row)
+
     def get(self, job_id, owner=None):
         with self._lock:
             row = self._owned(self._conn, job_id, owner)

@@ -103,6 +103,7 @@ class JobRunner:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.recovered = 0
+        self.done_version = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class JobRunner:
 
     def _signal_done(self) -> None:
         with self._done:
+            self.done_version += 1  # async waiters poll this cheaply
             self._done.notify_all()
 
     # --- the workers -----------------------------------------------------------------------------
