@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -88,7 +90,7 @@ def test_webuiapi_client_unchanged(server):
 
 def test_progress_and_interrupt_while_running(server):
     key = server.keys["alice"]
-    body = {"kind": "txt2img", "params": {**GEN, "steps": 150, "seed": 11}}
+    body = {"kind": "txt2img", "params": {**GEN, "steps": 150, "n_iter": 50, "seed": 11}}  # long: cancelled
     job_id = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(key), timeout=10).json()["id"]
     api = webuiapi.WebUIApi(port=server.port)
     api.set_auth("alice", key)
@@ -133,10 +135,13 @@ def _png_b64(size=(64, 64)) -> str:
 
 
 def _bomb_b64() -> str:
-    """A PNG whose header claims 30000 x 30000 pixels (tiny on the wire)."""
+    """A PNG whose header claims 30000 x 30000 pixels (a 1x1 PNG with its IHDR rewritten: tiny on the wire)."""
     buf = io.BytesIO()
-    Image.new("1", (30000, 30000)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the chunk's CRC over type + data
+    return base64.b64encode(bytes(data)).decode()
 
 
 T2I, I2I, JOBS = "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs"
