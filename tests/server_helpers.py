@@ -37,8 +37,19 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120) -> ServerProcess:
-        cmd = [sys.executable, "-m", "diffusekit.cli", "serve", "--port", str(self.port), "--data", str(self.data),
-               "--preload", "default", *self.extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffusekit.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data",
+            str(self.data),
+            "--preload",
+            "default",
+            *self.extra,
+        ]
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

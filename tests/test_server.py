@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
+
 from server_helpers import ServerProcess, env, make_key
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -26,8 +27,11 @@ GEN = dict(prompt="a red circle", seed=7, steps=3, width=64, height=64, cfg_scal
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("srv") / "data"
     data.mkdir()
-    keys = {"admin": make_key(data, "boss", "admin"), "alice": make_key(data, "alice"),
-            "bob": make_key(data, "bob", rate_per_min=1000)}  # fmt: skip
+    keys = {
+        "admin": make_key(data, "boss", "admin"),
+        "alice": make_key(data, "alice"),
+        "bob": make_key(data, "bob", rate_per_min=1000),
+    }
     srv = ServerProcess(data).start()
     srv.keys = keys
     yield srv
@@ -64,14 +68,33 @@ def test_webuiapi_client_unchanged(server):
     assert info.json["parameters"]["Seed"] == "7" and info.json["parameters"]["Prompt"] == "a red circle"
     # img2img, then inpainting with a mask: only the white area may change
     init = r.image.convert("RGB")
-    r2 = api.img2img(images=[init], prompt="a blue square", seed=3, steps=3, width=64, height=64,
-                     denoising_strength=0.6, cfg_scale=2.0)  # fmt: skip
+    r2 = api.img2img(
+        images=[init],
+        prompt="a blue square",
+        seed=3,
+        steps=3,
+        width=64,
+        height=64,
+        denoising_strength=0.6,
+        cfg_scale=2.0,
+    )
     assert r2.image.size == (64, 64) and "Denoising strength: 0.6" in r2.info["infotexts"][0]
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
-    r3 = api.img2img(images=[init], mask_image=mask, prompt="a green dot", seed=4, steps=3, width=64, height=64,
-                     denoising_strength=1.0, mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
-                     cfg_scale=2.0)  # fmt: skip
+    r3 = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a green dot",
+        seed=4,
+        steps=3,
+        width=64,
+        height=64,
+        denoising_strength=1.0,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+        cfg_scale=2.0,
+    )
     out, src = _pixels(r3.image).astype(int), _pixels(init).astype(int)
     assert "Mask blur: 0" in r3.info["infotexts"][0]
     keep = np.asarray(mask) == 0
@@ -110,13 +133,36 @@ def test_progress_and_interrupt_while_running(server):
 def test_same_pixels_from_cli_a1111_and_jobs(server, tmp_path):
     params = dict(GEN, seed=123, sampler="Euler a")
     out = tmp_path / "cli.png"
-    cmd = [sys.executable, "-m", "diffusekit.cli", "generate", params["prompt"], "--seed", "123", "--steps", "3",
-           "--width", "64", "--height", "64", "--cfg", "2", "--sampler", "Euler a", "-o", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusekit.cli",
+        "generate",
+        params["prompt"],
+        "--seed",
+        "123",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--cfg",
+        "2",
+        "--sampler",
+        "Euler a",
+        "-o",
+        str(out),
+    ]
     subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=120)
     cli = _pixels(Image.open(out))
     key = server.keys["admin"]
-    a1111 = requests.post(f"{server.url}/sdapi/v1/txt2img", headers=_h(key), timeout=120,
-                          json={**GEN, "seed": 123, "sampler_name": "Euler a"}).json()  # fmt: skip
+    a1111 = requests.post(
+        f"{server.url}/sdapi/v1/txt2img",
+        headers=_h(key),
+        timeout=120,
+        json={**GEN, "seed": 123, "sampler_name": "Euler a"},
+    ).json()
     via_a1111 = _pixels(Image.open(io.BytesIO(base64.b64decode(a1111["images"][0]))))
     body = {"kind": "txt2img", "params": {**GEN, "seed": 123, "sampler": "Euler a"}}
     job_id = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(key), timeout=10).json()["id"]
@@ -135,7 +181,7 @@ def _png_b64(size=(64, 64)) -> str:
 
 
 def _bomb_b64() -> str:
-    """A PNG whose header claims 30000 x 30000 pixels (a 1x1 PNG with its IHDR rewritten: tiny on the wire)."""
+    """A PNG whose header claims 30000 x 30000 pixels (a 1x1 PNG with its IHDR rewritten: tiny)."""
     buf = io.BytesIO()
     Image.new("L", (1, 1)).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
@@ -165,8 +211,16 @@ MALFORMED = [
     (T2I, {"script_name": "x/y/z plot"}, "script_name"),
     (T2I, {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts.ControlNet"),
     (T2I, {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
-    (T2I, {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "override_settings.sd_model_checkpoint"),
-    (T2I, {"override_settings": {"CLIP_stop_at_last_layers": 99}}, "override_settings.CLIP_stop_at_last_layers"),
+    (
+        T2I,
+        {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
+        "override_settings.sd_model_checkpoint",
+    ),
+    (
+        T2I,
+        {"override_settings": {"CLIP_stop_at_last_layers": 99}},
+        "override_settings.CLIP_stop_at_last_layers",
+    ),
     (I2I, {"prompt": "x"}, "init_images"),
     (I2I, {"init_images": ["not base64 !!"]}, "init_images.0"),
     (I2I, {"init_images": [base64.b64encode(b"hello, not an image").decode()]}, "init_images.0"),
@@ -192,7 +246,9 @@ MALFORMED = [
 
 def _fill(value):
     if isinstance(value, str):
-        return {"__PNG__": _png_b64(), "__PNG32__": _png_b64((32, 32)), "__BOMB__": _bomb_b64()}.get(value, value)
+        return {"__PNG__": _png_b64(), "__PNG32__": _png_b64((32, 32)), "__BOMB__": _bomb_b64()}.get(
+            value, value
+        )
     if isinstance(value, list):
         return [_fill(v) for v in value]
     if isinstance(value, dict):
@@ -211,7 +267,9 @@ def test_malformed_requests_are_4xx_naming_the_field(server):
             failures.append((path, body if len(str(body)) < 200 else "...", r.status_code, text[:300]))
     # broken JSON, wrong types of the whole body, a bad query, a bad cursor
     for path, data in ((T2I, b"{not json"), (JOBS, b"[1, 2]"), (JOBS, b"")):
-        r = requests.post(server.url + path, data=data, headers={**h, "Content-Type": "application/json"}, timeout=10)
+        r = requests.post(
+            server.url + path, data=data, headers={**h, "Content-Type": "application/json"}, timeout=10
+        )
         if not (400 <= r.status_code < 500) or "body" not in r.text:
             failures.append((path, data, r.status_code, r.text[:300]))
     for query, field in (("state=dancing", "state"), ("limit=0", "limit"), ("cursor=abc", "cursor")):
@@ -228,20 +286,29 @@ def test_auth(server):
     assert requests.get(url + "/v1/jobs", headers=_h("dk_wrong"), timeout=5).status_code == 401
     r = requests.get(url + "/sdapi/v1/sd-models", auth=("x", "dk_wrong"), timeout=5)
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Basic"
-    assert requests.get(url + "/sdapi/v1/sd-models", auth=("x", server.keys["bob"]), timeout=5).status_code == 200
+    assert (
+        requests.get(url + "/sdapi/v1/sd-models", auth=("x", server.keys["bob"]), timeout=5).status_code
+        == 200
+    )
     # another user's job and its images are invisible (404), not forbidden
     body = {"kind": "txt2img", "params": {**GEN, "seed": 99}}
-    job_id = requests.post(url + "/v1/jobs", json=body, headers=_h(server.keys["alice"]), timeout=10).json()["id"]
+    job_id = requests.post(url + "/v1/jobs", json=body, headers=_h(server.keys["alice"]), timeout=10).json()[
+        "id"
+    ]
     job = _wait(server, server.keys["alice"], job_id)
     image_url = url + job["images"][0]["url"]
     bob = _h(server.keys["bob"])
     assert requests.get(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=5).status_code == 404
     assert requests.delete(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=5).status_code == 404
     assert requests.get(image_url, headers=bob, timeout=5).status_code == 404
-    assert job_id not in {j["id"] for j in requests.get(url + "/v1/jobs", headers=bob, timeout=5).json()["jobs"]}
+    assert job_id not in {
+        j["id"] for j in requests.get(url + "/v1/jobs", headers=bob, timeout=5).json()["jobs"]
+    }
     assert requests.get(image_url, headers=_h(server.keys["alice"]), timeout=5).status_code == 200
     # a user key may not change options (switch models): 403
-    r = requests.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": "default"}, headers=bob, timeout=5)
+    r = requests.post(
+        url + "/sdapi/v1/options", json={"sd_model_checkpoint": "default"}, headers=bob, timeout=5
+    )
     assert r.status_code == 403
     # idempotency: the same key returns the same job
     h = {**_h(server.keys["alice"]), "Idempotency-Key": "retry-1"}
@@ -272,8 +339,15 @@ def test_ops_routes(server):
     assert requests.get(server.url + "/ready", timeout=5).json()["ready"] is True
     assert requests.get(server.url + "/metrics", timeout=5).status_code == 401
     text = requests.get(server.url + "/metrics", headers=_h(server.keys["admin"]), timeout=5).text
-    for name in ("diffusekit_queue_depth", 'diffusekit_jobs{state="succeeded"}', "diffusekit_job_latency_seconds",
-                 "diffusekit_queue_wait_seconds", "diffusekit_sampler_step_seconds", "diffusekit_images_generated",
-                 "diffusekit_model_loads_total", "diffusekit_process_rss_bytes"):  # fmt: skip
+    for name in (
+        "diffusekit_queue_depth",
+        'diffusekit_jobs{state="succeeded"}',
+        "diffusekit_job_latency_seconds",
+        "diffusekit_queue_wait_seconds",
+        "diffusekit_sampler_step_seconds",
+        "diffusekit_images_generated",
+        "diffusekit_model_loads_total",
+        "diffusekit_process_rss_bytes",
+    ):
         assert name in text, name
     assert requests.get(server.url + "/openapi.json", timeout=5).json()["paths"]["/v1/jobs"]

@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 from PIL import Image
+
 from server_helpers import ServerProcess
 
 pytest.importorskip("fastapi")
@@ -18,7 +19,9 @@ SMALL = dict(prompt="a red circle", width=64, height=64, cfg_scale=2.0, sampler=
 
 def _post(srv, params, key=None):
     headers = {"Idempotency-Key": key} if key else {}
-    r = requests.post(srv.url + "/v1/jobs", json={"kind": "txt2img", "params": params}, headers=headers, timeout=10)
+    r = requests.post(
+        srv.url + "/v1/jobs", json={"kind": "txt2img", "params": params}, headers=headers, timeout=10
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -33,7 +36,9 @@ def test_kill9_loses_nothing_and_runs_nothing_twice(tmp_path):
     srv = ServerProcess(data, "--no-auth").start()
     try:
         long_id = _post(srv, {**SMALL, "seed": 1, "steps": 60, "n_iter": 2})
-        queued = [_post(srv, {**SMALL, "seed": 10 + i, "steps": 2, "batch_size": 2}, key=f"q{i}") for i in range(3)]
+        queued = [
+            _post(srv, {**SMALL, "seed": 10 + i, "steps": 2, "batch_size": 2}, key=f"q{i}") for i in range(3)
+        ]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             j = _job(srv, long_id)

@@ -232,8 +232,12 @@ class JobRunner:
                 self.observer.step(job.id, now - live.last_step_at)
             live.last_step_at = now
             live.step, live.total, live.pass_index, live.passes, live.batch = (
-                p.step, p.total, p.pass_index, p.passes, p.batch,
-            )  # fmt: skip
+                p.step,
+                p.total,
+                p.pass_index,
+                p.passes,
+                p.batch,
+            )
             done_runs = p.batch * p.passes + (p.pass_index - 1) + p.step / max(p.total, 1)
             live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
             if p.denoised is not None and now - live.preview_at >= PREVIEW_S:

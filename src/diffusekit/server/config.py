@@ -46,7 +46,8 @@ class ServerConfig:
     def __post_init__(self):
         if not self.auth and not is_loopback(self.host):
             raise ConfigError(
-                f"--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), not {self.host!r};"
+                "--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), "
+                f"not {self.host!r};"
                 " create a key with `diffusekit keys create NAME` instead"
             )
         if not 1 <= self.workers <= 64:
