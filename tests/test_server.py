@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import subprocess
 import sys
@@ -351,3 +352,38 @@ def test_ops_routes(server):
     ):
         assert name in text, name
     assert requests.get(server.url + "/openapi.json", timeout=5).json()["paths"]["/v1/jobs"]
+
+
+def test_events_and_cancel_of_a_queued_job(server):
+    key = server.keys["alice"]
+    h = _h(key)
+    long_id = requests.post(
+        f"{server.url}/v1/jobs",
+        headers=h,
+        timeout=10,
+        json={"kind": "txt2img", "params": {**GEN, "steps": 150, "n_iter": 50}},
+    ).json()["id"]
+    waiting = requests.post(
+        f"{server.url}/v1/jobs", headers=h, timeout=10, json={"kind": "txt2img", "params": GEN}
+    ).json()["id"]
+    before = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5).json()
+    assert before["state"] == "queued" and before["queue_position"] >= 0
+    r = requests.delete(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    events = []
+    with requests.get(f"{server.url}/v1/jobs/{long_id}/events", headers=h, stream=True, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                events.append(line.split(":", 1)[1].strip())
+            if line.startswith("data:") and events[-1] == "progress":
+                data = json.loads(line[5:])
+                if data.get("step", 0) >= 2 and "preview" in data:
+                    assert data["preview"].startswith("data:image/png;base64,")
+                    requests.delete(f"{server.url}/v1/jobs/{long_id}", headers=h, timeout=5)
+            if line.startswith("data:") and events[-1] == "done":
+                assert json.loads(line[5:])["state"] == "cancelled"
+                break
+    assert events.count("progress") >= 2 and events[-1] == "done"
+    never = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5).json()
+    assert never["state"] == "cancelled" and never["attempts"] == 0 and never["started_at"] is None
