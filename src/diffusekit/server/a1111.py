@@ -383,7 +383,10 @@ async def set_options(body: dict[str, Any], request: Request, p: Principal = Dep
         if not isinstance(name, str):
             raise FieldError("sd_model_checkpoint", f"expected a model name or title, got {name!r}")
         entry = runner.catalog.get(resolve_model(runner.catalog, name, "sd_model_checkpoint"))
-        await run_in_threadpool(runner.cache.get, entry)  # A1111 loads the model before answering
+        try:
+            await run_in_threadpool(runner.cache.get, entry)  # A1111 loads the model before answering
+        except (ValueError, OSError) as e:  # a broken checkpoint file: say so, keep serving
+            raise FieldError("sd_model_checkpoint", f"model {entry.name!r} failed to load: {e}") from None
         changes["sd_model_checkpoint"] = entry.name
     if "CLIP_stop_at_last_layers" in changes or "sd_vae" in changes:
         _settings(request, {k: changes[k] for k in ("CLIP_stop_at_last_layers", "sd_vae") if k in changes})
