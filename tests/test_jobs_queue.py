@@ -55,7 +55,9 @@ def test_idempotency_cancel_and_recover(tmp_path):
 
 def test_images_are_written_whole_and_strays_swept(tmp_path):
     store = ImageStore(tmp_path)
-    rec = store.write(Image.new("RGB", (8, 8), (1, 2, 3)), "hello\nSteps: 1, Seed: 2, Size: 8x8", owner=None, seed=2)
+    rec = store.write(
+        Image.new("RGB", (8, 8), (1, 2, 3)), "hello\nSteps: 1, Seed: 2, Size: 8x8", owner=None, seed=2
+    )
     path = tmp_path / rec.path
     assert path.is_file() and not list(path.parent.glob(".*.tmp"))
     assert store.open(rec).getpixel((0, 0)) == (1, 2, 3)
@@ -63,3 +65,36 @@ def test_images_are_written_whole_and_strays_swept(tmp_path):
     orphan = store.write(Image.new("RGB", (8, 8)), "", owner=None)
     assert store.sweep({rec.path}) == 2
     assert path.is_file() and not (tmp_path / orphan.path).exists()
+
+
+def test_batched_jobs_match_solo_runs(tmp_path):
+    """Compatible queued jobs share one sampler run; each image equals its solo run up to the float
+    rounding of a batched U-Net (at most 1/255, as the pipeline's own batch_size gives), same infotext."""
+    import numpy as np
+
+    from diffusekit.cli_generate import default_model_path
+    from diffusekit.jobs.catalog import ModelCatalog
+    from diffusekit.jobs.worker import JobRunner
+    from diffusekit.params import GenerationParams
+
+    runner = JobRunner(tmp_path, ModelCatalog(None, default_model_path()), batch_max=8)
+    prompts = ["a red circle", "a blue square on the left", "two green dots"]
+    base = {"steps": 4, "width": 64, "height": 64, "sampler": "Euler a", "cfg_scale": 2.0}
+    ids = [runner.submit("txt2img", {**base, "prompt": p, "seed": 5 + i}, model="default")[0].id
+           for i, p in enumerate(prompts)]  # fmt: skip
+    odd = runner.submit("txt2img", {**base, "prompt": "x", "seed": 1, "steps": 5}, model="default")[0].id
+    runner.start()
+    try:
+        jobs = [runner.wait(i, 120) for i in ids]
+        assert runner.wait(odd, 120).state == JobState.SUCCEEDED
+    finally:
+        runner.stop()
+    assert all(j.state == JobState.SUCCEEDED for j in jobs)
+    assert len({j.started_at for j in jobs[1:]}) == 1  # the first job's run took the other two along
+    pipe = runner.cache.get(runner.catalog.get("default"))
+    for p, i, job in zip(prompts, range(3), jobs, strict=True):
+        solo = pipe.generate(GenerationParams(**base, prompt=p, seed=5 + i))
+        a = np.asarray(solo.images[0]).astype(int)
+        b = np.asarray(runner.store.open(job.images[0])).astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+        assert job.images[0].infotext == solo.infotexts[0]

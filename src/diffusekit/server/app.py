@@ -36,6 +36,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         device=config.device,
         precision=config.precision,
         max_queued=config.max_queued,
+        batch_max=config.batch_max,
         observer=metrics,
     )
     metrics.attach(runner)
