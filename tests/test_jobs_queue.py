@@ -90,8 +90,10 @@ def test_batched_jobs_match_solo_runs(tmp_path, one_thread):
     runner = JobRunner(tmp_path, ModelCatalog(None, default_model_path()), batch_max=8)
     prompts = ["a red circle", "a blue square on the left", "two green dots"]
     base = {"steps": 4, "width": 64, "height": 64, "sampler": "Euler a", "cfg_scale": 2.0}
-    ids = [runner.submit("txt2img", {**base, "prompt": p, "seed": 5 + i}, model="default")[0].id
-           for i, p in enumerate(prompts)]  # fmt: skip
+    ids = [
+        runner.submit("txt2img", {**base, "prompt": p, "seed": 5 + i}, model="default")[0].id
+        for i, p in enumerate(prompts)
+    ]
     odd = runner.submit("txt2img", {**base, "prompt": "x", "seed": 1, "steps": 5}, model="default")[0].id
     runner.start()
     try:
@@ -108,3 +110,37 @@ def test_batched_jobs_match_solo_runs(tmp_path, one_thread):
         b = np.asarray(runner.store.open(job.images[0])).astype(int)
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
         assert job.images[0].infotext == solo.infotexts[0]
+
+
+def test_a_failing_job_is_failed_with_its_reason_and_the_next_runs(tmp_path, one_thread):
+    from diffusekit.cli_generate import default_model_path
+    from diffusekit.jobs.catalog import ModelCatalog
+    from diffusekit.jobs.worker import JobRunner
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    catalog = ModelCatalog(models, default_model_path())
+    assert [e.name for e in catalog.entries()] == ["default", "broken"]
+    with pytest.raises(ValueError, match="not found; valid: default, broken"):
+        catalog.get("../models/broken")
+    runner = JobRunner(tmp_path / "data", catalog)
+    bad = runner.submit("txt2img", {"prompt": "x", "seed": 1, "steps": 2}, model="broken")[0].id
+    huge = runner.submit(
+        "txt2img",
+        {"prompt": "x", "seed": 1, "steps": 2, "width": 4096, "height": 4096, "batch_size": 64},
+        model="default",
+    )[0].id
+    good = runner.submit("txt2img", {"prompt": "x", "seed": 1, "steps": 2}, model="default")[0].id
+    runner.start()
+    try:
+        failed, too_big, ok = (runner.wait(i, 120) for i in (bad, huge, good))
+    finally:
+        runner.stop()
+    assert (
+        failed.state == JobState.FAILED
+        and failed.error.startswith("CheckpointError")
+        and "broken" in failed.error
+    )
+    assert too_big.state == JobState.FAILED and too_big.error.startswith("MemoryBudgetError")
+    assert ok.state == JobState.SUCCEEDED and len(ok.images) == 1
