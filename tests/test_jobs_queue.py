@@ -144,3 +144,29 @@ def test_a_failing_job_is_failed_with_its_reason_and_the_next_runs(tmp_path, one
     )
     assert too_big.state == JobState.FAILED and too_big.error.startswith("MemoryBudgetError")
     assert ok.state == JobState.SUCCEEDED and len(ok.images) == 1
+
+
+def test_model_cache_loads_once_and_evicts_least_recently_used(tmp_path, one_thread):
+    from diffusekit.jobs.cache import LOAD_HEADROOM, ModelCache
+    from diffusekit.jobs.catalog import ModelCatalog
+    from helpers import make_checkpoint
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("tiny_sd1",):
+        make_checkpoint(name, models)
+    (models / "tiny_sd1.safetensors").rename(models / "a.safetensors")
+    make_checkpoint("tiny_sd1", models, seed=1)
+    (models / "tiny_sd1.safetensors").rename(models / "b.safetensors")
+    catalog = ModelCatalog(models, None)
+    a, b = catalog.get("a"), catalog.get("b")
+    loads = []
+    room = int(a.size_bytes * LOAD_HEADROOM * 1.5)  # one model fits, two do not
+    cache = ModelCache(catalog, limit_bytes=room, on_load=lambda name, s: loads.append(name))
+    pa = cache.get(a)
+    assert cache.get(a) is pa and loads == ["a"]  # loaded once
+    cache.get(b)
+    assert cache.loaded() == ["b"] and loads == ["a", "b"]  # a evicted to make room
+    big = ModelCache(catalog, limit_bytes=room * 4, on_load=lambda name, s: loads.append(name))
+    big.get(a), big.get(b), big.get(a)
+    assert big.loaded() == ["b", "a"]  # both fit; a is the most recently used
