@@ -143,8 +143,13 @@ def main() -> int:
     ap.add_argument("--seq-jobs", type=int, default=20, help="jobs of the sequential client")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batches", default="1,8", help="batch limits to compare (1 = no batching)")
+    ap.add_argument(
+        "--poll", type=float, default=CONC_POLL_S, help="concurrent clients' polling interval (s)"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    global CONC_POLL_S
+    CONC_POLL_S = args.poll
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = [
         measure(int(b), args.clients, args.jobs, args.seq_jobs, args.steps) for b in args.batches.split(",")
@@ -154,6 +159,7 @@ def main() -> int:
         "omp_threads": os.environ["OMP_NUM_THREADS"],
         "clients": args.clients,
         "jobs_per_client": args.jobs,
+        "poll_s": args.poll,
         "steps": args.steps,
         "size": "64x64",
         "model": "default",
