@@ -81,7 +81,9 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(batch: int, clients: int, jobs: int, seq_jobs: int, steps: int) -> dict:
+def measure(
+    batch: int, clients: int, jobs: int, seq_jobs: int, steps: int, poll: float = CONC_POLL_S
+) -> dict:
     data = Path(tempfile.mkdtemp(prefix="serve_load-")) / "data"
     data.mkdir()
     srv = ServerProcess(data, "--no-auth", "--batch", str(batch)).start()
@@ -97,7 +99,7 @@ def measure(batch: int, clients: int, jobs: int, seq_jobs: int, steps: int) -> d
         def client(c: int) -> None:
             sess = requests.Session()
             for j in range(jobs):
-                out = run_job(sess, srv.url, 100 + c * jobs + j, steps, CONC_POLL_S)
+                out = run_job(sess, srv.url, 100 + c * jobs + j, steps, poll)
                 with lock:
                     results.append(out)
 
@@ -148,11 +150,10 @@ def main() -> int:
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    global CONC_POLL_S
-    CONC_POLL_S = args.poll
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = [
-        measure(int(b), args.clients, args.jobs, args.seq_jobs, args.steps) for b in args.batches.split(",")
+        measure(int(b), args.clients, args.jobs, args.seq_jobs, args.steps, args.poll)
+        for b in args.batches.split(",")
     ]
     report = {
         "cpu": cpu_kind(),
