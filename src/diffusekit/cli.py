@@ -117,16 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_animate import add_animate_commands
     from .cli_generate import add_generation_commands
+    from .cli_lora import add_lora_commands
     from .cli_models import add_models_commands
+    from .cli_serve import add_serve_commands
     from .cli_train import add_training_commands
 
     add_generation_commands(sub)
     add_training_commands(sub)
-    from .cli_lora import add_lora_commands
-
     add_lora_commands(sub)
     add_animate_commands(sub)
     add_models_commands(sub)
+    add_serve_commands(sub)
     return parser
 
 
