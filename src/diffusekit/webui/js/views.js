@@ -1,0 +1,153 @@
+// The Queue and Models views.
+
+import * as api from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+const LIVE = new Set(["queued", "running"]);
+
+let cursor = "";
+let reopenJob = () => {};
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  if (cls) td.className = cls;
+  td.textContent = text;
+  return td;
+}
+
+function button(text, label, fn) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.setAttribute("aria-label", label);
+  b.addEventListener("click", fn);
+  return b;
+}
+
+function jobRow(job) {
+  const tr = document.createElement("tr");
+  const p = job.progress || {};
+  const short = String(job.id).slice(0, 8);
+  const prompt = job.params?.prompt ?? job.prompt ?? "";
+  tr.append(
+    cell(short),
+    cell(job.kind || ""),
+    cell(job.state, `state-${job.state}`),
+    cell(p.total ? `${p.step}/${p.total}` : ""),
+    cell(prompt, "prompt"),
+    cell(job.created_at ? new Date(job.created_at * (job.created_at < 1e12 ? 1000 : 1)).toLocaleString() : ""),
+  );
+  const actions = document.createElement("td");
+  if (LIVE.has(job.state)) {
+    actions.append(button("Cancel", `Cancel job ${short}`, async () => {
+      try {
+        await api.cancelJob(job.id);
+        refreshQueue();
+      } catch (e) {
+        showQueueError(e.message);
+      }
+    }));
+  } else if (job.state === "succeeded") {
+    actions.append(button("Open", `Open job ${short}`, () => reopenJob(job.id)));
+  } else if (job.error) {
+    actions.append(cell(typeof job.error === "string" ? job.error : JSON.stringify(job.error)));
+  }
+  tr.append(actions);
+  tr.querySelector(".prompt").title = prompt;
+  return tr;
+}
+
+function showQueueError(message) {
+  $("queue-error").textContent = message;
+  $("queue-error").hidden = !message;
+}
+
+async function loadPage(append) {
+  showQueueError("");
+  try {
+    const data = await api.listJobs({ state: $("queue-state").value, limit: 20, cursor: append ? cursor : "" });
+    const jobs = Array.isArray(data) ? data : data.jobs || data.items || [];
+    cursor = (Array.isArray(data) ? "" : data.next_cursor || data.cursor || "") || "";
+    const body = $("queue-body");
+    const rows = jobs.map(jobRow);
+    if (append) body.append(...rows);
+    else body.replaceChildren(...rows);
+    $("queue-more").hidden = !cursor;
+  } catch (e) {
+    showQueueError(e.message);
+  }
+}
+
+export const refreshQueue = () => loadPage(false);
+
+function fmtBytes(n) {
+  if (n === undefined || n === null || Number.isNaN(Number(n))) return "";
+  const units = ["B", "KB", "MB", "GB"];
+  let v = Number(n);
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
+  return `${v.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function fmtParams(m) {
+  const p = m.parameters ?? m.params ?? m.param_count ?? m.parameter_counts;
+  if (p === undefined || p === null) return "";
+  if (typeof p === "number") return `${(p / 1e6).toFixed(1)} M`;
+  if (typeof p === "object") {
+    return Object.entries(p).map(([k, v]) => `${k} ${typeof v === "number" ? (v / 1e6).toFixed(1) + " M" : v}`).join(", ");
+  }
+  return String(p);
+}
+
+export async function refreshModels({ onSwitched } = {}) {
+  const err = $("models-error");
+  err.hidden = true;
+  try {
+    const [data, options] = await Promise.all([api.listModels(), api.getOptions().catch(() => ({}))]);
+    const models = Array.isArray(data) ? data : data.models || data.items || [];
+    const currentName = options.sd_model_checkpoint || (Array.isArray(data) ? null : data.current);
+    const rows = models.map((m) => {
+      const name = m.name ?? m.model_name ?? m.title;
+      const isCurrent = m.current === true || m.loaded === true || name === currentName;
+      const tr = document.createElement("tr");
+      const nameCell = cell(name, isCurrent ? "current" : "");
+      if (isCurrent) nameCell.textContent = `${name} (current)`;
+      tr.append(
+        nameCell,
+        cell(m.family ?? ""),
+        cell(fmtBytes(m.bytes ?? m.size ?? m.size_bytes)),
+        cell(fmtParams(m)),
+      );
+      const hash = document.createElement("td");
+      const code = document.createElement("code");
+      code.textContent = m.hash ?? m.sha256 ?? m.model_hash ?? "";
+      hash.append(code);
+      const actions = document.createElement("td");
+      if (!isCurrent) {
+        actions.append(button("Use", `Use model ${name}`, async () => {
+          try {
+            await api.setModel(name);
+            await refreshModels({ onSwitched });
+            if (onSwitched) onSwitched(name);
+          } catch (e) {
+            err.textContent = e.status === 403 ? `Only an admin key can switch the model (${e.message}).` : e.message;
+            err.hidden = false;
+          }
+        }));
+      }
+      tr.append(hash, actions);
+      return tr;
+    });
+    $("models-body").replaceChildren(...rows);
+  } catch (e) {
+    err.textContent = e.message;
+    err.hidden = false;
+  }
+}
+
+export function initViews({ reopen }) {
+  reopenJob = reopen;
+  $("queue-refresh").addEventListener("click", refreshQueue);
+  $("queue-state").addEventListener("change", refreshQueue);
+  $("queue-more").addEventListener("click", () => loadPage(true));
+}
