@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 SHOTS = Path(os.environ.get("DIFFUSEKIT_SHOTS", "")) if os.environ.get("DIFFUSEKIT_SHOTS") else None
 STEPS = "6"
@@ -55,8 +55,8 @@ class Server:
         self.log = data / "serve.log"
         data.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-        cmd = [sys.executable, "-m", "diffusekit.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--data", str(data), *extra]
+        cmd = [sys.executable, "-m", "diffusekit.cli", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--data", str(data), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(self.base, self.proc, self.log)
@@ -84,9 +84,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        )
+        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args)
         yield b
         b.close()
 
@@ -249,7 +248,8 @@ def test_send_to_inpaint_paint_mask_keeps_unmasked_pixels(ui):
     shot(page, "inpaint")
     mask = page.evaluate(
         """() => { const c = document.getElementById('mask-canvas');
-        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 == 3)); }"""
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return Array.from(px.filter((_, i) => i % 4 == 3)); }"""
     )
     mask = np.array(mask).reshape(source.shape[:2]) > 127
     assert 0 < mask.sum() < mask.size / 2
@@ -305,8 +305,8 @@ def test_drop_a1111_png_restores_parameters(ui):
     info.add_text(
         "parameters",
         "masterpiece, (castle:1.2), sunset\nNegative prompt: blurry, lowres\n"
-        'Steps: 23, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 987654, Size: 96x128, '
-        'Model hash: e64d0b7cae, Model: default, Version: v1.10.1',
+        "Steps: 23, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 987654, Size: 96x128, "
+        "Model hash: e64d0b7cae, Model: default, Version: v1.10.1",
     )
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, "PNG", pnginfo=info)
