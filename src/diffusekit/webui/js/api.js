@@ -29,12 +29,14 @@ function headers(extra = {}) {
 /** Field name and message from a FastAPI/pydantic error body or our ParamError text. */
 export function describeError(status, body) {
   let detail = body && body.detail !== undefined ? body.detail : body;
-  if (body && typeof body.error === "string") detail = body.error;
+  if (body && typeof body.error === "string" && !Array.isArray(detail)) detail = body.error;
   if (Array.isArray(detail) && detail.length) {
     const first = detail[0];
-    const loc = (first.loc || []).filter((p) => typeof p === "string" && !["body", "params", "query"].includes(p));
+    const path = typeof first.field === "string" ? first.field.split(".") : first.loc || [];
+    const loc = path.filter((p) => typeof p === "string" && !["body", "params", "query"].includes(p));
     const field = loc.length ? loc[loc.length - 1] : null;
-    return { field, message: `${field ? field + ": " : ""}${first.msg || JSON.stringify(first)}` };
+    const msg = first.msg || JSON.stringify(first);
+    return { field, message: field && !msg.startsWith(field) ? `${field}: ${msg}` : msg };
   }
   if (detail && typeof detail === "object") {
     const message = detail.message || detail.msg || JSON.stringify(detail);
