@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_create)
 
     from .cli_generate import add_generation_commands
+    from .cli_serve import add_serve_commands
     from .cli_train import add_training_commands
 
     add_generation_commands(sub)
     add_training_commands(sub)
+    add_serve_commands(sub)
     return parser
 
 

@@ -49,6 +49,7 @@ class Progress:
     pass_index: int = 1
     passes: int = 1
     batch: int = 0  # which batch of n_iter
+    denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (B, C, h, w) x0 estimate
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -214,7 +215,7 @@ class Pipeline:
         noise: BatchNoise,
         *,
         blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-        report: Callable[[int, int], None],
+        report: Callable[..., None],
     ) -> torch.Tensor:
         """Run the sampler from x (at sigmas[0]) with CFG; `blend` keeps an inpainting known region."""
         spec = SAMPLERS[self.resolve_sampler(params)[0]]
@@ -235,7 +236,7 @@ class Pipeline:
                 x,
                 sigmas,
                 extra_args={"cond": cond, "uncond": uncond},
-                callback=lambda info: report(info.index + 1, info.total),
+                callback=lambda info: report(info.index + 1, info.total, info.denoised),
                 noise=gaussian_noise(x, noise.generators),
                 **kwargs,
             )
@@ -379,11 +380,11 @@ class Pipeline:
             seeds = [seed + first + j for j in range(params.batch_size)]
             subseeds = [subseed + first + j for j in range(params.batch_size)]  # image i: subseed + i
 
-            def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
+            def report(step: int, total: int, pass_index: int = 1, denoised=None, _it: int = it) -> None:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("generation cancelled")
                 if callback is not None:
-                    callback(Progress(step, total, pass_index, passes, _it))
+                    callback(Progress(step, total, pass_index, passes, _it, denoised))
 
             run = _Batch(params, conds, seeds, subseeds, width, height, report, hires_conds)
             if init_image is None:
@@ -427,7 +428,7 @@ class Pipeline:
         if c_concat is not None:
             conds = tuple({**c, "c_concat": c_concat} for c in conds)
         latents = self._sample(params, x * sigmas[0], sigmas, conds, noise, blend=None,
-                               report=lambda s, t: report(s, t, 1))  # fmt: skip
+                               report=lambda s, t, d=None: report(s, t, 1, d))  # fmt: skip
         if not params.enable_hr:
             return latents
         # hires fix: upscale, then an img2img pass at the larger size with fresh noise from the same seeds
@@ -445,7 +446,7 @@ class Pipeline:
         sigmas2 = self._img2img_sigmas(params, steps2, params.hr_denoising_strength)
         x2 = up + noise2.randn(up.shape[1:]) * sigmas2[0]
         return self._sample(params, x2, sigmas2, run.hires_conds, noise2, blend=None,
-                            report=lambda s, t: report(s, t, 2))  # fmt: skip
+                            report=lambda s, t, d=None: report(s, t, 2, d))  # fmt: skip
 
     def _empty_inpaint_concat(self, batch: int, width: int, height: int) -> torch.Tensor | None:
         """txt2img with an inpainting model: the whole image is masked and the masked image is empty."""
@@ -503,7 +504,9 @@ class Pipeline:
             elif init is not None and params.inpainting_fill == "latent_noise":
                 init = init * (1 - m_lat) + noise.randn(init.shape[1:]) * m_lat
         x = start_noise * sigmas[0] if init is None else init + start_noise * sigmas[0]
-        return self._sample(params, x, sigmas, conds, noise, blend=blend, report=lambda s, t: report(s, t, 1))
+        return self._sample(
+            params, x, sigmas, conds, noise, blend=blend, report=lambda s, t, d=None: report(s, t, 1, d)
+        )
 
     # --- metadata ----------------------------------------------------------------------------
 

@@ -1,0 +1,283 @@
+"""The job runner: worker threads claim jobs from the queue and run each through GenerationParams +
+Pipeline (the path the CLI uses, so the same parameters and seed give the same pixels), then store the
+images durably before the job is marked succeeded."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..params import GenerationParams
+from .cache import ModelCache
+from .catalog import ModelCatalog
+from .files import ImageStore
+from .model import ImageRecord, Job, JobState
+from .queue import SQLiteQueue
+
+HEARTBEAT_S = 0.5  # progress is written to the database at most this often
+PREVIEW_S = 0.5  # a preview is made at most this often per job
+PREVIEW_SIDE = 128
+_PARAM_FIELDS = {f.name for f in dataclasses.fields(GenerationParams)} - {"extras"}
+
+# SD latent channels -> RGB, a cheap preview without the VAE (the factors A1111's "Approx cheap" uses).
+_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def params_from_job(params: dict[str, Any]) -> GenerationParams:
+    """The GenerationParams stored in a job's params (its other keys name input images)."""
+    return GenerationParams(**{k: v for k, v in params.items() if k in _PARAM_FIELDS})
+
+
+class Observer:
+    """What the runner reports (the server turns it into metrics and log lines); no-ops here."""
+
+    def job_state(self, job: Job) -> None: ...
+
+    def step(self, job_id: str, seconds: float) -> None: ...
+
+    def model_load(self, name: str, seconds: float) -> None: ...
+
+
+@dataclass
+class Live:
+    """In-memory progress of a running job (the database has step/total too, less often)."""
+
+    job_id: str
+    owner: str | None
+    started: float
+    step: int = 0
+    total: int = 0
+    pass_index: int = 1
+    passes: int = 1
+    batch: int = 0
+    n_iter: int = 1
+    fraction: float = 0.0  # overall 0..1
+    preview: bytes | None = None  # small PNG
+    preview_step: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    last_step_at: float = 0.0
+    preview_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.fraction <= 0:
+            return None
+        elapsed = time.time() - self.started
+        return elapsed / self.fraction - elapsed
+
+
+class JobRunner:
+    """Owns the queue, the image store, the model cache and the worker threads."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        catalog: ModelCatalog,
+        *,
+        workers: int = 1,
+        device: str = "auto",
+        precision: str = "auto",
+        max_queued: int = 1000,
+        observer: Observer | None = None,
+    ):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = SQLiteQueue(self.data_dir / "diffusekit.db", max_queued=max_queued)
+        self.store = ImageStore(self.data_dir)
+        self.catalog = catalog
+        self.observer = observer or Observer()
+        self.cache = ModelCache(catalog, device=device, precision=precision, on_load=self.observer.model_load)
+        self.n_workers = workers
+        self.live: dict[str, Live] = {}
+        self._live_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._done = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.recovered = 0
+        self.done_version = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Re-queue what a crash left running, drop stray files, start the workers."""
+        self.recovered = self.queue.recover()
+        self.store.sweep(self.queue.image_paths())
+        for i in range(self.n_workers):
+            t = threading.Thread(target=self._loop, name=f"diffusekit-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._live_lock:
+            for live in self.live.values():
+                live.cancel.set()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads) and not self._stop.is_set()
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def submit(self, kind: str, params: dict[str, Any], **kw) -> tuple[Job, bool]:
+        job, created = self.queue.submit(kind, params, **kw)
+        if created:
+            self.observer.job_state(job)
+            self.notify()
+        return job, created
+
+    def save_input(self, image: Image.Image, owner: str | None) -> ImageRecord:
+        """Store an uploaded image durably (before the job that uses it is committed)."""
+        return self.store.write(image, "", owner=owner, role="input")
+
+    def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
+        job = self.queue.cancel(job_id, owner)
+        if job is None:
+            return None
+        with self._live_lock:
+            live = self.live.get(job_id)
+        if live is not None:
+            live.cancel.set()
+        if job.state == JobState.CANCELLED:
+            self.observer.job_state(job)
+            self._signal_done()
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job | None:
+        """Block until the job is done (or the timeout passes); the job as it is then."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._done:
+            while True:
+                job = self.queue.get(job_id)
+                if job is None or job.state.done:
+                    return job
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return job
+                self._done.wait(min(0.5, left) if left is not None else 0.5)
+
+    def _signal_done(self) -> None:
+        with self._done:
+            self.done_version += 1  # async waiters poll this cheaply
+            self._done.notify_all()
+
+    # --- the workers -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.queue.claim()
+            if job is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            self.observer.job_state(job)
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        live = Live(job.id, job.owner, started=time.time(), n_iter=int(job.params.get("n_iter", 1)))
+        with self._live_lock:
+            self.live[job.id] = live
+        state, error, records, model_hash = JobState.FAILED, None, [], None
+        try:
+            state, records, model_hash = self._generate(job, live)
+        except Exception as e:  # noqa: BLE001 - a failing job is recorded, the server keeps serving
+            from ..pipeline import Cancelled
+
+            if isinstance(e, Cancelled):
+                state, error = JobState.CANCELLED, "cancelled while running"
+            else:
+                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                error = f"{type(e).__name__}: {text}" if text else type(e).__name__
+        finally:
+            done = self.queue.finish(job.id, state, error=error, images=records, model_hash=model_hash)
+            with self._live_lock:
+                self.live.pop(job.id, None)
+            self.observer.job_state(done)
+            self._signal_done()
+
+    def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
+        entry = self.catalog.get(job.model)
+        pipe = self.cache.get(entry)
+        params = params_from_job(job.params)
+        inputs = {}
+        for key, mode in (("init_image", "RGB"), ("mask", "L")):
+            image_id = job.params.get(key)
+            if image_id:
+                rec = self.queue.image(image_id)
+                if rec is None:
+                    raise ValueError(f"{key}: image {image_id} no longer exists")
+                inputs[key] = self.store.open(rec).convert(mode)
+        if job.params.get("mask_invert") and "mask" in inputs:
+            inputs["mask"] = inputs["mask"].point(lambda v: 255 - v)
+
+        def on_progress(p) -> None:
+            now = time.time()
+            if live.last_step_at:
+                self.observer.step(job.id, now - live.last_step_at)
+            live.last_step_at = now
+            live.step, live.total, live.pass_index, live.passes, live.batch = (
+                p.step, p.total, p.pass_index, p.passes, p.batch,
+            )  # fmt: skip
+            done_runs = p.batch * p.passes + (p.pass_index - 1) + p.step / max(p.total, 1)
+            live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
+            if p.denoised is not None and now - live.preview_at >= PREVIEW_S:
+                live.preview_at = now
+                live.preview = _preview(pipe, p.denoised)
+                live.preview_step = p.step
+            if now - live.heartbeat_at >= HEARTBEAT_S or p.step == p.total:
+                live.heartbeat_at = now
+                if self.queue.heartbeat(job.id, p.step, p.total):
+                    live.cancel.set()
+
+        if self.queue.heartbeat(job.id, 0, 0):
+            live.cancel.set()
+        result = pipe.generate(
+            params,
+            init_image=inputs.get("init_image"),
+            mask=inputs.get("mask"),
+            callback=on_progress,
+            cancel=live.cancel,
+        )
+        records = [
+            self.store.write(img, text, owner=job.owner, seed=seed)
+            for img, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True)
+        ]
+        return JobState.SUCCEEDED, records, pipe.model_hash
+
+
+def _preview(pipe, denoised) -> bytes | None:
+    """A small PNG of the first image's current x0 estimate: the VAE for small images, else a linear map."""
+    import torch
+
+    z = denoised[:1].float()  # (1, C, h, w)
+    try:
+        if z.shape[-1] * z.shape[-2] <= 32 * 32:
+            img = pipe.decode(z)[0]
+        elif z.shape[1] == 4:
+            rgb = torch.einsum("bchw,cr->brhw", z, torch.tensor(_LATENT_RGB))  # (1, 3, h, w)
+            arr = ((rgb[0] + 1) / 2).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+            img = Image.fromarray(arr)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - a preview is best effort
+        return None
+    img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

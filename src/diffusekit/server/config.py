@@ -1,0 +1,53 @@
+"""The server's settings: where data and models live, how many workers, auth and input bounds."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..params import MAX_SIDE
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ConfigError(ValueError):
+    """A server setting that cannot work, with what would."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `diffusekit serve` decides before the app starts."""
+
+    data_dir: Path
+    models_dir: Path | None = None
+    default_model: Path | None = None  # the bundled model, offered as "default"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    workers: int = 1
+    auth: bool = True
+    device: str = "auto"
+    precision: str = "auto"
+    max_queued: int = 1000
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = MAX_SIDE * MAX_SIDE
+    max_prompt_chars: int = 10_000
+    a1111_timeout_s: float = 3600.0
+
+    def __post_init__(self):
+        if not self.auth and not is_loopback(self.host):
+            raise ConfigError(
+                f"--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), not {self.host!r};"
+                " create a key with `diffusekit keys create NAME` instead"
+            )
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers={self.workers} is out of range; valid: 1..64")

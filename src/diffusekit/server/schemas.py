@@ -1,0 +1,99 @@
+"""Pydantic models of the native /v1 job API: GenerationParams fields with the CLI's ranges."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..params import INPAINT_FILLS, MAX_BATCH, MAX_SIDE, MAX_STEPS, PROMPT_MODES
+from .a1111_schemas import MAX_PROMPT, SEED_MAX
+
+
+class JobParams(BaseModel):
+    """GenerationParams fields (None: the model's recommendation), the model, and input images."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(
+        None, max_length=200, description="a name from GET /v1/models (default: 'default')"
+    )
+    prompt: str = Field("", max_length=MAX_PROMPT)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
+    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    cfg_scale: float | None = Field(None, ge=0.0, le=30.0)
+    sampler: str | None = Field(None, max_length=100)
+    schedule: str | None = Field(None, max_length=100)
+    seed: int = Field(-1, ge=-1, le=SEED_MAX)
+    subseed: int = Field(-1, ge=-1, le=SEED_MAX)
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    n_iter: int = Field(1, ge=1, le=100)
+    clip_skip: int = Field(1, ge=1, le=12)
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    eta: float = Field(1.0, ge=0.0, le=2.0)
+    prompt_mode: Literal[PROMPT_MODES] = "a1111"  # type: ignore[valid-type]
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    img2img_steps: Literal["a1111", "diffusers"] = "a1111"
+    resize_mode: Literal["resize", "crop", "fill"] = "resize"
+    mask_blur: float = Field(4.0, ge=0.0, le=64.0)
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_fill: Literal[INPAINT_FILLS] = "original"  # type: ignore[valid-type]
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: Literal["latent", "latent-nearest", "lanczos"] = "latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    hr_denoising_strength: float = Field(0.7, ge=0.0, le=1.0)
+    init_image: str | None = Field(None, description="base64 image, or the id of an earlier image")
+    mask: str | None = Field(None, description="base64 image or image id; white = repaint")
+    mask_invert: bool = False
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["txt2img", "img2img", "inpaint"]
+    params: JobParams = Field(default_factory=JobParams)
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: str
+
+
+class ImageOut(BaseModel):
+    id: str
+    url: str
+    seed: int | None
+    infotext: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    kind: str
+    state: str
+    priority: int
+    progress: dict[str, Any]
+    eta_s: float | None
+    error: str | None
+    images: list[ImageOut]
+    model: str
+    model_hash: str | None
+    params: dict[str, Any]
+    queue_position: int | None
+    attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    timings: dict[str, float | None]
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
