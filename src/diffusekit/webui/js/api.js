@@ -109,8 +109,7 @@ export const setModel = (name) => request("POST", "/sdapi/v1/options", { sd_mode
 
 /** Queue a job: kind txt2img | img2img | inpaint; params are GenerationParams fields. */
 export function submitJob(kind, params, { priority = 0, model = null } = {}) {
-  const body = { kind, params, priority };
-  if (model) body.model = model;
+  const body = { kind, params: model ? { ...params, model } : params, priority };
   return request("POST", "/v1/jobs", body, { headers: { "Idempotency-Key": crypto.randomUUID() } });
 }
 

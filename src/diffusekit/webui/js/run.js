@@ -29,15 +29,22 @@ function progressOf(data) {
   const p = data.progress && typeof data.progress === "object" ? data.progress : data;
   const step = Number(p.step ?? 0);
   const total = Number(p.total ?? 0);
-  return { step, total, eta: data.eta_s ?? p.eta_s };
+  const fraction = p.fraction !== undefined && p.fraction !== null ? Number(p.fraction) : total ? step / total : 0;
+  return { step, total, fraction, eta: data.eta_s ?? p.eta_s };
 }
 
 function showProgress(data) {
-  const { step, total, eta } = progressOf(data);
-  if (!total) return;
+  const { step, total, fraction, eta } = progressOf(data);
+  if (!total) {
+    if (data.state === "queued") {
+      const pos = data.queue_position;
+      setProgress(0, pos ? `Queued (position ${pos})` : "Queued");
+    } else if (data.state === "running") setProgress(0, "Starting…");
+    return;
+  }
   let text = `Step ${step}/${total}`;
   if (eta !== undefined && eta !== null && Number.isFinite(Number(eta))) text += ` · ETA ${Number(eta).toFixed(1)} s`;
-  setProgress(step / total, text);
+  setProgress(fraction, text);
 }
 
 function showPreview(data) {
@@ -96,17 +103,20 @@ async function follow(job) {
   try {
     await api.followEvents(job.id, (type, data) => {
       if (typeof data !== "object" || data === null) return true;
-      if (data.state === "running" && !data.progress) setProgress(0, "Running");
-      if (type === "progress" || data.progress || data.step !== undefined) showProgress(data);
-      if (type === "preview" || data.preview || data.image) showPreview(data);
-      if (TERMINAL.has(data.state)) return false;
+      if (type === "done" || TERMINAL.has(data.state)) {
+        if (data.id) final = data;
+        return false;
+      }
+      showProgress(data);
+      showPreview(data);
       return true;
     }, job.abort.signal);
   } catch (e) {
-    if (e.name !== "AbortError") await poll(job); // no event stream: fall back to polling the job
+    if (e.name === "AbortError") return;
+    /* no event stream: poll the job instead */
   }
   try {
-    final = await waitTerminal(job);
+    if (!final || !TERMINAL.has(final.state)) final = await waitTerminal(job);
   } catch (e) {
     showError(e.message, e.field);
   }
