@@ -102,8 +102,9 @@ export async function fetchBlob(url) {
 // --- the routes -------------------------------------------------------------------------------
 
 export const listModels = () => get("/v1/models");
-export const listSamplers = () => get("/sdapi/v1/samplers");
-export const listSchedulers = () => get("/sdapi/v1/schedulers");
+export const listSamplers = () => get("/v1/samplers");
+// /sdapi/v1 routes answer 401 with a Basic challenge (for A1111 clients), which makes the browser open its
+// own password prompt; the page calls them only once a /v1 call has shown the key is good.
 export const getOptions = () => get("/sdapi/v1/options");
 export const setModel = (name) => request("POST", "/sdapi/v1/options", { sd_model_checkpoint: name });
 

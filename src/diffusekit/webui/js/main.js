@@ -4,7 +4,7 @@ import * as api from "./api.js";
 import * as editor from "./editor.js";
 import { applyParams, clearErrors, highlightPrompt, mode, setMode, showError, syncSizePreset } from "./form.js";
 import { paramsFromPng } from "./pnginfo.js";
-import { initPresets } from "./presets.js";
+import { initPresets, reloadPresets } from "./presets.js";
 import { generate, initRun, lastImageSeed, reopen } from "./run.js";
 import { initViews, refreshModels, refreshQueue } from "./views.js";
 
@@ -46,31 +46,32 @@ function fill(select, items, keep) {
   select.replaceChildren(...head, ...items.map(([value, label]) => new Option(label, value)));
 }
 
+const SCHEDULE_LABELS = { automatic: "Automatic", sgm_uniform: "SGM Uniform", ddim_uniform: "DDIM", lcm: "LCM" };
+const scheduleLabel = (id) => SCHEDULE_LABELS[id] || id.charAt(0).toUpperCase() + id.slice(1).replace(/_/g, " ");
+
 async function loadLists() {
   const status = $("server-status");
-  const [models, samplers, schedulers, options] = await Promise.allSettled([
-    api.listModels(), api.listSamplers(), api.listSchedulers(), api.getOptions(),
-  ]);
-  const failed = [models, samplers, schedulers].find((r) => r.status === "rejected");
-  if (models.status === "fulfilled") {
-    const list = Array.isArray(models.value) ? models.value : models.value.models || models.value.items || [];
-    const names = list.map((m) => m.name ?? m.model_name ?? m.title);
-    fill($("model"), names.map((n) => [n, n]));
-    const current = options.status === "fulfilled" ? options.value.sd_model_checkpoint : null;
-    const match = names.find((n) => n === current || (current && current.startsWith(n)));
-    if (match) $("model").value = match;
-  }
-  if (samplers.status === "fulfilled") {
-    fill($("sampler"), samplers.value.map((s) => [s.name, s.name]), 1);
-  }
-  if (schedulers.status === "fulfilled") {
-    fill($("schedule"), schedulers.value.map((s) => [s.name, s.label || s.name]), 1);
-  }
+  const [models, samplers] = await Promise.allSettled([api.listModels(), api.listSamplers()]);
+  const failed = [models, samplers].find((r) => r.status === "rejected");
   if (failed) {
-    status.textContent = `Server lists unavailable: ${failed.reason.message}`;
+    if (failed.reason.status !== 401) status.textContent = `Server lists unavailable: ${failed.reason.message}`;
     return false;
   }
+  const list = Array.isArray(models.value) ? models.value : models.value.models || [];
+  const names = list.map((m) => m.name);
+  fill($("model"), names.map((n) => [n, n]));
+  const { samplers: sl = [], schedules = [] } = samplers.value;
+  fill($("sampler"), sl.map((s) => [s.name, s.name]), 1);
+  fill($("schedule"), schedules.map((id) => [id, scheduleLabel(id)]), 1);
   status.textContent = "Connected";
+  try {
+    // the server's current model (what A1111 requests use) preselects the picker
+    const current = (await api.getOptions()).sd_model_checkpoint || "";
+    const match = list.find((m) => m.name === current || m.title === current || current.startsWith(`${m.name}.`));
+    if (match) $("model").value = match.name;
+  } catch {
+    /* no options route: keep the first model */
+  }
   return true;
 }
 
@@ -91,7 +92,7 @@ function initAuth() {
   $("auth-form").addEventListener("submit", async () => {
     api.setKey($("api-key").value.trim());
     $("api-key").value = "";
-    if (await loadLists()) await initPresets();
+    if (await loadLists()) await reloadPresets();
   });
 }
 

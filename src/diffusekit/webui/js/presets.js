@@ -77,9 +77,14 @@ function selected() {
   return { where, name: rest.join(":") };
 }
 
-export async function initPresets() {
+/** Fetch the user's presets again (after the API key changed). */
+export async function reloadPresets() {
   await loadOwn();
   render();
+}
+
+export async function initPresets() {
+  await reloadPresets();
   $("preset-load").addEventListener("click", () => {
     const { where, name } = selected();
     const params = where === "builtin" ? BUILTIN[name] : own[name];

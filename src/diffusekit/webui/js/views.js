@@ -103,24 +103,27 @@ export async function refreshModels({ onSwitched } = {}) {
   const err = $("models-error");
   err.hidden = true;
   try {
-    const [data, options] = await Promise.all([api.listModels(), api.getOptions().catch(() => ({}))]);
-    const models = Array.isArray(data) ? data : data.models || data.items || [];
-    const currentName = options.sd_model_checkpoint || (Array.isArray(data) ? null : data.current);
+    const data = await api.listModels();
+    const models = Array.isArray(data) ? data : data.models || [];
+    const options = await api.getOptions().catch(() => ({}));
+    const currentName = options.sd_model_checkpoint || "";
     const rows = models.map((m) => {
-      const name = m.name ?? m.model_name ?? m.title;
-      const isCurrent = m.current === true || m.loaded === true || name === currentName;
+      const name = m.name;
+      const isCurrent = name === currentName || m.title === currentName;
       const tr = document.createElement("tr");
-      const nameCell = cell(name, isCurrent ? "current" : "");
-      if (isCurrent) nameCell.textContent = `${name} (current)`;
+      const nameCell = cell(isCurrent ? `${name} (current)` : name, isCurrent ? "current" : "");
+      if (m.loaded) nameCell.append(" · loaded");
       tr.append(
         nameCell,
-        cell(m.family ?? ""),
-        cell(fmtBytes(m.bytes ?? m.size ?? m.size_bytes)),
+        cell([m.family, m.kind].filter(Boolean).join(" / ")),
+        cell(fmtBytes(m.bytes ?? m.size_bytes)),
         cell(fmtParams(m)),
       );
       const hash = document.createElement("td");
       const code = document.createElement("code");
-      code.textContent = m.hash ?? m.sha256 ?? m.model_hash ?? "";
+      const sha = m.sha256 ?? m.hash ?? "";
+      code.textContent = sha ? sha.slice(0, 10) : "not computed yet";
+      code.title = sha;
       hash.append(code);
       const actions = document.createElement("td");
       if (!isCurrent) {
