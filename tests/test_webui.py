@@ -132,6 +132,9 @@ def record_progress(page) -> None:
         const bar = document.getElementById('progress');
         new MutationObserver(() => window.__progress.push(Number(bar.getAttribute('aria-valuenow'))))
             .observe(bar, {attributes: true, attributeFilter: ['aria-valuenow']});
+        window.__previews = 0;
+        new MutationObserver(() => { window.__previews += 1; })
+            .observe(document.getElementById('preview'), {attributes: true, attributeFilter: ['src']});
     }"""
     )
 
@@ -169,21 +172,24 @@ def generate_one(page, prompt: str, seed: int, steps: str = STEPS) -> None:
 def test_first_load_small_and_fast(ui):
     """The page's first load transfers under 300 KB and shows the form in under 1 s on loopback."""
     page = ui.page
-    t0 = time.perf_counter()
     page.goto(ui.base + "/")
-    page.wait_for_selector("body[data-ready]")
-    page.get_by_label("Prompt", exact=True).wait_for(state="visible")
-    seconds = time.perf_counter() - t0
     page.wait_for_selector("body[data-loaded]")
+    # the browser's own clock from navigation start: first paint of the form, and the form wired up
+    paint = page.evaluate(
+        "performance.getEntriesByType('paint').find(e => e.name === 'first-contentful-paint').startTime"
+    )
+    ready = float(page.evaluate("document.body.dataset.ready"))
     sizes = page.evaluate(
         """() => performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource'))
-            .filter(e => !e.name.includes('/v1/') && !e.name.includes('/sdapi/'))
             .map(e => [e.name, e.transferSize || e.encodedBodySize])"""
     )
     total = sum(s for _, s in sizes)
-    print(f"first load: {total} bytes in {len(sizes)} files, form visible after {seconds:.3f} s")
+    print(
+        f"first load: {total} B in {len(sizes)} requests; form painted {paint:.0f} ms, ready {ready:.0f} ms"
+    )
     assert total < 300_000, sizes
-    assert seconds < 1.0
+    assert page.get_by_label("Prompt", exact=True).is_visible()
+    assert ready < 1000, f"the form was ready {ready:.0f} ms after navigation"
     # the lists came from the server
     assert page.get_by_label("Model", exact=True).locator("option").count() >= 1
     assert page.get_by_label("Sampler", exact=True).locator("option").count() > 5
@@ -193,13 +199,16 @@ def test_first_load_small_and_fast(ui):
 
 def test_generate_progress_gallery_infotext_and_reuse(ui):
     page = ui.open()
-    fill_basics(page, "a red circle on a blue background", seed=1234, steps="12")
+    fill_basics(page, "a red circle on a blue background", seed=1234, steps="8")
     record_progress(page)
     page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    page.get_by_text("Step 1/8").wait_for(timeout=60_000)
+    shot(page, "running")
     page.wait_for_function("document.querySelectorAll('#gallery img').length > 0", timeout=120_000)
     seen = page.evaluate("window.__progress")
     assert any(0 < v < 100 for v in seen), f"the bar never showed a step in between: {seen}"
     assert seen[-1] == 100
+    assert page.evaluate("window.__previews") > 0, "no live preview was shown while sampling"
     assert "Done" in page.locator("#progress-text").inner_text()
     shot(page, "generate")
 
@@ -207,7 +216,7 @@ def test_generate_progress_gallery_infotext_and_reuse(ui):
     assert img.info["parameters"].startswith("a red circle on a blue background")
     page.get_by_role("button", name="Open Result 1, seed 1234").click()
     info = page.get_by_label("Infotext").input_value()
-    assert "Steps: 12" in info and "Seed: 1234" in info
+    assert "Steps: 8" in info and "Seed: 1234" in info
     assert info == img.info["parameters"]
     shot(page, "viewer")
 
@@ -219,7 +228,7 @@ def test_generate_progress_gallery_infotext_and_reuse(ui):
     page.get_by_role("button", name="Open Result 1, seed 1234").click()
     page.get_by_role("button", name="Reuse parameters").click()
     assert page.get_by_label("Prompt", exact=True).input_value() == "a red circle on a blue background"
-    assert page.get_by_label("Steps", exact=True).input_value() == "12"
+    assert page.get_by_label("Steps", exact=True).input_value() == "8"
     assert page.get_by_label("Seed", exact=True).input_value() == "1234"
     page.get_by_role("button", name="Random seed").click()
     page.get_by_role("button", name="Reuse last seed").click()

@@ -210,7 +210,8 @@ async function main() {
   });
   initDropAndPaste();
   highlightPrompt();
-  document.body.dataset.ready = "true"; // the form is usable from here; lists fill in as they come
+  // the form is usable from here (ms since navigation start); the lists fill in as they come
+  document.body.dataset.ready = String(Math.round(performance.now()));
   await loadLists();
   await initPresets();
   document.body.dataset.loaded = "true";

@@ -50,7 +50,10 @@ function jobRow(job) {
   } else if (job.state === "succeeded") {
     actions.append(button("Open", `Open job ${short}`, () => reopenJob(job.id)));
   } else if (job.error) {
-    actions.append(cell(typeof job.error === "string" ? job.error : JSON.stringify(job.error)));
+    const why = document.createElement("span");
+    why.className = "err";
+    why.textContent = typeof job.error === "string" ? job.error : JSON.stringify(job.error);
+    actions.append(why);
   }
   tr.append(actions);
   tr.querySelector(".prompt").title = prompt;
