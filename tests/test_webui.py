@@ -457,3 +457,70 @@ def test_webui_is_package_data():
     for p in files:
         body = p.read_text()
         assert "http://" not in body and "https://" not in body, p
+
+
+def test_paste_mask_tools_and_outpaint_extend(ui):
+    """Paste an image, paint/erase/invert/clear the mask, extend the canvas for outpainting."""
+    page = ui.open()
+    png = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(png, "PNG")
+    page.evaluate(
+        """(b64) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'pasted.png', {type: 'image/png'}));
+        document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true}));
+    }""",
+        base64.b64encode(png.getvalue()).decode(),
+    )
+    sync_api.expect(page.get_by_label("Image to image", exact=True)).to_be_checked()
+    sync_api.expect(page.locator("#image-size")).to_have_text("96 × 64")
+    assert page.get_by_label("Width").input_value() == "96"
+    assert page.get_by_label("Height").input_value() == "64"
+    page.get_by_label("Inpaint", exact=True).check()
+    painted = """() => { const c = document.getElementById('mask-canvas');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < px.length; i += 4) n += px[i] > 127; return n; }"""
+
+    def stroke(x0, x1):
+        canvas = page.get_by_label("Mask (paint the area to repaint)")
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * x0, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * x1, box["y"] + box["height"] / 2, steps=5)
+        page.mouse.up()
+
+    page.get_by_label("Brush size").fill("8")
+    stroke(0.2, 0.8)
+    first = page.evaluate(painted)
+    assert 0 < first < 96 * 64 / 2
+    page.get_by_role("button", name="Eraser").click()
+    assert page.get_by_role("button", name="Eraser").get_attribute("aria-pressed") == "true"
+    stroke(0.2, 0.5)
+    assert 0 < page.evaluate(painted) < first
+    page.get_by_role("button", name="Eraser").click()
+    page.get_by_role("button", name="Invert mask").click()
+    inverted = page.evaluate(painted)
+    assert inverted > 96 * 64 / 2
+    page.get_by_role("button", name="Clear mask").click()
+    assert page.evaluate(painted) == 0
+
+    # outpaint: 16 pixels on the right and at the top, stretched from the edge, masked
+    page.get_by_label("Right").check()
+    page.get_by_label("Top").check()
+    page.get_by_label("Pixels to add").fill("16")
+    page.get_by_role("button", name="Extend canvas").click()
+    sync_api.expect(page.locator("#image-size")).to_have_text("112 × 80")
+    assert page.get_by_label("Width").input_value() == "112"
+    assert page.get_by_label("Height").input_value() == "80"
+    assert page.evaluate(painted) == 112 * 80 - 96 * 64
+    corner = page.evaluate(
+        "() => [...document.getElementById('image-canvas').getContext('2d').getImageData(111, 0, 1, 1).data]"
+    )
+    assert corner[:3] == [200, 30, 30]
+    # inpainting with nothing painted is refused before any request, next to the image
+    page.get_by_role("button", name="Clear mask").click()
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("Paint the area to repaint").wait_for()
+    assert ui.errors == []
