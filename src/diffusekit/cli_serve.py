@@ -29,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         data_dir=_data(args), models_dir=Path(args.models) if args.models else None, default_model=default,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,
-        precision=args.precision, max_queued=args.max_queued,
+        precision=args.precision, max_queued=args.max_queued, batch_max=args.batch,
     )  # fmt: skip
     app = create_app(config)
     if args.preload:
@@ -84,6 +84,14 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--max-queued", type=int, default=1000, help="queued jobs before new ones get 429")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N queued txt2img jobs with the same model, size, steps and sampler (and fixed "
+        "seeds) as one batch (1 = off; images equal to solo runs within 1/255, as batch_size is)",
+    )
     p.add_argument("--preload", metavar="MODEL", help="load this model before serving (e.g. default)")
     p.set_defaults(func=cmd_serve)
 

@@ -43,9 +43,15 @@ class ImageStore:
         _fsync_dir(path.parent)
         rel = str(path.relative_to(self.root.parent))
         return ImageRecord(
-            id=image_id, job_id=None, owner=owner, path=rel, seed=seed, infotext=infotext, role=role,
+            id=image_id,
+            job_id=None,
+            owner=owner,
+            path=rel,
+            seed=seed,
+            infotext=infotext,
+            role=role,
             created_at=time.time(),
-        )  # fmt: skip
+        )
 
     def read(self, rec: ImageRecord) -> bytes:
         return (self.root.parent / rec.path).read_bytes()

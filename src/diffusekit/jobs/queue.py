@@ -422,16 +422,31 @@ class SQLiteQueue(JobQueue):
 
 def _image(row) -> ImageRecord:
     return ImageRecord(
-        id=row["id"], job_id=row["job_id"], owner=row["owner"], path=row["path"], seed=row["seed"],
-        infotext=row["infotext"], role=row["role"], created_at=row["created_at"],
-    )  # fmt: skip
+        id=row["id"],
+        job_id=row["job_id"],
+        owner=row["owner"],
+        path=row["path"],
+        seed=row["seed"],
+        infotext=row["infotext"],
+        role=row["role"],
+        created_at=row["created_at"],
+    )
 
 
 # Fields that must agree for jobs to share one sampler run; the prompt, seed and the rest may differ.
 BATCH_FIELDS = (
-    "width", "height", "steps", "cfg_scale", "sampler", "schedule", "clip_skip", "cfg_rescale", "eta",
-    "prompt_mode", "subseed_strength",
-)  # fmt: skip
+    "width",
+    "height",
+    "steps",
+    "cfg_scale",
+    "sampler",
+    "schedule",
+    "clip_skip",
+    "cfg_rescale",
+    "eta",
+    "prompt_mode",
+    "subseed_strength",
+)
 
 
 def batch_key(job: Job) -> tuple | None:

@@ -19,7 +19,7 @@ from .cache import ModelCache
 from .catalog import ModelCatalog
 from .files import ImageStore
 from .model import ImageRecord, Job, JobState
-from .queue import SQLiteQueue
+from .queue import SQLiteQueue, batch_key
 
 HEARTBEAT_S = 0.5  # progress is written to the database at most this often
 PREVIEW_S = 0.5  # a preview is made at most this often per job
@@ -87,6 +87,7 @@ class JobRunner:
         precision: str = "auto",
         max_queued: int = 1000,
         observer: Observer | None = None,
+        batch_max: int = 1,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,7 @@ class JobRunner:
         self.observer = observer or Observer()
         self.cache = ModelCache(catalog, device=device, precision=precision, on_load=self.observer.model_load)
         self.n_workers = workers
+        self.batch_max = batch_max  # > 1: compatible queued txt2img jobs share one sampler run
         self.live: dict[str, Live] = {}
         self._live_lock = threading.Lock()
         self._wake = threading.Condition()
@@ -186,30 +188,104 @@ class JobRunner:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            self.observer.job_state(job)
-            self._run(job)
+            group = [job]
+            if self.batch_max > 1 and batch_key(job) is not None:
+                group += self.queue.claim_compatible(job, self.batch_max - 1)
+            for j in group:
+                self.observer.job_state(j)
+            if len(group) == 1:
+                self._run(job)
+            else:
+                self._run_batch(group)
 
-    def _run(self, job: Job) -> None:
+    def _start(self, job: Job) -> Live:
         live = Live(job.id, job.owner, started=time.time(), n_iter=int(job.params.get("n_iter", 1)))
         with self._live_lock:
             self.live[job.id] = live
+        if self.queue.heartbeat(job.id, 0, 0):
+            live.cancel.set()
+        return live
+
+    def _end(self, job: Job, state: JobState, error=None, records=(), model_hash=None) -> None:
+        done = self.queue.finish(job.id, state, error=error, images=records, model_hash=model_hash)
+        with self._live_lock:
+            self.live.pop(job.id, None)
+        self.observer.job_state(done)
+        self._signal_done()
+
+    def _run(self, job: Job) -> None:
+        live = self._start(job)
         state, error, records, model_hash = JobState.FAILED, None, [], None
         try:
             state, records, model_hash = self._generate(job, live)
         except Exception as e:  # noqa: BLE001 - a failing job is recorded, the server keeps serving
-            from ..pipeline import Cancelled
-
-            if isinstance(e, Cancelled):
-                state, error = JobState.CANCELLED, "cancelled while running"
-            else:
-                text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                error = f"{type(e).__name__}: {text}" if text else type(e).__name__
+            state, error = _failure(e)
         finally:
-            done = self.queue.finish(job.id, state, error=error, images=records, model_hash=model_hash)
-            with self._live_lock:
-                self.live.pop(job.id, None)
-            self.observer.job_state(done)
-            self._signal_done()
+            self._end(job, state, error, records, model_hash)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Jobs that share a sampler run (see jobs.batch); each still ends on its own."""
+        from .batch import batchable, generate_batch
+
+        lives = [self._start(j) for j in jobs]
+        try:
+            pipe = self.cache.get(self.catalog.get(jobs[0].model))
+            params = [params_from_job(j.params) for j in jobs]
+            conds = batchable(pipe, params)
+        except Exception as e:  # noqa: BLE001
+            for j in jobs:
+                self._end(j, *_failure(e))
+            return
+        if conds is None:  # prompts of different lengths: one at a time
+            for j in jobs:
+                with self._live_lock:
+                    self.live.pop(j.id, None)
+                self._run(j)
+            return
+        hooks = [
+            self._progress_hook(j, lv, pipe, i) for i, (j, lv) in enumerate(zip(jobs, lives, strict=True))
+        ]
+        try:
+            results = generate_batch(pipe, params, conds, callback=lambda p: [h(p) for h in hooks],
+                                     cancels=[lv.cancel for lv in lives])  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            for j in jobs:
+                self._end(j, *_failure(e))
+            return
+        for j, lv, result in zip(jobs, lives, results, strict=True):
+            if lv.cancel.is_set():
+                self._end(j, JobState.CANCELLED, "cancelled while running")
+                continue
+            try:
+                records = [self.store.write(result.images[0], result.infotexts[0], owner=j.owner,
+                                            seed=result.seeds[0])]  # fmt: skip
+                self._end(j, JobState.SUCCEEDED, None, records, pipe.model_hash)
+            except Exception as e:  # noqa: BLE001
+                self._end(j, *_failure(e))
+
+    def _progress_hook(self, job: Job, live: Live, pipe, index: int = 0):
+        """The pipeline callback for one job: live progress, previews, heartbeats (and cancel requests)."""
+
+        def on_progress(p) -> None:
+            now = time.time()
+            if live.last_step_at and index == 0:
+                self.observer.step(job.id, now - live.last_step_at)
+            live.last_step_at = now
+            live.step, live.total, live.pass_index, live.passes, live.batch = (
+                p.step, p.total, p.pass_index, p.passes, p.batch,
+            )  # fmt: skip
+            done_runs = p.batch * p.passes + (p.pass_index - 1) + p.step / max(p.total, 1)
+            live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
+            if p.denoised is not None and now - live.preview_at >= PREVIEW_S:
+                live.preview_at = now
+                live.preview = _preview(pipe, p.denoised[index : index + 1])
+                live.preview_step = p.step
+            if now - live.heartbeat_at >= HEARTBEAT_S or p.step == p.total:
+                live.heartbeat_at = now
+                if self.queue.heartbeat(job.id, p.step, p.total):
+                    live.cancel.set()
+
+        return on_progress
 
     def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
         entry = self.catalog.get(job.model)
@@ -225,33 +301,11 @@ class JobRunner:
                 inputs[key] = self.store.open(rec).convert(mode)
         if job.params.get("mask_invert") and "mask" in inputs:
             inputs["mask"] = inputs["mask"].point(lambda v: 255 - v)
-
-        def on_progress(p) -> None:
-            now = time.time()
-            if live.last_step_at:
-                self.observer.step(job.id, now - live.last_step_at)
-            live.last_step_at = now
-            live.step, live.total, live.pass_index, live.passes, live.batch = (
-                p.step, p.total, p.pass_index, p.passes, p.batch,
-            )  # fmt: skip
-            done_runs = p.batch * p.passes + (p.pass_index - 1) + p.step / max(p.total, 1)
-            live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
-            if p.denoised is not None and now - live.preview_at >= PREVIEW_S:
-                live.preview_at = now
-                live.preview = _preview(pipe, p.denoised)
-                live.preview_step = p.step
-            if now - live.heartbeat_at >= HEARTBEAT_S or p.step == p.total:
-                live.heartbeat_at = now
-                if self.queue.heartbeat(job.id, p.step, p.total):
-                    live.cancel.set()
-
-        if self.queue.heartbeat(job.id, 0, 0):
-            live.cancel.set()
         result = pipe.generate(
             params,
             init_image=inputs.get("init_image"),
             mask=inputs.get("mask"),
-            callback=on_progress,
+            callback=self._progress_hook(job, live, pipe),
             cancel=live.cancel,
         )
         records = [
@@ -259,6 +313,16 @@ class JobRunner:
             for img, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True)
         ]
         return JobState.SUCCEEDED, records, pipe.model_hash
+
+
+def _failure(e: Exception) -> tuple[JobState, str]:
+    """(state, error) for an exception out of a job: cancelled, or failed with a one-line reason."""
+    from ..pipeline import Cancelled
+
+    if isinstance(e, Cancelled):
+        return JobState.CANCELLED, "cancelled while running"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return JobState.FAILED, f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _preview(pipe, denoised) -> bytes | None:

@@ -28,8 +28,12 @@ from .submit import check_generation, failure_status, resolve_model, wait_done
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
 
-HIRES_UPSCALERS = {"latent": "latent", "latent (nearest)": "latent-nearest", "latent (nearest-exact)": "latent-nearest",
-                   "lanczos": "lanczos"}  # fmt: skip
+HIRES_UPSCALERS = {
+    "latent": "latent",
+    "latent (nearest)": "latent-nearest",
+    "latent (nearest-exact)": "latent-nearest",
+    "lanczos": "lanczos",
+}
 RESIZE_MODES = {0: "resize", 1: "crop", 2: "fill"}  # 3 = "Just resize (latent upscale)": not supported
 INPAINT_FILLS = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -94,11 +98,21 @@ def _common(req: Txt2ImgRequest) -> dict[str, Any]:
         )
     sampler = req.sampler_name or req.sampler_index
     return dict(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width, height=req.height,
-        steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler, schedule=req.scheduler, seed=req.seed,
-        subseed=req.subseed, subseed_strength=req.subseed_strength, batch_size=req.batch_size,
-        n_iter=req.n_iter, eta=req.eta,
-    )  # fmt: skip
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=req.width,
+        height=req.height,
+        steps=req.steps,
+        cfg_scale=req.cfg_scale,
+        sampler=sampler,
+        schedule=req.scheduler,
+        seed=req.seed,
+        subseed=req.subseed,
+        subseed_strength=req.subseed_strength,
+        batch_size=req.batch_size,
+        n_iter=req.n_iter,
+        eta=req.eta,
+    )
 
 
 def _txt2img_params(req: Txt2ImgRequest) -> dict[str, Any]:
@@ -124,8 +138,13 @@ def _txt2img_params(req: Txt2ImgRequest) -> dict[str, Any]:
             if getattr(req, field) and getattr(req, field) != main:
                 raise _unsupported(field, "a different prompt for the hires pass")
         strength = 0.7 if req.denoising_strength is None else req.denoising_strength
-        params.update(enable_hr=True, hr_scale=req.hr_scale, hr_upscaler=up,
-                      hr_second_pass_steps=req.hr_second_pass_steps, hr_denoising_strength=strength)  # fmt: skip
+        params.update(
+            enable_hr=True,
+            hr_scale=req.hr_scale,
+            hr_upscaler=up,
+            hr_second_pass_steps=req.hr_second_pass_steps,
+            hr_denoising_strength=strength,
+        )
     return params
 
 
@@ -143,10 +162,13 @@ def _img2img_params(req: Img2ImgRequest) -> dict[str, Any]:
         raise _unsupported("init_images", f"{len(req.init_images)} init images (send one)")
     blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
     params.update(
-        denoising_strength=req.denoising_strength, resize_mode=RESIZE_MODES[req.resize_mode], mask_blur=float(blur),
-        inpainting_fill=INPAINT_FILLS[req.inpainting_fill], inpaint_full_res=bool(req.inpaint_full_res),
+        denoising_strength=req.denoising_strength,
+        resize_mode=RESIZE_MODES[req.resize_mode],
+        mask_blur=float(blur),
+        inpainting_fill=INPAINT_FILLS[req.inpainting_fill],
+        inpaint_full_res=bool(req.inpaint_full_res),
         inpaint_full_res_padding=req.inpaint_full_res_padding,
-    )  # fmt: skip
+    )
     return params
 
 
@@ -161,8 +183,9 @@ async def _generate(request: Request, p: Principal, req: Txt2ImgRequest, kind: s
     if kind != "txt2img":
         inputs = await run_in_threadpool(_store_inputs, app, p, req, params)
         kind = "inpaint" if "mask" in params else "img2img"
-    job, _ = app.runner.submit(kind, params, model=model, owner=p.owner, inputs=inputs,
-                               idempotency_key=req.force_task_id)  # fmt: skip
+    job, _ = app.runner.submit(
+        kind, params, model=model, owner=p.owner, inputs=inputs, idempotency_key=req.force_task_id
+    )
     request.state.job_id = job.id
     done = await wait_done(app.runner, job.id, app.config.a1111_timeout_s)
     if done is None or not done.state.done:
@@ -187,8 +210,11 @@ def _store_inputs(app, p: Principal, req: Img2ImgRequest, params: dict[str, Any]
     if req.mask:
         mask = decode_b64_image(req.mask, "mask", mode="L", **bounds)
         if mask.size != init.size:
-            raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} but init_images.0 is "
-                             f"{init.size[0]}x{init.size[1]}; they must match")  # fmt: skip
+            raise FieldError(
+                "mask",
+                f"mask is {mask.size[0]}x{mask.size[1]} but init_images.0 is "
+                f"{init.size[0]}x{init.size[1]}; they must match",
+            )
         records.append(app.runner.save_input(mask, p.owner))
         params["mask"] = records[1].id
         params["mask_invert"] = bool(req.inpainting_mask_invert)
@@ -207,22 +233,43 @@ def _info(job: Job, params: dict[str, Any], model: str) -> dict[str, Any]:
     n = len(seeds)
     subseed = params.get("subseed", -1)
     return {
-        "prompt": params["prompt"], "all_prompts": [params["prompt"]] * n,
-        "negative_prompt": params["negative_prompt"], "all_negative_prompts": [params["negative_prompt"]] * n,
-        "seed": seeds[0] if seeds else params["seed"], "all_seeds": seeds,
-        "subseed": subseed, "all_subseeds": [subseed + i if subseed >= 0 else -1 for i in range(n)],
-        "subseed_strength": params["subseed_strength"], "width": params["width"], "height": params["height"],
-        "sampler_name": first.get("Sampler", params["sampler"]), "cfg_scale": float(first.get("CFG scale", 0)),
-        "steps": int(first.get("Steps", params["steps"])), "batch_size": params["batch_size"],
-        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model,
-        "sd_model_hash": job.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": params.get("hr_denoising_strength" if params.get("enable_hr") else "denoising_strength"),
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
+        "prompt": params["prompt"],
+        "all_prompts": [params["prompt"]] * n,
+        "negative_prompt": params["negative_prompt"],
+        "all_negative_prompts": [params["negative_prompt"]] * n,
+        "seed": seeds[0] if seeds else params["seed"],
+        "all_seeds": seeds,
+        "subseed": subseed,
+        "all_subseeds": [subseed + i if subseed >= 0 else -1 for i in range(n)],
+        "subseed_strength": params["subseed_strength"],
+        "width": params["width"],
+        "height": params["height"],
+        "sampler_name": first.get("Sampler", params["sampler"]),
+        "cfg_scale": float(first.get("CFG scale", 0)),
+        "steps": int(first.get("Steps", params["steps"])),
+        "batch_size": params["batch_size"],
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": model,
+        "sd_model_hash": job.model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": params.get(
+            "hr_denoising_strength" if params.get("enable_hr") else "denoising_strength"
+        ),
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": texts,
+        "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
-        "clip_skip": params["clip_skip"], "is_using_inpainting_conditioning": False,
-        "version": first.get("Version"), "job_id": job.id, "interrupted": job.state == JobState.CANCELLED,
-    }  # fmt: skip
+        "clip_skip": params["clip_skip"],
+        "is_using_inpainting_conditioning": False,
+        "version": first.get("Version"),
+        "job_id": job.id,
+        "interrupted": job.state == JobState.CANCELLED,
+    }
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
@@ -238,8 +285,9 @@ async def img2img(req: Img2ImgRequest, request: Request, p: Principal = Depends(
 @router.post("/png-info", response_model=PngInfoResponse)
 def png_info(req: PngInfoRequest, request: Request, p: Principal = Depends(authenticate)):
     cfg = request.app.state.config
-    img = decode_b64_image(req.image, "image", max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels,
-                           mode=None)  # fmt: skip
+    img = decode_b64_image(
+        req.image, "image", max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels, mode=None
+    )
     text = read_infotext(img) or ""
     items = {k: v for k, v in img.info.items() if isinstance(v, str | int | float) and k != "parameters"}
     return PngInfoResponse(info=text, items=items, parameters=parse_infotext(text) if text else {})
@@ -257,19 +305,37 @@ def progress(request: Request, skip_current_image: bool = False, p: Principal = 
     runner = request.app.state.runner
     lives = _visible(request, p)
     queued = runner.queue.list(owner=p.owner_filter, state=JobState.QUEUED, limit=1000)
-    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-             "job_count": len(lives) + len(queued), "job_timestamp": "0", "job_no": 0,
-             "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": len(lives) + len(queued),
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
     if not lives:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=state)
     lv = max(lives, key=lambda x: x.started)
-    state.update(job=f"task({lv.job_id})", job_no=lv.batch, interrupted=lv.cancel.is_set(),
-                 sampling_step=lv.step, sampling_steps=lv.total,
-                 job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(lv.started)))  # fmt: skip
+    state.update(
+        job=f"task({lv.job_id})",
+        job_no=lv.batch,
+        interrupted=lv.cancel.is_set(),
+        sampling_step=lv.step,
+        sampling_steps=lv.total,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(lv.started)),
+    )
     image = None if skip_current_image or lv.preview is None else encode_png_b64(lv.preview)
     eta = lv.eta_s
-    return ProgressResponse(progress=max(0.01, lv.fraction), eta_relative=eta if eta is not None else 0.0,
-                            state=state, current_image=image, textinfo=None)  # fmt: skip
+    return ProgressResponse(
+        progress=max(0.01, lv.fraction),
+        eta_relative=eta if eta is not None else 0.0,
+        state=state,
+        current_image=image,
+        textinfo=None,
+    )
 
 
 def _stop_running(request: Request, p: Principal) -> int:
@@ -317,7 +383,10 @@ async def set_options(body: dict[str, Any], request: Request, p: Principal = Dep
         if not isinstance(name, str):
             raise FieldError("sd_model_checkpoint", f"expected a model name or title, got {name!r}")
         entry = runner.catalog.get(resolve_model(runner.catalog, name, "sd_model_checkpoint"))
-        await run_in_threadpool(runner.cache.get, entry)  # A1111 loads the model before answering
+        try:
+            await run_in_threadpool(runner.cache.get, entry)  # A1111 loads the model before answering
+        except (ValueError, OSError) as e:  # a broken checkpoint file: say so, keep serving
+            raise FieldError("sd_model_checkpoint", f"model {entry.name!r} failed to load: {e}") from None
         changes["sd_model_checkpoint"] = entry.name
     if "CLIP_stop_at_last_layers" in changes or "sd_vae" in changes:
         _settings(request, {k: changes[k] for k in ("CLIP_stop_at_last_layers", "sd_vae") if k in changes})
@@ -335,8 +404,16 @@ def sd_models(request: Request, p: Principal = Depends(authenticate)):
     out = []
     for e in cat.entries():
         sha = cat.sha256(e, compute=False)
-        out.append({"title": cat.title(e), "model_name": e.name, "hash": sha[:10] if sha else None, "sha256": sha,
-                    "filename": e.filename, "config": None})  # fmt: skip
+        out.append(
+            {
+                "title": cat.title(e),
+                "model_name": e.name,
+                "hash": sha[:10] if sha else None,
+                "sha256": sha,
+                "filename": e.filename,
+                "config": None,
+            }
+        )
     return out
 
 
@@ -353,8 +430,16 @@ def samplers(p: Principal = Depends(authenticate)):
 
 @router.get("/schedulers")
 def schedulers(p: Principal = Depends(authenticate)):
-    return [{"name": label.lower().replace(" ", "_"), "label": label, "aliases": None, "default_rho": -1,
-             "need_inner_model": False} for label in SCHEDULE_A1111_NAMES]  # fmt: skip
+    return [
+        {
+            "name": label.lower().replace(" ", "_"),
+            "label": label,
+            "aliases": None,
+            "default_rho": -1,
+            "need_inner_model": False,
+        }
+        for label in SCHEDULE_A1111_NAMES
+    ]
 
 
 @router.get("/upscalers")
@@ -401,8 +486,10 @@ def memory(p: Principal = Depends(authenticate)):
     ram = {"free": free, "used": total - free, "total": total, "process_rss": proc_bytes("VmRSS")}
     if torch.cuda.is_available():
         free_c, total_c = torch.cuda.mem_get_info()
-        cuda = {"system": {"free": free_c, "used": total_c - free_c, "total": total_c},
-                "active": {"current": torch.cuda.memory_allocated()}}  # fmt: skip
+        cuda = {
+            "system": {"free": free_c, "used": total_c - free_c, "total": total_c},
+            "active": {"current": torch.cuda.memory_allocated()},
+        }
     else:
         cuda = {"error": "no CUDA device"}
     return {"ram": ram, "cuda": cuda}

@@ -29,24 +29,44 @@ def create_app(config: ServerConfig) -> FastAPI:
     setup_logging()
     metrics = Metrics()
     catalog = ModelCatalog(config.models_dir, config.default_model)
-    runner = JobRunner(config.data_dir, catalog, workers=config.workers, device=config.device,
-                       precision=config.precision, max_queued=config.max_queued, observer=metrics)  # fmt: skip
+    runner = JobRunner(
+        config.data_dir,
+        catalog,
+        workers=config.workers,
+        device=config.device,
+        precision=config.precision,
+        max_queued=config.max_queued,
+        batch_max=config.batch_max,
+        observer=metrics,
+    )
     metrics.attach(runner)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runner.start()
         keys = app.state.keys.count()
-        log_event("start", version=__version__, host=config.host, port=config.port, auth=config.auth,
-                  workers=config.workers, models=[e.name for e in catalog.entries()],
-                  recovered_jobs=runner.recovered, keys=keys)  # fmt: skip
+        log_event(
+            "start",
+            version=__version__,
+            host=config.host,
+            port=config.port,
+            auth=config.auth,
+            workers=config.workers,
+            models=[e.name for e in catalog.entries()],
+            recovered_jobs=runner.recovered,
+            keys=keys,
+        )
         if config.auth and keys == 0:
             log_event("no API keys exist: create one with `diffusekit keys create NAME --role admin`")
         yield
         runner.stop()
 
-    app = FastAPI(title="diffusekit", version=__version__, lifespan=lifespan,
-                  description="Stable Diffusion server: A1111-compatible /sdapi/v1 and a durable job API /v1.")  # fmt: skip
+    app = FastAPI(
+        title="diffusekit",
+        version=__version__,
+        lifespan=lifespan,
+        description="Stable Diffusion server: A1111-compatible /sdapi/v1 and a durable job API /v1.",
+    )
     app.state.config = config
     app.state.runner = runner
     app.state.keys = KeyStore(Path(config.data_dir) / "diffusekit.db")
@@ -61,8 +81,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         t0 = time.perf_counter()
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
-            response = JSONResponse(status_code=413, content={
-                "error": f"body: request body over {MAX_BODY_BYTES // 2**20} MiB", "detail": "body too large"})  # fmt: skip
+            response = JSONResponse(
+                status_code=413,
+                content={
+                    "error": f"body: request body over {MAX_BODY_BYTES // 2**20} MiB",
+                    "detail": "body too large",
+                },
+            )
         else:
             try:
                 response = await call_next(request)
@@ -76,9 +101,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         route_path = getattr(route, "path", "unmatched")
         metrics.request(request.method, route_path, response.status_code, seconds)
         response.headers["X-Request-ID"] = request_id
-        log_event("request", request_id=request_id, method=request.method, path=request.url.path,
-                  status=response.status_code, ms=round(seconds * 1000, 1),
-                  key=getattr(request.state, "key_id", None), job_id=getattr(request.state, "job_id", None))  # fmt: skip
+        log_event(
+            "request",
+            request_id=request_id,
+            method=request.method,
+            path=request.url.path,
+            status=response.status_code,
+            ms=round(seconds * 1000, 1),
+            key=getattr(request.state, "key_id", None),
+            job_id=getattr(request.state, "job_id", None),
+        )
         return response
 
     @app.get("/health", tags=["ops"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from .errors import ApiError
-from .keys import ApiKey, KeyStore
+from .keys import ApiKey
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ def check_quota(request: Request, p: Principal, jobs: int = 1) -> None:
     if used + jobs > p.key.quota_per_day:
         raise ApiError(
             429,
-            f"daily quota of key {p.name!r} reached: {p.key.quota_per_day} jobs per day ({used} in the last 24 h)",
+            f"daily quota of key {p.name!r} reached: {p.key.quota_per_day} jobs per day"
+            f" ({used} in the last 24 h)",
             {"Retry-After": "3600"},
         )

@@ -38,6 +38,7 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "auto"
     max_queued: int = 1000
+    batch_max: int = 1  # > 1: up to this many compatible queued txt2img jobs share one sampler run
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = MAX_SIDE * MAX_SIDE
     max_prompt_chars: int = 10_000
@@ -46,8 +47,11 @@ class ServerConfig:
     def __post_init__(self):
         if not self.auth and not is_loopback(self.host):
             raise ConfigError(
-                f"--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), not {self.host!r};"
+                "--no-auth is only allowed on a loopback address (127.0.0.1, ::1, localhost), "
+                f"not {self.host!r};"
                 " create a key with `diffusekit keys create NAME` instead"
             )
+        if not 1 <= self.batch_max <= 64:
+            raise ConfigError(f"batch={self.batch_max} is out of range; valid: 1..64 (1 = no batching)")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers={self.workers} is out of range; valid: 1..64")

@@ -8,6 +8,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..jobs.queue import QueueFull
+
 
 class FieldError(ValueError):
     """A request field that cannot be used (422 unless `status` says otherwise)."""
@@ -58,6 +60,14 @@ def install(app) -> None:
     async def _field(request: Request, exc: FieldError):
         detail = [{"loc": ["body", *exc.field.split(".")], "field": exc.field, "msg": exc.message}]
         return JSONResponse(status_code=exc.status, content={"error": str(exc), "detail": detail})
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull):
+        return JSONResponse(
+            status_code=429,
+            content={"error": str(exc), "detail": f"queue limit: {exc.limit} waiting jobs"},
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):

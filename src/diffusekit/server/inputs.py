@@ -45,7 +45,9 @@ def decode_b64_image(
             return img.convert(mode)
     except FieldError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise FieldError(field, f"image has too many pixels; valid: at most {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FieldError(field, f"not a readable image ({e}); expected PNG, JPEG or WebP") from None
 
 

@@ -32,14 +32,27 @@ def job_out(request: Request, job: Job) -> JobOut:
         step, total, fraction, eta = live.step, live.total, live.fraction, live.eta_s
     params = {k: v for k, v in job.params.items()}
     return JobOut(
-        id=job.id, kind=job.kind, state=job.state.value, priority=job.priority,
-        progress={"step": step, "total": total, "fraction": round(fraction, 4)}, eta_s=eta, error=job.error,
-        images=[{"id": r.id, "url": f"/v1/images/{r.id}", "seed": r.seed, "infotext": r.infotext} for r in job.images],
-        model=job.model, model_hash=job.model_hash, params=params,
+        id=job.id,
+        kind=job.kind,
+        state=job.state.value,
+        priority=job.priority,
+        progress={"step": step, "total": total, "fraction": round(fraction, 4)},
+        eta_s=eta,
+        error=job.error,
+        images=[
+            {"id": r.id, "url": f"/v1/images/{r.id}", "seed": r.seed, "infotext": r.infotext}
+            for r in job.images
+        ],
+        model=job.model,
+        model_hash=job.model_hash,
+        params=params,
         queue_position=runner.queue.position(job) if job.state == JobState.QUEUED else None,
-        attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
         timings={"queue_wait_s": job.queue_wait_s, "run_s": job.run_s},
-    )  # fmt: skip
+    )
 
 
 def _input_image(app, p: Principal, value: str, field: str, mode: str):
@@ -83,8 +96,11 @@ def _prepare(app, p: Principal, body: JobCreate) -> tuple[dict[str, Any], str, l
         if mask:
             mrec, mimg = _input_image(app, p, mask, "params.mask", "L")
             if mimg.size != img.size:
-                raise FieldError("params.mask", f"mask is {mimg.size[0]}x{mimg.size[1]} but init_image is "
-                                 f"{img.size[0]}x{img.size[1]}; they must match")  # fmt: skip
+                raise FieldError(
+                    "params.mask",
+                    f"mask is {mimg.size[0]}x{mimg.size[1]} but init_image is "
+                    f"{img.size[0]}x{img.size[1]}; they must match",
+                )
             if mrec is None:
                 mrec = app.runner.save_input(mimg, p.owner)
                 inputs.append(mrec)
@@ -107,8 +123,15 @@ def create_job(
             return JobCreated(id=existing.id, state=existing.state.value)
     check_quota(request, p)
     params, model, inputs = _prepare(app, p, body)
-    job, _ = app.runner.submit(body.kind, params, model=model, priority=body.priority, owner=p.owner,
-                               idempotency_key=idempotency_key, inputs=inputs)  # fmt: skip
+    job, _ = app.runner.submit(
+        body.kind,
+        params,
+        model=model,
+        priority=body.priority,
+        owner=p.owner,
+        idempotency_key=idempotency_key,
+        inputs=inputs,
+    )
     request.state.job_id = job.id
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobCreated(id=job.id, state=job.state.value)
@@ -152,7 +175,7 @@ def cancel_job(job_id: str, request: Request, p: Principal = Depends(authenticat
 
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request, p: Principal = Depends(authenticate)):
-    """Server-sent events: `progress` (step, total, fraction, eta_s, a small preview PNG) and a final `done`."""
+    """Server-sent events: `progress` (step, total, fraction, eta_s, a small preview) and a final `done`."""
     _get(request, p, job_id)
     runner = request.app.state.runner
 
@@ -201,13 +224,25 @@ async def get_image(image_id: str, request: Request, p: Principal = Depends(auth
 def list_models(request: Request, p: Principal = Depends(authenticate)):
     runner = request.app.state.runner
     cat, loaded = runner.catalog, set(runner.cache.loaded())
-    return [{"name": e.name, "title": cat.title(e), "kind": e.kind, "loaded": e.name in loaded,
-             "sha256": cat.sha256(e, compute=False)} for e in cat.entries()]  # fmt: skip
+    return [
+        {
+            "name": e.name,
+            "title": cat.title(e),
+            "kind": e.kind,
+            "loaded": e.name in loaded,
+            "sha256": cat.sha256(e, compute=False),
+        }
+        for e in cat.entries()
+    ]
 
 
 @router.get("/samplers")
 def list_samplers(p: Principal = Depends(authenticate)):
     from ..diffusion.schedules import SCHEDULES
 
-    return {"samplers": [{"id": s.id, "name": s.label, "default_schedule": s.default_schedule}
-                         for s in SAMPLERS.values()], "schedules": ["automatic", *SCHEDULES]}  # fmt: skip
+    return {
+        "samplers": [
+            {"id": s.id, "name": s.label, "default_schedule": s.default_schedule} for s in SAMPLERS.values()
+        ],
+        "schedules": ["automatic", *SCHEDULES],
+    }

@@ -121,6 +121,11 @@ class KeyStore:
 
 def _key(row) -> ApiKey:
     return ApiKey(
-        row["id"], row["name"], row["role"], row["rate_per_min"], row["quota_per_day"], row["created_at"],
+        row["id"],
+        row["name"],
+        row["role"],
+        row["rate_per_min"],
+        row["quota_per_day"],
+        row["created_at"],
         row["revoked_at"],
-    )  # fmt: skip
+    )

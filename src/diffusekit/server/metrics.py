@@ -74,23 +74,37 @@ class Metrics(Observer):
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.job_latency = Histogram("diffusekit_job_latency_seconds", "submit to finish", ["kind", "state"],
-                                     buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("diffusekit_queue_wait_seconds", "submit to start", buckets=_LATENCY_BUCKETS,
-                                    registry=r)  # fmt: skip
-        self.step_time = Histogram("diffusekit_sampler_step_seconds", "time between sampler steps",
-                                   buckets=_STEP_BUCKETS, registry=r)  # fmt: skip
+        self.job_latency = Histogram(
+            "diffusekit_job_latency_seconds",
+            "submit to finish",
+            ["kind", "state"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "diffusekit_queue_wait_seconds", "submit to start", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.step_time = Histogram(
+            "diffusekit_sampler_step_seconds", "time between sampler steps", buckets=_STEP_BUCKETS, registry=r
+        )
         self.images = Counter("diffusekit_images_generated", "images written", registry=r)
         self.errors = Counter(
             "diffusekit_errors", "failed jobs and 5xx answers by kind", ["kind"], registry=r
         )
         self.model_loads = Counter("diffusekit_model_loads", "models loaded", ["model"], registry=r)
-        self.model_load_time = Histogram("diffusekit_model_load_seconds", "time to load a model",
-                                         buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.requests = Counter("diffusekit_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=r)  # fmt: skip
-        self.request_time = Histogram("diffusekit_http_request_seconds", "HTTP request time", ["route"],
-                                      buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.model_load_time = Histogram(
+            "diffusekit_model_load_seconds", "time to load a model", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "diffusekit_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.request_time = Histogram(
+            "diffusekit_http_request_seconds",
+            "HTTP request time",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def attach(self, runner) -> None:
         import weakref
@@ -98,8 +112,17 @@ class Metrics(Observer):
         self.registry.register(_Live(weakref.ref(runner)))
 
     def job_state(self, job: Job) -> None:
-        log_event("job", job_id=job.id, state=job.state.value, kind=job.kind, model=job.model, owner=job.owner,
-                  priority=job.priority, attempts=job.attempts, error=job.error)  # fmt: skip
+        log_event(
+            "job",
+            job_id=job.id,
+            state=job.state.value,
+            kind=job.kind,
+            model=job.model,
+            owner=job.owner,
+            priority=job.priority,
+            attempts=job.attempts,
+            error=job.error,
+        )
         if job.state == JobState.RUNNING and job.queue_wait_s is not None:
             self.queue_wait.observe(job.queue_wait_s)
         if job.state.done and job.finished_at is not None:
