@@ -149,8 +149,9 @@ async function finish(job, final) {
   } else if (final.state === "cancelled") {
     setProgress(0, "Cancelled", "failed");
   } else {
-    const err = final.error;
-    const { field, message } = api.describeError(0, typeof err === "object" && err ? { detail: err } : err || "failed");
+    let err = final.error || "failed";
+    if (typeof err === "string") err = err.replace(/^[A-Z]\w*(?:Error|Exception): /, ""); // the Python class
+    const { field, message } = api.describeError(0, typeof err === "object" ? { detail: err } : err);
     setProgress(0, `Failed: ${message}`, "failed");
     showError(message, field);
   }

@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const LIVE = new Set(["queued", "running"]);
 
 let cursor = "";
+let followTimer = 0;
 let reopenJob = () => {};
 
 function cell(text, cls) {
@@ -76,6 +77,11 @@ async function loadPage(append) {
     if (append) body.append(...rows);
     else body.replaceChildren(...rows);
     $("queue-more").hidden = !cursor;
+    // while jobs are live and the view is open, follow them
+    clearTimeout(followTimer);
+    if (!append && jobs.some((j) => LIVE.has(j.state))) {
+      followTimer = setTimeout(() => { if (!$("view-queue").hidden) refreshQueue(); }, 1500);
+    }
   } catch (e) {
     showQueueError(e.message);
   }
