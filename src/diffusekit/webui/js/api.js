@@ -124,6 +124,17 @@ export function listJobs({ state = "", limit = 20, cursor = "" } = {}) {
   return get(`/v1/jobs?${q}`);
 }
 
+let spec = null;
+
+/** Whether the server offers `path` (as its OpenAPI description spells it); asked once per page. */
+export async function hasRoute(path) {
+  // reading the description avoids probing a missing route, which would log a 404 in the console
+  if (!spec) spec = get("/openapi.json").catch(() => ({}));
+  const paths = (await spec).paths || {};
+  return path in paths;
+}
+
+export const inspectModel = (name) => get(`/v1/models/${encodeURIComponent(name)}/inspect`);
 export const listPresets = () => get("/v1/presets");
 export const savePreset = (name, params) => request("PUT", `/v1/presets/${encodeURIComponent(name)}`, { params });
 export const deletePreset = (name) => request("DELETE", `/v1/presets/${encodeURIComponent(name)}`);

@@ -18,19 +18,9 @@ let serverSide = null; // true once /v1/presets answered, false when the server 
 
 function status(text) { $("preset-status").textContent = text; }
 
-async function hasServerPresets() {
-  // ask the API description first: probing a missing route would log a 404 in the console
-  try {
-    const spec = await api.get("/openapi.json");
-    return Boolean(spec && spec.paths && spec.paths["/v1/presets"]);
-  } catch {
-    return false;
-  }
-}
-
 async function loadOwn() {
   try {
-    if (!(await hasServerPresets())) throw new api.ApiError(404, "no /v1/presets on this server");
+    if (!(await api.hasRoute("/v1/presets"))) throw new api.ApiError(404, "no /v1/presets on this server");
     const data = await api.listPresets();
     const list = Array.isArray(data) ? data : data.presets || data.items || [];
     own = Object.fromEntries(list.map((p) => [p.name, p.params || {}]));

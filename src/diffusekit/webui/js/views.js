@@ -99,13 +99,10 @@ function fmtBytes(n) {
 }
 
 function fmtParams(m) {
-  const p = m.parameters ?? m.params ?? m.param_count ?? m.parameter_counts;
-  if (p === undefined || p === null) return "";
-  if (typeof p === "number") return `${(p / 1e6).toFixed(1)} M`;
-  if (typeof p === "object") {
-    return Object.entries(p).map(([k, v]) => `${k} ${typeof v === "number" ? (v / 1e6).toFixed(1) + " M" : v}`).join(", ");
-  }
-  return String(p);
+  const millions = (n) => `${(n / 1e6).toFixed(1)} M`;
+  if (typeof m.parameters !== "number") return "";
+  const parts = Object.entries(m.components || {}).map(([k, v]) => `${k} ${millions(v)}`);
+  return parts.length ? `${millions(m.parameters)} (${parts.join(", ")})` : millions(m.parameters);
 }
 
 export async function refreshModels({ onSwitched } = {}) {
@@ -115,6 +112,11 @@ export async function refreshModels({ onSwitched } = {}) {
     const data = await api.listModels();
     const models = Array.isArray(data) ? data : data.models || [];
     const options = await api.getOptions().catch(() => ({}));
+    if (await api.hasRoute("/v1/models/{name}/inspect")) {
+      // family, sizes and parameter counts (read from the file headers by the server, cached there)
+      const reports = await Promise.all(models.map((m) => api.inspectModel(m.name).catch(() => null)));
+      reports.forEach((r, i) => { if (r) models[i] = { ...models[i], ...r }; });
+    }
     const currentName = options.sd_model_checkpoint || "";
     const rows = models.map((m) => {
       const name = m.name;
@@ -124,8 +126,8 @@ export async function refreshModels({ onSwitched } = {}) {
       if (m.loaded) nameCell.append(" · loaded");
       tr.append(
         nameCell,
-        cell([m.family, m.kind].filter(Boolean).join(" / ")),
-        cell(fmtBytes(m.bytes ?? m.size_bytes)),
+        cell([m.family, m.preset && m.preset !== m.family ? m.preset : "", m.format || m.kind].filter(Boolean).join(" · ")),
+        cell(fmtBytes(m.file_bytes ?? m.size_bytes)),
         cell(fmtParams(m)),
       );
       const hash = document.createElement("td");
