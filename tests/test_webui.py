@@ -532,3 +532,27 @@ def test_paste_mask_tools_and_outpaint_extend(ui):
     assert page.get_by_label("Width").input_value() == "128"
     assert page.evaluate(painted) == 0
     assert ui.errors == []
+
+
+def test_every_control_has_a_name_and_the_keyboard_reaches_generate(ui):
+    page = ui.open()
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button, a[href]')]
+            .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                          && !(el.textContent || '').trim())
+            .map(el => el.outerHTML.slice(0, 80))"""
+    )
+    assert unnamed == []
+    # Tab from the prompt walks to the Generate button without a mouse
+    page.get_by_label("Prompt", exact=True).focus()
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "generate":
+            break
+    assert page.evaluate("document.activeElement.id") == "generate"
+    # arrow keys move between the view tabs
+    page.get_by_role("tab", name="Generate").focus()
+    page.keyboard.press("ArrowRight")
+    sync_api.expect(page.get_by_role("tab", name="Queue")).to_have_attribute("aria-selected", "true")
+    sync_api.expect(page.locator("#view-queue")).to_be_visible()
+    assert ui.errors == []
