@@ -24,6 +24,9 @@ def free_port() -> int:
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(SRC) + os.pathsep + e.get("PYTHONPATH", "")
+    # one compute thread per process: the tiny test model gains nothing from more, and on a busy shared
+    # machine OpenMP's spinning threads make every step tens of times slower
+    e.setdefault("OMP_NUM_THREADS", "1")
     return e
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import torch
 from PIL import Image
 
 from diffusekit.jobs import JobState, QueueFull, SQLiteQueue
@@ -67,7 +68,16 @@ def test_images_are_written_whole_and_strays_swept(tmp_path):
     assert path.is_file() and not (tmp_path / orphan.path).exists()
 
 
-def test_batched_jobs_match_solo_runs(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One compute thread (see server_helpers.env: on a busy machine OpenMP's spinning threads crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_batched_jobs_match_solo_runs(tmp_path, one_thread):
     """Compatible queued jobs share one sampler run; each image equals its solo run up to the float
     rounding of a batched U-Net (at most 1/255, as the pipeline's own batch_size gives), same infotext."""
     import numpy as np
