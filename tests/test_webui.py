@@ -56,6 +56,9 @@ class Server:
         self.log = data / "serve.log"
         data.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+        # one compute thread: the small default model gains nothing from more, and on a busy shared machine
+        # OpenMP's spinning threads make every step many times slower
+        env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [sys.executable, "-m", "diffusekit.cli", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--data", str(data), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env)
