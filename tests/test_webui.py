@@ -372,7 +372,7 @@ def test_preset_saved_survives_reload(ui):
     # a built-in preset
     page.get_by_label("Preset", exact=True).select_option(label="Fast draft")
     page.get_by_role("button", name="Load preset").click()
-    assert page.get_by_label("Steps", exact=True).input_value() == "5"
+    assert page.get_by_label("Steps", exact=True).input_value() == "8"
     assert ui.errors == []
 
 
