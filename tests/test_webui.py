@@ -559,3 +559,42 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_generate(ui):
     sync_api.expect(page.get_by_role("tab", name="Queue")).to_have_attribute("aria-selected", "true")
     sync_api.expect(page.locator("#view-queue")).to_be_visible()
     assert ui.errors == []
+
+
+def test_batch_hires_fix_and_img2img(ui):
+    page = ui.open()
+    # a batch of two: seeds s and s+1, both in the gallery
+    fill_basics(page, "two blue squares", seed=40, steps="3")
+    page.get_by_label("Batch size").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 2", timeout=120_000)
+    assert page.get_by_role("button", name="Open Result 1, seed 40").count() == 1
+    assert page.get_by_role("button", name="Open Result 2, seed 41").count() == 1
+
+    # hires fix: twice the size, recorded in the infotext
+    page.get_by_label("Batch size").fill("1")
+    page.get_by_text("Hires fix", exact=True).click()
+    page.get_by_label("Enable hires fix").check()
+    page.get_by_label("Upscale by").fill("2")
+    page.get_by_label("Hires steps").fill("2")
+    fill_basics(page, "a hires circle", seed=41, steps="3")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 3", timeout=120_000)
+    hires = gallery_png(page)
+    assert hires.size == (128, 128)
+    assert "Hires upscale: 2" in hires.info["parameters"]
+
+    # send it to img2img and run at half strength
+    page.get_by_role("button", name="Open Result 3, seed 41").click()
+    page.get_by_role("button", name="Send to img2img").click()
+    sync_api.expect(page.get_by_label("Image to image", exact=True)).to_be_checked()
+    sync_api.expect(page.locator("#image-size")).to_have_text("128 × 128")
+    page.get_by_label("Denoising strength", exact=True).fill("0.5")
+    page.get_by_label("Resize mode").select_option(label="Crop and resize")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length == 4", timeout=120_000)
+    out = gallery_png(page)
+    assert out.size == (128, 128)
+    assert "Denoising strength: 0.5" in out.info["parameters"]
+    assert "Hires upscale" not in out.info["parameters"]
+    assert ui.errors == []

@@ -10,7 +10,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 let current = null; // {id, abort: AbortController, done: bool}
 let lastSeed = null;
-const gallery = []; // newest first: {url, blob, infotext, seed, jobId}
+const gallery = []; // newest job first: {n, url, blob, infotext, seed, jobId}
+let counter = 0; // results numbered in the order they arrived
 let shown = null; // the gallery item in the viewer
 
 export const lastImageSeed = () => lastSeed;
@@ -162,7 +163,7 @@ export async function addImages(job) {
   const items = [];
   for (const im of job.images || []) {
     const blob = await api.fetchBlob(im.url || `/v1/images/${encodeURIComponent(im.id)}`);
-    items.push({ url: URL.createObjectURL(blob), blob, infotext: im.infotext || "", seed: im.seed, jobId: job.id, id: im.id });
+    items.push({ n: ++counter, url: URL.createObjectURL(blob), blob, infotext: im.infotext || "", seed: im.seed, jobId: job.id, id: im.id });
   }
   if (items.length) lastSeed = items[0].seed ?? lastSeed;
   gallery.unshift(...items);
@@ -172,11 +173,11 @@ export async function addImages(job) {
 
 function renderGallery() {
   const ul = $("gallery");
-  ul.replaceChildren(...gallery.map((item, i) => {
+  ul.replaceChildren(...gallery.map((item) => {
     const li = document.createElement("li");
     const btn = document.createElement("button");
     btn.type = "button";
-    const label = `Result ${gallery.length - i}, seed ${item.seed ?? "?"}`;
+    const label = `Result ${item.n}, seed ${item.seed ?? "?"}`;
     btn.setAttribute("aria-label", `Open ${label}`);
     const img = document.createElement("img");
     img.src = item.url;
