@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,9 +79,20 @@ class Server:
                 self.proc.wait()
 
 
+def models_folder(root: Path) -> Path:
+    """A --models folder with a second model (a copy of the bundled one, under another name)."""
+    from diffusekit.cli_generate import default_model_path
+
+    folder = root / "models"
+    folder.mkdir()
+    shutil.copyfile(default_model_path(), folder / "second.safetensors")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve"), "--no-auth")
+    root = tmp_path_factory.mktemp("serve")
+    srv = Server(root / "data", "--no-auth", "--models", str(models_folder(root)))
     yield srv
     srv.stop()
 
@@ -400,8 +412,15 @@ def test_queue_lists_jobs_and_reopens(ui):
     assert "a queue entry" in page.get_by_label("Infotext").input_value()
     page.get_by_role("button", name="Close").click()
     page.get_by_role("tab", name="Models").click()
-    page.get_by_role("cell", name="default", exact=False).first.wait_for()
+    page.get_by_role("cell", name="default (current)").wait_for()
     shot(page, "models")
+    # switching the current model (auth is off here: the caller is an admin)
+    page.get_by_role("button", name="Use model second").click()
+    page.get_by_role("cell", name="second (current)").wait_for(timeout=60_000)
+    assert page.get_by_role("button", name="Use model default").count() == 1
+    assert page.get_by_label("Model", exact=True).input_value() == "second"
+    page.get_by_role("button", name="Use model default").click()
+    page.get_by_role("cell", name="default (current)").wait_for(timeout=60_000)
     assert ui.errors == []
 
 
@@ -426,7 +445,7 @@ def test_wrong_key_shows_auth_message_then_a_good_key_works(browser, tmp_path):
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     key = json.loads(made.stdout)["key"]
-    srv = Server(data)  # auth on (the default)
+    srv = Server(data, "--models", str(models_folder(tmp_path)))  # auth on (the default)
     pg = Page(browser, srv.base)
     try:
         page = pg.page
@@ -443,6 +462,11 @@ def test_wrong_key_shows_auth_message_then_a_good_key_works(browser, tmp_path):
         sync_api.expect(dialog).to_be_hidden()
         sync_api.expect(page.locator("#server-status")).to_have_text("Connected")
         assert page.get_by_label("Model", exact=True).input_value() == "default"
+        # a user key may not switch the server's model: said next to the table, nothing switches
+        page.get_by_role("tab", name="Models").click()
+        page.get_by_role("button", name="Use model second").click()
+        page.get_by_text("Only an admin key can switch the model").wait_for()
+        assert page.get_by_role("cell", name="default (current)").count() == 1
     finally:
         pg.close()
         srv.stop()
