@@ -108,10 +108,16 @@ export const listSamplers = () => get("/v1/samplers");
 export const getOptions = () => get("/sdapi/v1/options");
 export const setModel = (name) => request("POST", "/sdapi/v1/options", { sd_model_checkpoint: name });
 
+/** A random id; crypto.randomUUID exists only on https or localhost, getRandomValues everywhere. */
+function randomId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 /** Queue a job: kind txt2img | img2img | inpaint; params are GenerationParams fields. */
 export function submitJob(kind, params, { priority = 0, model = null } = {}) {
   const body = { kind, params: model ? { ...params, model } : params, priority };
-  return request("POST", "/v1/jobs", body, { headers: { "Idempotency-Key": crypto.randomUUID() } });
+  return request("POST", "/v1/jobs", body, { headers: { "Idempotency-Key": randomId() } });
 }
 
 export const getJob = (id) => get(`/v1/jobs/${encodeURIComponent(id)}`);
