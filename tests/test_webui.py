@@ -472,20 +472,6 @@ def test_wrong_key_shows_auth_message_then_a_good_key_works(browser, tmp_path):
         srv.stop()
 
 
-def test_webui_is_package_data():
-    root = Path(__file__).resolve().parents[1]
-    web = root / "src" / "diffusekit" / "webui"
-    files = [p for p in web.rglob("*") if p.is_file()]
-    assert (web / "index.html") in files
-    assert sum(p.stat().st_size for p in files) < 300_000
-    text = (root / "pyproject.toml").read_text()
-    assert "webui/js/*.js" in text and "webui/*.html" in text
-    # no download at run time: nothing points off the machine
-    for p in files:
-        body = p.read_text()
-        assert "http://" not in body and "https://" not in body, p
-
-
 def test_paste_mask_tools_and_outpaint_extend(ui):
     """Paste an image, paint/erase/invert/clear the mask, extend the canvas for outpainting."""
     page = ui.open()

@@ -186,3 +186,17 @@ def test_page_keeps_presets_on_the_server_and_shows_model_details(tmp_path):
             browser.close()
     finally:
         srv.stop()
+
+
+def test_webui_is_package_data():
+    root = Path(__file__).resolve().parents[1]
+    web = root / "src" / "diffusekit" / "webui"
+    files = [p for p in web.rglob("*") if p.is_file()]
+    assert (web / "index.html") in files
+    assert sum(p.stat().st_size for p in files) < 300_000
+    text = (root / "pyproject.toml").read_text()
+    assert "webui/js/*.js" in text and "webui/*.html" in text
+    # no download at run time: nothing points off the machine
+    for p in files:
+        body = p.read_text()
+        assert "http://" not in body and "https://" not in body, p
