@@ -17,8 +17,8 @@ from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..params import ModelDefaults
-from .detect import CONFIG_METADATA_KEY, detect_config
-from .single_file import CheckpointError, cast_floats, load_state_dict, prune, strip_prefix
+from .detect import CONFIG_METADATA_KEY, detect_config, precheck_header
+from .single_file import CheckpointError, TensorInfo, cast_floats, load_state_dict, prune, strip_prefix
 
 # Top-level keys of LDM/SGM training checkpoints that hold no weights of the networks.
 _SCHEDULE_BUFFERS = (
@@ -166,7 +166,11 @@ def read_checkpoint(
 
         sd, cfg, tokenizer, metadata = read_diffusers_folder(path, prediction=prediction)
         return replace_vae(sd, vae_sd), cfg, tokenizer, metadata, notes
-    sd, metadata = load_state_dict(path)
+
+    def precheck(entries: Mapping[str, TensorInfo], meta: Mapping[str, str]) -> None:
+        precheck_header({k: e.shape for k, e in entries.items()}, meta, path.name)
+
+    sd, metadata = load_state_dict(path, check_header=precheck)
     if prune_training:
         before = len(sd)
         sd = prune(sd, keep_ema=keep_ema)

@@ -25,7 +25,7 @@ import re
 import secrets
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,6 +55,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "C64": torch.complex64,
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# An SDXL training checkpoint with EMA has about 5,000 tensors; a header listing more than this is refused
+# before it is parsed (parsing a million entries takes seconds and a gigabyte).
+MAX_TENSORS = 100_000
 DROPPED_KEY = "diffusekit.dropped"  # metadata key: JSON list of non-tensor entries dropped from a pickle
 EMA_PREFIX = "model_ema."
 TRAINING_PREFIXES = (EMA_PREFIX, "optimizer.", "optimizer_states.", "lr_schedulers.", "callbacks.", "loops.")
@@ -255,6 +258,13 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
             raw = f.read(header_len)
     except OSError as e:
         raise _error(path, f"cannot read it ({e.strerror or e})") from e
+    entries_listed = raw.count(b'"data_offsets"')
+    if entries_listed > MAX_TENSORS:
+        raise _error(
+            path,
+            f"header lists {entries_listed:,} tensors, over the limit of {MAX_TENSORS:,} "
+            "(a Stable Diffusion checkpoint has a few thousand)",
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except UnicodeDecodeError as e:
@@ -273,8 +283,15 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
     return entries, metadata
 
 
-def _load_safetensors(path: PathLike, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+HeaderCheck = Callable[[dict[str, TensorInfo], dict[str, str]], None]
+
+
+def _load_safetensors(
+    path: PathLike, device: torch.device, check: HeaderCheck | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     entries, metadata = read_safetensors_header(path)
+    if check is not None:  # refuse from key names and shapes before any tensor is opened
+        check(entries, metadata)
     try:
         # safe_open memory-maps the file: CPU tensors are views of the mapping, read in on first touch.
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
@@ -433,16 +450,19 @@ def _load_pickle(
 
 
 def load_state_dict(
-    path: PathLike, *, device: str | torch.device = "cpu"
+    path: PathLike, *, device: str | torch.device = "cpu", check_header: HeaderCheck | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a checkpoint file lazily (mmap) as (tensors, metadata); never runs code from the file."""
+    """Load a checkpoint file lazily (mmap) as (tensors, metadata); never runs code from the file.
+
+    `check_header(entries, metadata)` runs on a safetensors header before any tensor is opened (to
+    refuse a file from its key names and shapes alone); it may raise."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"invalid device {device!r}: {e}") from e
     fmt = detect_format(path)
     if fmt == "safetensors":
-        return _load_safetensors(path, target)
+        return _load_safetensors(path, target, check_header)
     if Path(path).suffix.lower() == ".safetensors":
         kind = "a PyTorch zip checkpoint" if fmt == "torch-zip" else "a pickle"
         raise _error(
