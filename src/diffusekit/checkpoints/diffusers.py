@@ -9,6 +9,7 @@ each component to the original keys, so the rest of diffusekit sees one format.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from ..models.configs import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig, VAEConfig
 from ..models.tokenizer import CLIPTokenizer
 from ..models.validate import Bool, Choice, ConfigError, Int, JsonFields, Optional, Text
+from .atomic import WriteError, clean_stale, partial_path, replace_folder
 from .convert_clip import (
     text_config_from_transformers,
     text_config_to_transformers,
@@ -186,10 +188,45 @@ def write_diffusers_folder(
     *,
     tokenizer: CLIPTokenizer | None = None,
 ) -> Path:
-    """Write a single-file state dict as a diffusers pipeline folder that diffusers can load offline."""
+    """Write a single-file state dict as a diffusers pipeline folder that diffusers can load offline.
+
+    Atomic: the folder is built complete in a partial sibling and swapped in by rename, so an existing
+    model at `root` is replaced whole or not at all. A non-empty folder that is not a diffusers model,
+    or a file, at `root` is refused.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or CLIPTokenizer.bundled()
+    check_folder_target(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(root.parent)
+    built = partial_path(root)
+    if built.exists():
+        shutil.rmtree(built)
+    try:
+        _write_folder(sd, cfg, built, tokenizer or CLIPTokenizer.bundled())
+        replace_folder(built, root)
+    except BaseException as e:
+        shutil.rmtree(built, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{root}: cannot write the diffusers folder ({e.strerror or e})") from None
+        raise
+    return root
+
+
+def check_folder_target(root: Path) -> None:
+    """Refuse a destination that would lose unrelated files: a file, or a non-empty non-model folder."""
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise CheckpointError(f"{root}: exists and is not a folder; --format diffusers writes a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{root}: is a non-empty folder that is not a diffusers model (no model_index.json); "
+            "refusing to replace it: choose a new or empty folder, or an existing diffusers model"
+        )
+
+
+def _write_folder(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, root: Path, tokenizer: CLIPTokenizer
+) -> None:
+    root.mkdir()
 
     def write(sub: str, config: dict, weights: dict[str, torch.Tensor], weights_name: str) -> None:
         (root / sub).mkdir(exist_ok=True)
@@ -255,4 +292,3 @@ def write_diffusers_folder(
             "requires_safety_checker": False,
         }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root

@@ -22,7 +22,6 @@ import mmap
 import os
 import pickletools
 import re
-import secrets
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
@@ -31,7 +30,8 @@ from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .atomic import write_safetensors
 
 PathLike = str | os.PathLike[str]
 
@@ -54,6 +54,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E8M0": torch.float8_e8m0fnu,
     "C64": torch.complex64,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # An SDXL training checkpoint with EMA has about 5,000 tensors; a header listing more than this is refused
 # before it is parsed (parsing a million entries takes seconds and a gigabyte).
@@ -508,11 +509,12 @@ def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def save_state_dict(
     tensors: Mapping[str, torch.Tensor], path: PathLike, *, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write tensors as .safetensors atomically (temp file in the same folder, then os.replace)."""
+    """Write tensors as .safetensors atomically and deterministically (same tensors and metadata, same
+    bytes): a visible partial file beside the target, fsync, rename; the umask sets the mode."""
     target = Path(path)
     if target.suffix.lower() != ".safetensors":
         raise ValueError(
-            f"save_state_dict writes safetensors only; the path must end in .safetensors, got {target.name!r}"
+            f"{target.name}: checkpoints are written as safetensors; give a name ending in .safetensors"
         )
     if metadata is not None and not (
         isinstance(metadata, Mapping)
@@ -520,19 +522,7 @@ def save_state_dict(
     ):
         raise TypeError("metadata must map strings to strings (convert numbers with str() or json.dumps())")
     prepared = _prepare_for_save(tensors)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode honours the umask
-    try:
-        save_file(prepared, os.fspath(tmp), metadata=dict(metadata) if metadata is not None else None)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors(prepared, target, metadata, _DTYPE_NAMES)
 
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -585,7 +575,7 @@ def prune(sd: Mapping[str, torch.Tensor], keep_ema: bool = False) -> dict[str, t
         return out
     unet_keys = [key for key in out if key.startswith("model.diffusion_model.")]
     if not any(is_ema_key(key) and key not in ("model_ema.decay", "model_ema.num_updates") for key in sd):
-        raise CheckpointError("state dict has no EMA weights (no 'model_ema.*' tensors); use keep_ema=False")
+        raise CheckpointError("has no EMA weights (no 'model_ema.*' tensors) to keep; leave out --keep-ema")
     if not unet_keys:
         raise CheckpointError("state dict has EMA weights but no 'model.diffusion_model.*' weights")
     claimed: dict[str, str] = {}
