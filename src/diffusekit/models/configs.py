@@ -85,7 +85,9 @@ def _divides(field: str, value: int, channels: list[int], what: str) -> None:
     bad = [c for c in channels if c % value]
     if bad:
         listed = ", ".join(str(c) for c in sorted(set(channels)))
-        raise invalid(field, value, f"a divisor of every {what} channel count ({listed}); {bad[0]} is not")
+        raise invalid(
+            field, value, f"a number every {what} channel count ({listed}) is divisible by; {bad[0]} is not"
+        )
 
 
 @dataclass(frozen=True)
