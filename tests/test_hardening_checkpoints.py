@@ -296,10 +296,12 @@ def test_stale_partial_files_of_dead_processes_are_removed(tmp_path):
     stale.write_bytes(b"x" * 1000)
     stale_dir = tmp_path / f"model.diffusekit-partial-{dead.pid}"
     stale_dir.mkdir()
+    legacy = tmp_path / f".m.safetensors.{dead.pid}.0123abcd.tmp"  # hidden, by older versions
+    legacy.write_bytes(b"z")
     mine = tmp_path / f"other.safetensors.diffusekit-partial-{os.getpid()}.tmp"  # a live writer's
     mine.write_bytes(b"y")
     save_state_dict({"a": torch.zeros(3)}, tmp_path / "m.safetensors")
-    assert not stale.exists() and not stale_dir.exists() and mine.exists()
+    assert not stale.exists() and not stale_dir.exists() and not legacy.exists() and mine.exists()
 
 
 # ---------------------------------------------------------------------------------------------

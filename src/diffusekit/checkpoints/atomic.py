@@ -25,6 +25,8 @@ import torch
 PARTIAL_TAG = ".diffusekit-partial-"
 _OLD_TAG = ".diffusekit-old-"
 _STALE = re.compile(r"^(?P<name>.+)\.diffusekit-(?:partial|old)-(?P<pid>\d+)(?:\.tmp)?$")
+# The hidden temporary files of diffusekit versions before these names: .NAME.PID.RANDOM.tmp
+_LEGACY = re.compile(r"^\.(?P<name>.+\.safetensors)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 class WriteError(OSError):
@@ -57,7 +59,7 @@ def clean_stale(folder: Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        m = _STALE.match(entry.name)
+        m = _STALE.match(entry.name) or _LEGACY.match(entry.name)
         if not m or _alive(int(m.group("pid"))):
             continue
         try:

@@ -214,7 +214,9 @@ def write_diffusers_folder(
 
 def check_folder_target(root: Path) -> None:
     """Refuse a destination that would lose unrelated files: a file, or a non-empty non-model folder."""
-    if root.is_symlink() or (root.exists() and not root.is_dir()):
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: is a symbolic link; give the folder it points to")
+    if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root}: exists and is not a folder; --format diffusers writes a folder")
     if root.is_dir() and any(root.iterdir()) and not (root / "model_index.json").is_file():
         raise CheckpointError(
