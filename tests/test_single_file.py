@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import pickle
+import resource
+import signal
 import struct
 import sys
 import types
@@ -15,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusekit.checkpoints import single_file as sf
 from diffusekit.checkpoints.hashes import addnet_hash, autov1, autov2, sha256_file
 from diffusekit.checkpoints.single_file import (
     DROPPED_KEY,
@@ -147,21 +148,24 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     save_state_dict({"w": torch.ones(3)}, path)
     before = path.read_bytes()
 
-    def broken_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(sf, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_state_dict({"w": torch.zeros(3)}, path)
+    # A real failed write: the file size limit (as on a full disk, write() fails part way).
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))
+    try:
+        with pytest.raises(OSError, match=r"keep\.safetensors: cannot write it \(File too large\)"):
+            save_state_dict({"w": torch.zeros(10_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.safetensors"]
 
 
 def test_save_rejects_bad_arguments(tmp_path):
     with pytest.raises(
-        ValueError, match=r"safetensors only; the path must end in \.safetensors, got 'x\.ckpt'"
+        ValueError,
+        match=r"x\.ckpt: checkpoints are written as safetensors; give a name ending in \.safetensors",
     ):
         save_state_dict({"w": torch.ones(1)}, tmp_path / "x.ckpt")
     with pytest.raises(TypeError, match="metadata must map strings to strings"):

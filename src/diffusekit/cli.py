@@ -36,9 +36,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (SystemExit 143), so partial files are removed on the way out."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.convert import convert_checkpoint
 
+    _exit_on_sigterm()
     result = convert_checkpoint(
         args.src,
         args.dst,
@@ -71,6 +82,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .models.init import randomize_
     from .models.sd import StableDiffusion
 
+    _exit_on_sigterm()
     cfg = preset(args.preset)
     model = randomize_(StableDiffusion(cfg), seed=args.seed)
     sd = model.state_dict()

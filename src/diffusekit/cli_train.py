@@ -67,6 +67,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_scale(text: str) -> float:
+    """argparse type for --scale: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"invalid --scale {text!r}: expected a number above 0 (0.1: quick)")
+    return value
+
+
 def add_training_commands(sub) -> None:
     from .cli_generate import add_device_option, add_sampling_options
     from .runtime import PRECISIONS
@@ -74,7 +85,9 @@ def add_training_commands(sub) -> None:
 
     p = sub.add_parser("train", help="train the default model from scratch (VAE, then U-Net + text encoder)")
     p.add_argument("--out", default="train-run", help="folder for checkpoints, loss curves and samples")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.1: quick run)")
+    p.add_argument(
+        "--scale", type=_positive_scale, default=1.0, help="multiply every stage's steps (0.1: quick run)"
+    )
     p.add_argument("--pool", type=int, default=0, help="images encoded for stage 2 (default: the recipe's)")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist in --out")
     p.add_argument(

@@ -110,11 +110,28 @@ def resident_bytes(weight_bytes: int) -> int:
     return rss if rss is not None else weight_bytes + RUNTIME_BYTES
 
 
+LIMIT_ENV = "DIFFUSEKIT_MEMORY_LIMIT_MB"
+
+
+def env_limit_bytes() -> int | None:
+    """The memory limit set by $DIFFUSEKIT_MEMORY_LIMIT_MB (a whole number of MiB above 0), else None."""
+    text = os.environ.get(LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        mib = int(text)
+    except ValueError:
+        mib = 0
+    if mib <= 0:
+        valid = "a whole number of MiB above 0, e.g. 4096"
+        raise MemoryBudgetError(f"{LIMIT_ENV}={text!r} is invalid; valid: {valid}")
+    return mib * 2**20
+
+
 def check_fits(est: MemoryEstimate, *, limit: int | None = None, what: str = "this generation") -> None:
     """Raise MemoryBudgetError if the activations (weights are already loaded) exceed `limit` bytes."""
-    env = os.environ.get("DIFFUSEKIT_MEMORY_LIMIT_MB")
-    if limit is None and env:
-        limit = int(env) * 2**20
+    if limit is None:
+        limit = env_limit_bytes()
     if limit is None:
         limit = available_bytes()
     if limit is None:

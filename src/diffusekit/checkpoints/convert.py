@@ -8,12 +8,27 @@ import torch
 
 from ..models.sd import StableDiffusion
 from ..params import ModelDefaults
-from .diffusers import write_diffusers_folder
+from .diffusers import check_folder_target, write_diffusers_folder
 from .inspect import disk_bytes, dtype_name
 from .load import checkpoint_metadata, read_checkpoint, validate_state_dict
 from .single_file import CheckpointError, cast_floats, save_state_dict
 
 FORMATS = ("single-file", "diffusers")
+
+
+def _check_paths(src: Path, dst: Path, vae: str | Path | None) -> None:
+    """The destination must not be, contain or lie inside the source (or the --vae file or folder)."""
+    target = dst.resolve()
+    for option, given in (("the source", src), ("the --vae", vae)):
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            raise CheckpointError(f"{dst}: destination is {option}; write to a new path")
+        if source in target.parents:
+            raise CheckpointError(f"{dst}: destination is inside {option} {given}; write outside it")
+        if target in source.parents:
+            raise CheckpointError(f"{dst}: destination contains {option} {given}; write somewhere else")
 
 
 def convert_checkpoint(
@@ -37,8 +52,14 @@ def convert_checkpoint(
         raise CheckpointError(f"unknown output format {fmt!r}; valid: {', '.join(FORMATS)}")
     if keep_ema and not prune:
         raise CheckpointError("--keep-ema chooses which U-Net weights survive pruning; use it with --prune")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: destination is the source; write to a new path")
+    _check_paths(src, dst, vae)
+    if fmt == "diffusers":
+        check_folder_target(dst)  # before any reading
+    elif dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(
+            f"{dst}: a single-file checkpoint is written as .safetensors; name it {dst.name}.safetensors, "
+            "or pass --format diffusers to write a folder"
+        )
     sd, cfg, tokenizer, metadata, notes = read_checkpoint(
         src, prediction=prediction, vae=vae, prune_training=prune, keep_ema=keep_ema
     )

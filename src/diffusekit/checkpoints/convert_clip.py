@@ -21,7 +21,7 @@ truncation on a full state dict (refusing to drop a layer the hidden state needs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 
 from ..models.clip import UNUSED_KEY_SUFFIXES, build_text_encoder
 from ..models.configs import TextEncoderConfig
+from ..models.validate import MAX_COUNT, MAX_WIDTH, Choice, Float, Int, Items, JsonFields, Optional, Text
 
 _TOWER = "text_model."
 _TOWER_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
@@ -82,47 +83,52 @@ def text_config_to_transformers(cfg: TextEncoderConfig) -> dict[str, Any]:
 
 
 def text_config_from_transformers(
-    d: Mapping[str, Any],
+    d: object,
     *,
     layout: str,
-    use_layers: int,
+    use_layers: int | Callable[[int], int],
     final_norm: bool,
     with_projection: bool | None = None,
     pad_token_id: int | None = None,
+    source: str = "text_encoder/config.json",
 ) -> TextEncoderConfig:
     """TextEncoderConfig from a transformers ``CLIPTextConfig`` dict.
 
     The projection exists iff `with_projection` (default: ``architectures`` names
     ``CLIPTextModelWithProjection``). The tokenizer pad id defaults to the layout's convention (49407 for
     OpenAI CLIP, 0 for open_clip) because the ``pad_token_id`` in diffusers' text encoder configs is a
-    placeholder (often 1) that no SD tokenizer uses.
+    placeholder (often 1) that no SD tokenizer uses. `use_layers` may be a function of the layer count.
+    Every field is type- and range-checked; a ConfigError names `source` and the field.
     """
-    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"transformers CLIPTextConfig lacks {', '.join(missing)}")
     if layout not in ("hf", "openclip"):
         raise ValueError(f"unknown text encoder layout {layout!r}; valid: 'hf', 'openclip'")
-    act = d.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"unsupported hidden_act {act!r}; valid: 'quick_gelu', 'gelu'")
+    f = JsonFields(d, source)
+    width = f.get("hidden_size", Int(1, MAX_WIDTH))
+    layers = f.get("num_hidden_layers", Int(1, MAX_COUNT))
+    heads = f.get("num_attention_heads", Int(1, 1024))
+    mlp = f.get("intermediate_size", Int(1, MAX_WIDTH))
+    act = f.get("hidden_act", Choice(("quick_gelu", "gelu")), "quick_gelu")
     if with_projection is None:
-        with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+        archs = f.get("architectures", Optional(Items(Text(), 0, 8)), None) or ()
+        with_projection = "CLIPTextModelWithProjection" in archs
     if pad_token_id is None:
         pad_token_id = _EOS if layout == "hf" else 0
-    return TextEncoderConfig(
+    projection = f.get("projection_dim", Optional(Int(1, MAX_WIDTH)), None) or width
+    return f.build(
+        TextEncoderConfig,
+        {"width": "hidden_size", "heads": "num_attention_heads", "layers": "num_hidden_layers"},
         layout=layout,
-        width=int(d["hidden_size"]),
-        layers=int(d["num_hidden_layers"]),
-        heads=int(d["num_attention_heads"]),
-        mlp_width=int(d["intermediate_size"]),
-        vocab_size=int(d.get("vocab_size", 49408)),
-        max_positions=int(d.get("max_position_embeddings", 77)),
+        width=width,
+        layers=layers,
+        heads=heads,
+        mlp_width=mlp,
+        vocab_size=f.get("vocab_size", Int(1, MAX_WIDTH), 49408),
+        max_positions=f.get("max_position_embeddings", Int(77, 65536), 77),
         activation=act,
-        projection_dim=int(d.get("projection_dim") or d["hidden_size"]) if with_projection else None,
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-5)),
+        projection_dim=projection if with_projection else None,
+        layer_norm_eps=f.get("layer_norm_eps", Float(0.0, 1.0), 1e-5),
         pad_token_id=pad_token_id,
-        use_layers=use_layers,
+        use_layers=use_layers(layers) if callable(use_layers) else use_layers,
         final_norm=final_norm,
     )
 

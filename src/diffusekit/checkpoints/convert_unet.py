@@ -16,6 +16,20 @@ from torch import Tensor
 
 from diffusekit.models.configs import UNetConfig
 from diffusekit.models.unet import UNetModel
+from diffusekit.models.validate import (
+    MAX_COUNT,
+    MAX_WIDTH,
+    Bool,
+    ConfigError,
+    Int,
+    Ints,
+    Items,
+    JsonFields,
+    Optional,
+    PerLevel,
+    Spec,
+    Text,
+)
 
 __all__ = [
     "unet_config_to_diffusers",
@@ -157,8 +171,56 @@ def _uniform(d: dict[str, Any], name: str, levels: int) -> Any:
     return values[0]
 
 
-def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
-    """UNetConfig from a diffusers ``UNet2DConditionModel`` config; ValueError names unsupported fields."""
+# The type and range of each structural field a config may give (checked before any arithmetic on it).
+_SPECS: dict[str, Spec] = {
+    "in_channels": Int(1, 64),
+    "out_channels": Int(1, 64),
+    "block_out_channels": Ints(Int(1, MAX_WIDTH), 1, 8),
+    "layers_per_block": PerLevel(Int(1, MAX_COUNT)),
+    "down_block_types": Items(Text(), 1, 8),
+    "mid_block_type": Optional(Text()),
+    "up_block_types": Items(Text(), 1, 8),
+    "only_cross_attention": PerLevel(Bool()),
+    "transformer_layers_per_block": PerLevel(Int(1, MAX_COUNT)),
+    "attention_head_dim": PerLevel(Int(1, 1024)),
+    "num_attention_heads": Optional(PerLevel(Int(1, 1024))),
+    "cross_attention_dim": PerLevel(Int(1, MAX_WIDTH)),
+    "use_linear_projection": Bool(),
+    "norm_num_groups": Optional(Int(1, 1024)),
+    "addition_embed_type": Optional(Text()),
+    "addition_time_embed_dim": Optional(Int(2, MAX_WIDTH)),
+    "projection_class_embeddings_input_dim": Optional(Int(1, MAX_WIDTH)),
+}
+# Our UNetConfig field -> the diffusers config field it comes from (for error messages).
+_CONFIG_NAMES = {
+    "model_channels": "block_out_channels",
+    "channel_mult": "block_out_channels",
+    "num_res_blocks": "layers_per_block",
+    "transformer_depth": "transformer_layers_per_block",
+    "transformer_depth_middle": "transformer_layers_per_block",
+    "num_heads": "attention_head_dim",
+    "num_head_channels": "attention_head_dim",
+    "context_dim": "cross_attention_dim",
+    "use_linear_in_transformer": "use_linear_projection",
+    "adm_in_channels": "projection_class_embeddings_input_dim",
+    "size_embed_dim": "addition_time_embed_dim",
+    "norm_groups": "norm_num_groups",
+}
+
+
+def unet_config_from_diffusers(d: object, source: str = "unet/config.json") -> UNetConfig:
+    """UNetConfig from a diffusers ``UNet2DConditionModel`` config; errors name the file and the field."""
+    f = JsonFields(d, source)
+    checked = {name: f.get(name, spec) for name, spec in _SPECS.items() if name in f}
+    try:
+        return f.build(UNetConfig, _CONFIG_NAMES, **_unet_fields({**d, **checked}))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise f.error("", f": {e}") from None
+
+
+def _unet_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     known = _FIXED.keys() | _DEFAULTS.keys() | _IGNORED
     unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
     if unknown:
@@ -237,7 +299,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
             f"addition_embed_type={d['addition_embed_type']!r} is not supported; valid: None, 'text_time'"
         )
 
-    return UNetConfig(
+    return dict(
         in_channels=d["in_channels"],
         out_channels=d["out_channels"],
         model_channels=mc,

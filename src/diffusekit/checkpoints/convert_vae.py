@@ -21,6 +21,7 @@ import torch
 
 from ..models.configs import VAEConfig
 from ..models.vae import AutoencoderKL
+from ..models.validate import MAX_COUNT, MAX_WIDTH, Bool, Float, Int, Ints, Items, JsonFields, Text
 
 _RESNET_RENAMES = {"nin_shortcut": "conv_shortcut"}
 _ATTN_RENAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -61,40 +62,55 @@ def vae_config_to_diffusers(cfg: VAEConfig, *, sample_size: int = 512) -> dict[s
     }
 
 
-def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
+def vae_config_from_diffusers(d: object, source: str = "vae/config.json") -> VAEConfig:
     """VAEConfig from a diffusers ``AutoencoderKL`` config dict; rejects variants we do not implement."""
-    blocks = [int(c) for c in d.get("block_out_channels", (64,))]
+    f = JsonFields(d, source)
+    blocks = f.get("block_out_channels", Ints(Int(1, MAX_WIDTH), 1, 8), (64,))
     n = len(blocks)
     problems = []
-    if list(d.get("down_block_types", [_DOWN_TYPE] * n)) != [_DOWN_TYPE] * n:
+    if list(f.get("down_block_types", Items(Text(), n, n), [_DOWN_TYPE] * n)) != [_DOWN_TYPE] * n:
         problems.append(f"down_block_types must all be {_DOWN_TYPE}")
-    if list(d.get("up_block_types", [_UP_TYPE] * n)) != [_UP_TYPE] * n:
+    if list(f.get("up_block_types", Items(Text(), n, n), [_UP_TYPE] * n)) != [_UP_TYPE] * n:
         problems.append(f"up_block_types must all be {_UP_TYPE}")
-    if d.get("act_fn", "silu") != "silu":
+    if f.get("act_fn", Text(), "silu") != "silu":
         problems.append(f"act_fn must be 'silu', got {d['act_fn']!r}")
     for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if d.get(flag, True) is not True:
+        if f.get(flag, Bool(), True) is not True:
             problems.append(f"{flag}=False is not supported")
     for field in ("shift_factor", "latents_mean", "latents_std"):
         if d.get(field) is not None:
             problems.append(f"{field} is set (latent normalisation beyond a scaling factor is not supported)")
     ch = blocks[0]
     if any(c % ch for c in blocks):
-        problems.append(f"block_out_channels {blocks} are not multiples of the first entry")
+        problems.append(f"block_out_channels {list(blocks)} are not multiples of the first entry")
     if problems:
-        raise ValueError("unsupported diffusers AutoencoderKL config: " + "; ".join(problems))
-    latent = int(d.get("latent_channels", 4))
-    return VAEConfig(
+        raise f.error("", ": unsupported diffusers AutoencoderKL config: " + "; ".join(problems))
+    latent = f.get("latent_channels", Int(1, 1024), 4)
+    return f.build(
+        VAEConfig,
+        _CONFIG_NAMES,
         ch=ch,
         ch_mult=tuple(c // ch for c in blocks),
-        num_res_blocks=int(d.get("layers_per_block", 1)),
-        in_channels=int(d.get("in_channels", 3)),
-        out_ch=int(d.get("out_channels", 3)),
+        num_res_blocks=f.get("layers_per_block", Int(1, MAX_COUNT), 1),
+        in_channels=f.get("in_channels", Int(1, 64), 3),
+        out_ch=f.get("out_channels", Int(1, 64), 3),
         z_channels=latent,
         embed_dim=latent,
-        norm_groups=int(d.get("norm_num_groups", 32)),
-        scaling_factor=float(d.get("scaling_factor", 0.18215)),
+        norm_groups=f.get("norm_num_groups", Int(1, 1024), 32),
+        scaling_factor=f.get("scaling_factor", Float(0.0, 100.0), 0.18215),
     )
+
+
+# Our VAEConfig field -> the diffusers config field it comes from (for error messages).
+_CONFIG_NAMES = {
+    "ch": "block_out_channels",
+    "ch_mult": "block_out_channels",
+    "num_res_blocks": "layers_per_block",
+    "out_ch": "out_channels",
+    "z_channels": "latent_channels",
+    "embed_dim": "latent_channels",
+    "norm_groups": "norm_num_groups",
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,10 +210,7 @@ def detect_config(
     metadata = metadata or {}
     shapes = _shapes(sd)
     if CONFIG_METADATA_KEY in metadata:
-        try:
-            cfg = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{name}: unreadable {CONFIG_METADATA_KEY} metadata: {e}") from None
+        cfg = config_from_metadata(metadata, name)
         try:
             return replace(cfg, prediction=prediction) if prediction else cfg
         except ValueError as e:  # e.g. eps forced on a zero-terminal-SNR model
@@ -239,3 +236,30 @@ def detect_config(
         )
     except KeyError as e:
         raise CheckpointError(f"{name}: incomplete {family} checkpoint: missing key {e.args[0]}") from None
+    except (ValueError, IndexError, ZeroDivisionError) as e:  # shapes that describe no valid network
+        raise CheckpointError(f"{name}: its tensor shapes give no valid {family} model: {e}") from None
+
+
+def config_from_metadata(metadata: Mapping[str, str], name: str = "checkpoint") -> ModelConfig:
+    """The exact config a diffusekit file records, validated field by field; errors name file and field."""
+    text = metadata[CONFIG_METADATA_KEY]
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else "nested too deep"
+        raise CheckpointError(f"{name}: {CONFIG_METADATA_KEY} metadata is not valid JSON ({why})") from None
+    try:
+        return config_from_dict(data)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {CONFIG_METADATA_KEY} metadata: {e}") from None
+
+
+def precheck_header(
+    shapes: Shapes, metadata: Mapping[str, str], name: str = "checkpoint", *, needs_unet: bool = True
+) -> None:
+    """What can be refused from a safetensors header alone (before any tensor is opened): a bad
+    recorded config, or key names that are no Stable Diffusion model."""
+    if CONFIG_METADATA_KEY in metadata:
+        config_from_metadata(metadata, name)
+    elif needs_unet:
+        detect_family(shapes, name)

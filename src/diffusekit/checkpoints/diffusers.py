@@ -9,13 +9,17 @@ each component to the original keys, so the rest of diffusekit sees one format.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..models.configs import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, ModelConfig, VAEConfig
 from ..models.tokenizer import CLIPTokenizer
+from ..models.validate import Bool, Choice, ConfigError, Int, JsonFields, Optional, Text
+from .atomic import WriteError, clean_stale, partial_path, replace_folder
 from .convert_clip import (
     text_config_from_transformers,
     text_config_to_transformers,
@@ -55,12 +59,27 @@ _PIPELINE_CLASS = {
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a config file of the folder (a list, number or bad text is a clear error)."""
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: diffusers folder is missing {path.name}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a JSON text file ({type(e).__name__})") from None
+    return JsonFields(data, str(path)).data
+
+
+def _config(path: Path, read: Callable[[dict, str], Any]) -> Any:
+    """`read(json, source)` on a config file; a ValueError it raises becomes one naming the file."""
+    data = _read_json(path)
+    try:
+        return read(data, str(path))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _read_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -76,13 +95,14 @@ def _read_weights(folder: Path, kind: str) -> dict[str, torch.Tensor]:
 def _family(root: Path, index: Mapping) -> str:
     if "text_encoder_2" in index or (root / "text_encoder_2").is_dir():
         return "sdxl"
-    te = _read_json(root / "text_encoder" / "config.json")
-    return "sd2" if te.get("hidden_act") == "gelu" else "sd1"
+    path = root / "text_encoder" / "config.json"
+    act = JsonFields(_read_json(path), str(path)).get("hidden_act", Choice(("quick_gelu", "gelu")), "")
+    return "sd2" if act == "gelu" else "sd1"
 
 
 def read_vae_folder(folder: Path) -> tuple[dict[str, torch.Tensor], VAEConfig]:
     """A diffusers ``vae/`` folder -> (AutoencoderKL state dict in LDM keys, its config)."""
-    vae_cfg = vae_config_from_diffusers(_read_json(folder / "config.json"))
+    vae_cfg = _config(folder / "config.json", vae_config_from_diffusers)
     return vae_from_diffusers(_read_weights(folder, "vae"), vae_cfg), vae_cfg
 
 
@@ -94,7 +114,7 @@ def read_diffusers_folder(
     index = _read_json(root / "model_index.json")
     family = _family(root, index)
     unet_json = _read_json(root / "unet" / "config.json")
-    unet_cfg = unet_config_from_diffusers(unet_json)
+    unet_cfg = _config(root / "unet" / "config.json", unet_config_from_diffusers)
     unet_sd = unet_from_diffusers(_read_weights(root / "unet", "unet"), unet_cfg)
     vae_sd, vae_cfg = read_vae_folder(root / "vae")
     sd = {UNET_PREFIX + k: v for k, v in unet_sd.items()} | {VAE_PREFIX + k: v for k, v in vae_sd.items()}
@@ -102,31 +122,45 @@ def read_diffusers_folder(
     text_cfgs = []
     for i, (layout, prefix) in enumerate(zip(layouts, TEXT_PREFIXES[family], strict=True)):
         sub = root / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
-        tconfig = _read_json(sub / "config.json")
-        layers = int(tconfig["num_hidden_layers"])
-        use_layers, final_norm = (layers, True) if family != "sdxl" else (layers - 1, False)
-        tcfg = text_config_from_transformers(
-            tconfig, layout=layout, use_layers=use_layers, final_norm=final_norm
+        # SD1/SD2 folders hold the layers they use, then the final norm; SDXL: the penultimate state
+        sdxl = family == "sdxl"
+        tcfg = _config(
+            sub / "config.json",
+            lambda d, source, layout=layout, sdxl=sdxl: text_config_from_transformers(
+                d,
+                layout=layout,
+                use_layers=(lambda n: max(1, n - 1)) if sdxl else (lambda n: n),
+                final_norm=not sdxl,
+                source=source,
+            ),
         )
         text_cfgs.append(tcfg)
         sd |= {
             prefix + k: v for k, v in text_from_transformers(_read_weights(sub, "text_encoder"), tcfg).items()
         }
     sched = root / "scheduler" / "scheduler_config.json"
-    pred, sched_cfg = prediction, _read_json(sched) if sched.is_file() else {}
-    if pred is None and sched_cfg:
-        pred = "v" if sched_cfg.get("prediction_type") == "v_prediction" else "eps"
-    zero_snr = bool(sched_cfg.get("rescale_betas_zero_snr", False))
+    sched_cfg = JsonFields(_read_json(sched) if sched.is_file() else {}, str(sched))
+    pred = prediction
+    if pred is None and sched_cfg.data:
+        kind = sched_cfg.get("prediction_type", Choice(("epsilon", "v_prediction")), "epsilon")
+        pred = "v" if kind == "v_prediction" else "eps"
+    zero_snr = sched_cfg.get("rescale_betas_zero_snr", Bool(), False)
     if zero_snr and pred != "v":
         raise CheckpointError(f"{sched}: rescale_betas_zero_snr needs prediction_type v_prediction")
-    cfg = ModelConfig(
+    index_fields = JsonFields(index, str(root / "model_index.json"))
+    pipeline = index_fields.get("_class_name", Text(), "")
+    size = JsonFields(unet_json, str(root / "unet" / "config.json")).get(
+        "sample_size", Optional(Int(1, 4096)), None
+    )
+    cfg = _build_config(
+        root,
         family=family,
         unet=unet_cfg,
         vae=vae_cfg,
         text_encoders=tuple(text_cfgs),
         prediction=pred or "eps",
         zero_terminal_snr=zero_snr,
-        resolution=_resolution(unet_json, vae_cfg, family),
+        resolution=size * vae_cfg.downscale if size else {"sd1": 512, "sd2": 768, "sdxl": 1024}[family],
         name=root.name,
     )
     tok_dir = root / "tokenizer"
@@ -135,16 +169,16 @@ def read_diffusers_folder(
         sd,
         cfg,
         tokenizer,
-        {"diffusekit.source": "diffusers", "diffusers.pipeline": str(index.get("_class_name"))},
+        {"diffusekit.source": "diffusers", "diffusers.pipeline": pipeline or "None"},
     )
 
 
-def _resolution(unet_json: Mapping, vae_cfg: VAEConfig, family: str) -> int:
-    """The native image size: the U-Net's latent sample_size times the VAE downscale (else the family's)."""
-    size = unet_json.get("sample_size")
-    if isinstance(size, int):
-        return size * vae_cfg.downscale
-    return {"sd1": 512, "sd2": 768, "sdxl": 1024}[family]
+def _build_config(root: Path, **fields: Any) -> ModelConfig:
+    """The folder's ModelConfig; components that do not fit together are an error naming the folder."""
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: its components do not fit together: {e}") from None
 
 
 def write_diffusers_folder(
@@ -154,10 +188,47 @@ def write_diffusers_folder(
     *,
     tokenizer: CLIPTokenizer | None = None,
 ) -> Path:
-    """Write a single-file state dict as a diffusers pipeline folder that diffusers can load offline."""
+    """Write a single-file state dict as a diffusers pipeline folder that diffusers can load offline.
+
+    Atomic: the folder is built complete in a partial sibling and swapped in by rename, so an existing
+    model at `root` is replaced whole or not at all. A non-empty folder that is not a diffusers model,
+    or a file, at `root` is refused.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or CLIPTokenizer.bundled()
+    check_folder_target(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(root.parent)
+    built = partial_path(root)
+    if built.exists():
+        shutil.rmtree(built)
+    try:
+        _write_folder(sd, cfg, built, tokenizer or CLIPTokenizer.bundled())
+        replace_folder(built, root)
+    except BaseException as e:
+        shutil.rmtree(built, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{root}: cannot write the diffusers folder ({e.strerror or e})") from None
+        raise
+    return root
+
+
+def check_folder_target(root: Path) -> None:
+    """Refuse a destination that would lose unrelated files: a file, or a non-empty non-model folder."""
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: is a symbolic link; give the folder it points to")
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root}: exists and is not a folder; --format diffusers writes a folder")
+    if root.is_dir() and any(root.iterdir()) and not (root / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{root}: is a non-empty folder that is not a diffusers model (no model_index.json); "
+            "refusing to replace it: choose a new or empty folder, or an existing diffusers model"
+        )
+
+
+def _write_folder(
+    sd: Mapping[str, torch.Tensor], cfg: ModelConfig, root: Path, tokenizer: CLIPTokenizer
+) -> None:
+    root.mkdir()
 
     def write(sub: str, config: dict, weights: dict[str, torch.Tensor], weights_name: str) -> None:
         (root / sub).mkdir(exist_ok=True)
@@ -223,4 +294,3 @@ def write_diffusers_folder(
             "requires_safety_checker": False,
         }
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root

@@ -7,7 +7,7 @@ device, then assigned without copying (mmap'd safetensors stay mmap'd).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,9 +16,10 @@ from ..models.clip import UNUSED_KEY_SUFFIXES
 from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
+from ..models.vae import AutoencoderKL
 from ..params import ModelDefaults
-from .detect import CONFIG_METADATA_KEY, detect_config
-from .single_file import CheckpointError, cast_floats, load_state_dict, prune, strip_prefix
+from .detect import CONFIG_METADATA_KEY, detect_config, precheck_header, vae_config_from_shapes
+from .single_file import CheckpointError, TensorInfo, cast_floats, load_state_dict, prune, strip_prefix
 
 # Top-level keys of LDM/SGM training checkpoints that hold no weights of the networks.
 _SCHEDULE_BUFFERS = (
@@ -166,17 +167,53 @@ def read_checkpoint(
         from .diffusers import read_diffusers_folder
 
         sd, cfg, tokenizer, metadata = read_diffusers_folder(path, prediction=prediction)
+        if vae is not None:
+            cfg = fit_vae(cfg, vae_sd, Path(vae), path.name)
         return replace_vae(sd, vae_sd), cfg, tokenizer, metadata, notes
-    sd, metadata = load_state_dict(path)
+
+    def precheck(entries: Mapping[str, TensorInfo], meta: Mapping[str, str]) -> None:
+        precheck_header({k: e.shape for k, e in entries.items()}, meta, path.name)
+
+    sd, metadata = load_state_dict(path, check_header=precheck)
     if prune_training:
         before = len(sd)
-        sd = prune(sd, keep_ema=keep_ema)
+        try:
+            sd = prune(sd, keep_ema=keep_ema)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path.name}: {e}") from None
         if len(sd) < before:
             kept = " (EMA weights kept)" if keep_ema else ""
             notes.append(f"pruned {before - len(sd)} EMA/training entries{kept}")
     sd = replace_vae(sd, vae_sd)
     cfg = detect_config(sd, metadata, prediction=prediction, name=path.name)
+    if vae is not None:
+        cfg = fit_vae(cfg, vae_sd, Path(vae), path.name)
     return sd, cfg, None, metadata, notes
+
+
+def fit_vae(cfg: ModelConfig, vae_sd: Mapping[str, torch.Tensor], vae: Path, model_name: str) -> ModelConfig:
+    """`cfg` with the VAE structure of a replacement VAE (its shapes decide; the model keeps its latent
+    scaling factor); a VAE that cannot serve this model is an error naming the VAE file."""
+    shapes = {k: v.shape for k, v in vae_sd.items()}
+    try:
+        derived = vae_config_from_shapes(shapes, cfg.family, vae.name)
+        fitted = replace(cfg, vae=replace(derived, scaling_factor=cfg.vae.scaling_factor))
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        problem = f"missing key {e.args[0]}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{vae.name}: this VAE does not fit {model_name}: {problem}") from None
+    with torch.device("meta"):
+        expected = AutoencoderKL(fitted.vae).state_dict()
+    extra = sorted(k for k in vae_sd if k.removeprefix(VAE_PREFIX) not in expected)
+    if extra:
+        raise CheckpointError(f"{vae.name}: this VAE does not fit {model_name}: unexpected key {extra[0]}")
+    for key, want in expected.items():
+        found = vae_sd.get(VAE_PREFIX + key)
+        if found is None or found.shape != want.shape:
+            what = "missing" if found is None else f"shape {tuple(found.shape)}, expected {tuple(want.shape)}"
+            raise CheckpointError(f"{vae.name}: this VAE does not fit {model_name}: {key} {what}")
+    return fitted
 
 
 def load_model(

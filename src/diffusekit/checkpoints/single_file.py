@@ -22,16 +22,16 @@ import mmap
 import os
 import pickletools
 import re
-import secrets
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .atomic import write_safetensors
 
 PathLike = str | os.PathLike[str]
 
@@ -54,7 +54,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E8M0": torch.float8_e8m0fnu,
     "C64": torch.complex64,
 }
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# An SDXL training checkpoint with EMA has about 5,000 tensors; a header listing more than this is refused
+# before it is parsed (parsing a million entries takes seconds and a gigabyte).
+MAX_TENSORS = 100_000
 DROPPED_KEY = "diffusekit.dropped"  # metadata key: JSON list of non-tensor entries dropped from a pickle
 EMA_PREFIX = "model_ema."
 TRAINING_PREFIXES = (EMA_PREFIX, "optimizer.", "optimizer_states.", "lr_schedulers.", "callbacks.", "loops.")
@@ -255,6 +259,13 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
             raw = f.read(header_len)
     except OSError as e:
         raise _error(path, f"cannot read it ({e.strerror or e})") from e
+    entries_listed = raw.count(b'"data_offsets"')
+    if entries_listed > MAX_TENSORS:
+        raise _error(
+            path,
+            f"header lists {entries_listed:,} tensors, over the limit of {MAX_TENSORS:,} "
+            "(a Stable Diffusion checkpoint has a few thousand)",
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except UnicodeDecodeError as e:
@@ -273,8 +284,15 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, TensorInfo], dict
     return entries, metadata
 
 
-def _load_safetensors(path: PathLike, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+HeaderCheck = Callable[[dict[str, TensorInfo], dict[str, str]], None]
+
+
+def _load_safetensors(
+    path: PathLike, device: torch.device, check: HeaderCheck | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     entries, metadata = read_safetensors_header(path)
+    if check is not None:  # refuse from key names and shapes before any tensor is opened
+        check(entries, metadata)
     try:
         # safe_open memory-maps the file: CPU tensors are views of the mapping, read in on first touch.
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
@@ -433,16 +451,19 @@ def _load_pickle(
 
 
 def load_state_dict(
-    path: PathLike, *, device: str | torch.device = "cpu"
+    path: PathLike, *, device: str | torch.device = "cpu", check_header: HeaderCheck | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a checkpoint file lazily (mmap) as (tensors, metadata); never runs code from the file."""
+    """Load a checkpoint file lazily (mmap) as (tensors, metadata); never runs code from the file.
+
+    `check_header(entries, metadata)` runs on a safetensors header before any tensor is opened (to
+    refuse a file from its key names and shapes alone); it may raise."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"invalid device {device!r}: {e}") from e
     fmt = detect_format(path)
     if fmt == "safetensors":
-        return _load_safetensors(path, target)
+        return _load_safetensors(path, target, check_header)
     if Path(path).suffix.lower() == ".safetensors":
         kind = "a PyTorch zip checkpoint" if fmt == "torch-zip" else "a pickle"
         raise _error(
@@ -488,11 +509,12 @@ def _prepare_for_save(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def save_state_dict(
     tensors: Mapping[str, torch.Tensor], path: PathLike, *, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write tensors as .safetensors atomically (temp file in the same folder, then os.replace)."""
+    """Write tensors as .safetensors atomically and deterministically (same tensors and metadata, same
+    bytes): a visible partial file beside the target, fsync, rename; the umask sets the mode."""
     target = Path(path)
     if target.suffix.lower() != ".safetensors":
         raise ValueError(
-            f"save_state_dict writes safetensors only; the path must end in .safetensors, got {target.name!r}"
+            f"{target.name}: checkpoints are written as safetensors; give a name ending in .safetensors"
         )
     if metadata is not None and not (
         isinstance(metadata, Mapping)
@@ -500,19 +522,7 @@ def save_state_dict(
     ):
         raise TypeError("metadata must map strings to strings (convert numbers with str() or json.dumps())")
     prepared = _prepare_for_save(tensors)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode honours the umask
-    try:
-        save_file(prepared, os.fspath(tmp), metadata=dict(metadata) if metadata is not None else None)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors(prepared, target, metadata, _DTYPE_NAMES)
 
 
 def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -565,7 +575,7 @@ def prune(sd: Mapping[str, torch.Tensor], keep_ema: bool = False) -> dict[str, t
         return out
     unet_keys = [key for key in out if key.startswith("model.diffusion_model.")]
     if not any(is_ema_key(key) and key not in ("model_ema.decay", "model_ema.num_updates") for key in sd):
-        raise CheckpointError("state dict has no EMA weights (no 'model_ema.*' tensors); use keep_ema=False")
+        raise CheckpointError("has no EMA weights (no 'model_ema.*' tensors) to keep; leave out --keep-ema")
     if not unet_keys:
         raise CheckpointError("state dict has EMA weights but no 'model.diffusion_model.*' weights")
     claimed: dict[str, str] = {}

@@ -11,8 +11,83 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .validate import (
+    MAX_COUNT,
+    MAX_WIDTH,
+    Bool,
+    Choice,
+    ConfigError,
+    Float,
+    Int,
+    Ints,
+    Optional,
+    Text,
+    check_fields,
+    invalid,
+)
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("eps", "v")
+MAX_RESOLUTION = 16384
+
+_UNET_SPECS = {
+    "in_channels": Int(1, 64),
+    "out_channels": Int(1, 64),
+    "model_channels": Int(1, MAX_WIDTH),
+    "channel_mult": Ints(Int(1, 64), 1, 8),
+    "num_res_blocks": Int(1, MAX_COUNT),
+    "transformer_depth": Ints(Int(0, MAX_COUNT), 1, 8),
+    "transformer_depth_middle": Int(0, MAX_COUNT),
+    "num_heads": Int(1, 1024),
+    "num_head_channels": Int(1, MAX_WIDTH, also=(-1,)),
+    "context_dim": Int(1, MAX_WIDTH),
+    "use_linear_in_transformer": Bool(),
+    "adm_in_channels": Optional(Int(1, MAX_WIDTH)),
+    "size_embed_dim": Int(2, MAX_WIDTH),
+    "norm_groups": Int(1, 1024),
+}
+_VAE_SPECS = {
+    "ch": Int(1, MAX_WIDTH),
+    "ch_mult": Ints(Int(1, 64), 1, 8),
+    "num_res_blocks": Int(1, MAX_COUNT),
+    "in_channels": Int(1, 64),
+    "out_ch": Int(1, 64),
+    "z_channels": Int(1, 1024),
+    "embed_dim": Int(1, 1024),
+    "norm_groups": Int(1, 1024),
+    "scaling_factor": Float(0.0, 100.0),
+}
+_TEXT_SPECS = {
+    "layout": Choice(("hf", "openclip")),
+    "width": Int(1, MAX_WIDTH),
+    "layers": Int(1, MAX_COUNT),
+    "heads": Int(1, 1024),
+    "mlp_width": Int(1, MAX_WIDTH),
+    "vocab_size": Int(1, MAX_WIDTH),
+    "max_positions": Int(77, 65536),
+    "activation": Choice(("quick_gelu", "gelu")),
+    "projection_dim": Optional(Int(1, MAX_WIDTH)),
+    "layer_norm_eps": Float(0.0, 1.0),
+    "pad_token_id": Int(0, MAX_WIDTH),
+    "use_layers": Int(1, MAX_COUNT),
+    "final_norm": Bool(),
+}
+_MODEL_SPECS = {
+    "family": Choice(FAMILIES),
+    "prediction": Choice(PREDICTIONS),
+    "zero_terminal_snr": Bool(),
+    "resolution": Int(8, MAX_RESOLUTION),
+    "name": Text(),
+}
+
+
+def _divides(field: str, value: int, channels: list[int], what: str) -> None:
+    bad = [c for c in channels if c % value]
+    if bad:
+        listed = ", ".join(str(c) for c in sorted(set(channels)))
+        raise invalid(
+            field, value, f"a number every {what} channel count ({listed}) is divisible by; {bad[0]} is not"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,11 +110,23 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
+        check_fields(self, _UNET_SPECS)
         if len(self.transformer_depth) != len(self.channel_mult):
-            raise ValueError(
-                f"transformer_depth has {len(self.transformer_depth)} levels but channel_mult has "
-                f"{len(self.channel_mult)}; give one depth per level"
+            raise ConfigError(
+                "transformer_depth",
+                f" has {len(self.transformer_depth)} levels but channel_mult has {len(self.channel_mult)}; "
+                "valid: one depth per level",
             )
+        widths = [self.model_channels * m for m in self.channel_mult]
+        _divides("norm_groups", self.norm_groups, [self.model_channels, *widths], "U-Net level's")
+        attention = [w for w, d in zip(widths, self.transformer_depth, strict=True) if d > 0]
+        attention += [widths[-1]] if self.transformer_depth_middle > 0 else []
+        if self.num_head_channels == -1:
+            _divides("num_heads", self.num_heads, attention, "attention level's")
+        else:
+            _divides("num_head_channels", self.num_head_channels, attention, "attention level's")
+        if self.adm_in_channels is not None and self.size_embed_dim % 2:
+            raise invalid("size_embed_dim", self.size_embed_dim, "an even integer (sin and cos halves)")
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(num_heads, head_dim) of the attention at a level with `channels` channels."""
@@ -61,6 +148,10 @@ class VAEConfig:
     embed_dim: int = 4
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # SDXL: 0.13025
+
+    def __post_init__(self) -> None:
+        check_fields(self, _VAE_SPECS)
+        _divides("norm_groups", self.norm_groups, [self.ch * m for m in (1, *self.ch_mult)], "VAE level's")
 
     @property
     def downscale(self) -> int:
@@ -90,12 +181,12 @@ class TextEncoderConfig:
     final_norm: bool = True  # apply the final LayerNorm to that hidden state
 
     def __post_init__(self) -> None:
-        if self.layout not in ("hf", "openclip"):
-            raise ValueError(f"unknown text encoder layout {self.layout!r}; valid: 'hf', 'openclip'")
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unknown activation {self.activation!r}; valid: 'quick_gelu', 'gelu'")
+        check_fields(self, _TEXT_SPECS)
         if not 1 <= self.use_layers <= self.layers:
-            raise ValueError(f"use_layers={self.use_layers} must be within 1..{self.layers}")
+            raise invalid("use_layers", self.use_layers, f"an integer in 1..{self.layers} (layers)")
+        _divides("heads", self.heads, [self.width], "text encoder")
+        if self.pad_token_id >= self.vocab_size:
+            raise invalid("pad_token_id", self.pad_token_id, f"a token id below vocab_size {self.vocab_size}")
 
 
 # Where each component lives inside an original single-file checkpoint.
@@ -123,17 +214,43 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown family {self.family!r}; valid: {', '.join(FAMILIES)}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        check_fields(self, _MODEL_SPECS)
+        for name, kind in (("unet", UNetConfig), ("vae", VAEConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise invalid(name, getattr(self, name), f"a {kind.__name__}")
+        if not isinstance(self.text_encoders, tuple) or not all(
+            isinstance(t, TextEncoderConfig) for t in self.text_encoders
+        ):
+            raise invalid("text_encoders", self.text_encoders, "a tuple of TextEncoderConfig")
         if self.zero_terminal_snr and self.prediction != "v":
-            raise ValueError("zero_terminal_snr needs prediction='v' (eps is undefined at zero SNR)")
-        if len(self.text_encoders) != len(TEXT_PREFIXES[self.family]):
-            raise ValueError(
-                f"family {self.family} has {len(TEXT_PREFIXES[self.family])} text encoder(s), "
-                f"config gives {len(self.text_encoders)}"
+            raise invalid("zero_terminal_snr", True, "false unless prediction is 'v'")
+        wanted = len(TEXT_PREFIXES[self.family])
+        if len(self.text_encoders) != wanted:
+            raise ConfigError(
+                "text_encoders",
+                f" has {len(self.text_encoders)} entries; valid: {wanted} for family {self.family}",
             )
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        """The components must fit together: latent channels, text context width, SDXL's pooled input."""
+        unet, z = self.unet, self.vae.z_channels
+        if unet.in_channels not in (z, 2 * z + 1):
+            raise invalid("unet.in_channels", unet.in_channels, f"{z} or {2 * z + 1} (VAE z_channels {z})")
+        if unet.out_channels != z:
+            raise invalid("unet.out_channels", unet.out_channels, f"{z} (the VAE's z_channels)")
+        context = sum(t.width for t in self.text_encoders)
+        if unet.context_dim != context:
+            raise invalid("unet.context_dim", unet.context_dim, f"{context} (the text encoders' width)")
+        if unet.adm_in_channels is not None:
+            last = self.text_encoders[-1]
+            adm = (last.projection_dim or last.width) + 6 * unet.size_embed_dim
+            if unet.adm_in_channels != adm:
+                raise invalid("unet.adm_in_channels", unet.adm_in_channels, f"{adm} (pooled + 6 size ids)")
+        step = self.vae.downscale
+        if self.resolution % step:
+            valid = f"a multiple of {step} (the VAE's downscale) in 8..{MAX_RESOLUTION}"
+            raise invalid("resolution", self.resolution, valid)
 
     @property
     def text_prefixes(self) -> tuple[str, ...]:
@@ -151,26 +268,43 @@ class ModelConfig:
         return config_from_dict(json.loads(text))
 
 
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Inverse of ``dataclasses.asdict`` for ModelConfig (lists become tuples again)."""
+def config_from_dict(d: Any) -> ModelConfig:
+    """Inverse of ``dataclasses.asdict`` for ModelConfig, typed and range-checked field by field.
 
-    def build(kind: type, values: dict[str, Any]) -> Any:
+    Raises ConfigError naming the dotted field (``unet.num_heads``) and what is valid; lists become tuples.
+    """
+
+    def build(kind: type, values: Any, where: str) -> Any:
+        if not isinstance(values, dict):
+            raise invalid(where or kind.__name__, values, f"a JSON object of {kind.__name__} fields")
         names = {f.name for f in dataclasses.fields(kind)}
-        unknown = set(values) - names
+        unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown {kind.__name__} field(s): {', '.join(sorted(unknown))}")
-        return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            raise ConfigError(where, f"{'.' if where else ''}{unknown[0]} is not a {kind.__name__} field; "
+                              f"valid: {', '.join(sorted(names))}")  # fmt: skip
+        return kind(**values)
 
-    d = dict(d)
-    return build(
-        ModelConfig,
-        {
-            **d,
-            "unet": build(UNetConfig, d["unet"]),
-            "vae": build(VAEConfig, d["vae"]),
-            "text_encoders": tuple(build(TextEncoderConfig, t) for t in d["text_encoders"]),
-        },
-    )
+    if not isinstance(d, dict):
+        raise invalid("config", d, "a JSON object with family, unet, vae, text_encoders ...")
+    missing = [k for k in ("family", "unet", "vae", "text_encoders") if k not in d]
+    if missing:
+        raise ConfigError(missing[0], " is missing; valid: an object with family, unet, vae, text_encoders")
+    parts: dict[str, Any] = {}
+    for name, kind in (("unet", UNetConfig), ("vae", VAEConfig)):
+        try:
+            parts[name] = build(kind, d[name], name)
+        except ConfigError as e:
+            raise (e if e.field.startswith(name) else e.within(name)) from None
+    texts = d["text_encoders"]
+    if not isinstance(texts, list) or not 1 <= len(texts) <= 2:
+        raise invalid("text_encoders", texts, "a list of 1 or 2 text encoder objects")
+    encoders = []
+    for i, t in enumerate(texts):
+        try:
+            encoders.append(build(TextEncoderConfig, t, f"text_encoders[{i}]"))
+        except ConfigError as e:
+            raise (e if e.field.startswith("text_encoders") else e.within(f"text_encoders[{i}]")) from None
+    return build(ModelConfig, {**d, **parts, "text_encoders": tuple(encoders)}, "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -527,6 +527,8 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         if len(pair) != 2:
             raise ValueError(f"{path}:{number}: expected two space-separated symbols, got {line!r}")
         merges.append((pair[0], pair[1]))
+    if not merges:
+        raise ValueError(f"{path}: no merges (empty, or only a header); expected the CLIP BPE merges")
     return merges
 
 

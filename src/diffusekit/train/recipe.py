@@ -10,6 +10,7 @@ it (warm restarts). Export writes the EMA weights as one SD1-layout .safetensors
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class Recipe:
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's step count and warmup multiplied by `factor` (for quick
         runs, or a recipe sized to a time budget)."""
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ValueError(f"scale must be a finite number above 0 (0.1: a quick run), got {factor!r}")
 
         def steps(c: TrainConfig) -> TrainConfig:
             n = max(1, int(c.steps * factor))
