@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__
 from ..jobs.catalog import ModelCatalog
 from ..jobs.worker import JobRunner
-from . import a1111, errors, jobs_api
+from . import a1111, errors, jobs_api, model_info, presets
 from .auth import Principal, RateLimiter, authenticate
 from .config import ServerConfig
 from .keys import KeyStore
@@ -132,6 +132,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app.include_router(a1111.router)
     app.include_router(jobs_api.router)
+    app.include_router(presets.router)
+    app.include_router(model_info.router)
     if WEBUI_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
 
