@@ -280,6 +280,8 @@ def _check_table(out: dict) -> None:
         size = f"{s['width']}x{s['height']} {s['steps']} steps seed {s['seed']}"
         print(f"  [{i['index']}] {verdict:<4} PSNR {psnr:>6} dB  max diff {i['max_diff']:>3}  "
               f"mean {i['mean_diff']:.3f}  {size}  ({i['seconds']:.1f}s)")  # fmt: skip
+        if i.get("error"):
+            print(f"      no image: {i['error']}")
     if not out["passed"] and out["recorded_with"] != out["now"]:
         print(f"  recorded with {out['recorded_with']}, now {out['now']}")
 

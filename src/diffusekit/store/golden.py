@@ -187,6 +187,7 @@ class CheckResult:
     identical: bool
     passed: bool
     seconds: float
+    error: str | None = None  # why no image could be made (e.g. NaN output), if so
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -205,9 +206,17 @@ def check(
     """Re-render every golden image and compare it with the recorded one."""
     min_psnr = rec.min_psnr if min_psnr is None else min_psnr
     max_diff = rec.max_diff if max_diff is None else max_diff
+    from ..pipeline import NonFiniteError
+
     results = []
-    specs = [g.spec for g in rec.images]
-    for i, (g, (px, seconds)) in enumerate(zip(rec.images, render(pipe, specs), strict=True)):
+    for i, g in enumerate(rec.images):
+        t0 = time.perf_counter()
+        try:
+            [(px, seconds)] = render(pipe, [g.spec])
+        except NonFiniteError as e:  # NaN/inf weights: no image at all, the worst possible difference
+            seconds = time.perf_counter() - t0
+            results.append(CheckResult(i, g.spec, 0.0, 255, 255.0, False, False, seconds, error=str(e)))
+            continue
         if fingerprint(px) == g.fingerprint:
             m = {"psnr": math.inf, "max_diff": 0, "mean_diff": 0.0, "identical": True}
         else:
