@@ -1,7 +1,7 @@
 """Temporal coherence of animations: mean absolute difference between consecutive frames (0-255 scale),
 for prompt travel and 2D motion against frames seeded independently, with the bundled default model.
 
-    python bench/animation_coherence.py [--frames 12] [--steps 20] [--out bench/results/animation_coherence.json]
+    python bench/animation_coherence.py [--frames 12] [--steps 20] [--out FILE.json]
 
 Lower is smoother. "independent" renders the same prompt with seed + i for frame i (what a user gets by
 generating frames one by one); prompt travel keeps the noise fixed and moves the text embedding; motion
@@ -35,7 +35,8 @@ def consecutive_mad(paths: list[Path]) -> float:
 def cpu_kind() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        lines = out.splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
         bf16 = "avx512_bf16" in out or "amx_bf16" in out
         return f"{name} ({'native bf16' if bf16 else 'no native bf16'})"
     except (OSError, subprocess.CalledProcessError, StopIteration):
@@ -55,7 +56,9 @@ def main() -> None:
     runs = {
         "independent seeds": None,
         "prompt travel": AnimationSpec(
-            mode="travel", frames=n, prompts={0: "a red circle on the left", n - 1: "a red circle on the right"}
+            mode="travel",
+            frames=n,
+            prompts={0: "a red circle on the left", n - 1: "a red circle on the right"},
         ),
         "2D motion (zoom 1.02, strength 0.4)": AnimationSpec(
             mode="motion", frames=n, motion=MotionSettings(zoom="1.02", strength="0.4")
