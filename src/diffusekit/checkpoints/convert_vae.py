@@ -58,6 +58,9 @@ def vae_config_to_diffusers(cfg: VAEConfig, *, sample_size: int = 512) -> dict[s
         "norm_num_groups": cfg.norm_groups,
         "sample_size": sample_size,
         "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor or None,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_quant_conv,
     }
 
 
@@ -72,10 +75,12 @@ def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
         problems.append(f"up_block_types must all be {_UP_TYPE}")
     if d.get("act_fn", "silu") != "silu":
         problems.append(f"act_fn must be 'silu', got {d['act_fn']!r}")
-    for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if d.get(flag, True) is not True:
-            problems.append(f"{flag}=False is not supported")
-    for field in ("shift_factor", "latents_mean", "latents_std"):
+    if d.get("mid_block_add_attention", True) is not True:
+        problems.append("mid_block_add_attention=False is not supported")
+    quant = d.get("use_quant_conv", True)
+    if d.get("use_post_quant_conv", True) != quant:
+        problems.append("use_quant_conv and use_post_quant_conv must agree")
+    for field in ("latents_mean", "latents_std"):
         if d.get(field) is not None:
             problems.append(f"{field} is set (latent normalisation beyond a scaling factor is not supported)")
     ch = blocks[0]
@@ -94,6 +99,8 @@ def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
         embed_dim=latent,
         norm_groups=int(d.get("norm_num_groups", 32)),
         scaling_factor=float(d.get("scaling_factor", 0.18215)),
+        shift_factor=float(d.get("shift_factor") or 0.0),
+        use_quant_conv=bool(quant),
     )
 
 
