@@ -261,7 +261,8 @@ class MMDiT(nn.Module):
         y: Tensor,
         skip_layers: tuple[int, ...] = (),
     ) -> Tensor:
-        """(B, Cin, H, W) latent, (B,) timestep (sigma*1000), (B, L, context_dim), (B, adm) -> (B, Cout, H, W).
+        """Velocity (B, Cout, H, W) of latent (B, Cin, H, W) at timestep (B,) = sigma*1000 given text tokens
+        (B, L, context_dim) and pooled text (B, adm).
 
         skip_layers: joint blocks to bypass (skip-layer guidance, SD3.5 Medium).
         """

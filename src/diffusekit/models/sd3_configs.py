@@ -49,7 +49,7 @@ class MMDiTConfig:
 
 @dataclass(frozen=True)
 class T5Config:
-    """T5 v1.1 encoder (transformers ``T5EncoderModel``): RMS norm, gated-GELU FFN, relative position buckets."""
+    """T5 v1.1 encoder (transformers ``T5EncoderModel``): RMS norm, gated-GELU FFN, relative position bias."""
 
     vocab_size: int = 32128
     d_model: int = 4096
