@@ -77,6 +77,8 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .cli_sd3 import add_sd3_options
+
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the bundled model)")
@@ -110,6 +112,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first image)")
     p.add_argument("-o", "--out", default="out.png", help="output file; batches add -1, -2 ... before .png")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
+    add_sd3_options(p)
 
 
 def _params(args: argparse.Namespace, **extra):
@@ -150,6 +153,7 @@ def _accel(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, params, **inputs) -> int:
+    from .cli_sd3 import sd3_pipeline
     from .metadata import save_png
     from .pipeline import Pipeline
     from .runtime import resolve_device
@@ -158,7 +162,7 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
     t0 = time.perf_counter()
     accel = _accel(args)
     device = resolve_device(args.device)
-    pipe = Pipeline.from_file(
+    pipe = sd3_pipeline(args, model, device) or Pipeline.from_file(
         model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel, device=device
     )
     load_s = time.perf_counter() - t0

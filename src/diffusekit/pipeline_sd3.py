@@ -297,6 +297,10 @@ class SD3Pipeline:
             ]
         return GenerationResult(all_images, infos, all_seeds, torch.cat(all_latents))
 
+    def outpaint(self, *args, **kwargs) -> GenerationResult:
+        """Not available for SD3 yet (a clear error rather than a missing method)."""
+        raise ValueError("outpainting is not supported for SD3 models yet")
+
     def info(self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool) -> GenerationInfo:
         """The A1111 infotext fields of one image (plus the SD3 settings as extras)."""
         width, height = params.size(self.cfg.resolution)
