@@ -176,7 +176,7 @@ _TINY_MMDIT = MMDiTConfig(
 _TINY_CLIP_L = TextEncoderConfig(
     width=32, layers=3, heads=4, mlp_width=64, projection_dim=32, use_layers=2, final_norm=False
 )
-_TINY_CLIP_G = replace(_TINY_CLIP_L, activation="gelu", mlp_width=80)
+_TINY_CLIP_G = replace(_TINY_CLIP_L, activation="gelu", mlp_width=80, pad_token_id=0)  # pads with "!"
 TINY_T5 = T5Config(
     vocab_size=1000,
     d_model=64,
