@@ -1,0 +1,163 @@
+"""SD3/SD3.5 end to end: files, detection, diffusers folders, and images equal to StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusekit.checkpoints.sd3 import create_sd3, detect_sd3_config, is_sd3_file, load_sd3
+from diffusekit.checkpoints.sd3_diffusers import read_sd3_diffusers_folder, write_sd3_diffusers_folder
+from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict, strip_prefix
+from diffusekit.cli import main
+from diffusekit.metadata import read_infotext
+from diffusekit.models.sd3 import StableDiffusion3
+from diffusekit.models.sd3_configs import (
+    CLIP_G_PREFIX,
+    CLIP_L_PREFIX,
+    SD3_MEDIUM,
+    SD35_LARGE,
+    SD35_MEDIUM,
+    T5_PREFIX,
+    TINY_SD3,
+    TINY_SD35,
+)
+from diffusekit.params import GenerationParams
+from diffusekit.pipeline_sd3 import SD3Options, SD3Pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("sentencepiece")
+
+
+@pytest.fixture(scope="module")
+def tiny35(tmp_path_factory) -> Path:
+    """A random-weight tiny SD3.5 file (MMDiT-X blocks, QK-norm) with its placeholder T5 tokenizer."""
+    path = tmp_path_factory.mktemp("sd35") / "tiny35.safetensors"
+    create_sd3(TINY_SD35, path, seed=3)
+    return path
+
+
+def _compare(ours: SD3Pipeline, ref, params: GenerationParams, t5_len: int) -> None:
+    result = ours.generate(params)
+    kw = dict(prompt=params.prompt, negative_prompt=params.negative_prompt, num_inference_steps=params.steps,
+              guidance_scale=params.cfg_scale, width=params.width, height=params.height,
+              max_sequence_length=t5_len)  # fmt: skip
+    with torch.no_grad():
+        lat = ref(**kw, generator=torch.Generator().manual_seed(params.seed), output_type="latent").images
+        img = ref(**kw, generator=torch.Generator().manual_seed(params.seed), output_type="np").images[0]
+    rel = ((result.latents - lat).abs().max() / lat.abs().max()).item()
+    assert rel < 1e-5, rel
+    ours_px = np.asarray(result.images[0]).astype(np.float64) / 255
+    assert ours_px.shape == img.shape
+    assert np.abs(ours_px - img).mean() < 1 / 255
+    assert img.std() > 0.01  # not a degenerate image
+
+
+def test_txt2img_matches_diffusers_with_t5(tiny35: Path, tmp_path: Path) -> None:
+    sd, _ = load_state_dict(tiny35)
+    folder = write_sd3_diffusers_folder(sd, TINY_SD35, tmp_path / "folder", t5_tokenizer=tiny35.with_suffix(".spiece.model"))
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    ours = SD3Pipeline.from_file(tiny35, precision="fp32")
+    assert ours.uses_t5
+    params = GenerationParams(prompt="a photo of a cat", negative_prompt="blurry", steps=5, cfg_scale=4.0,
+                              seed=7, width=80, height=64, prompt_mode="plain")  # fmt: skip
+    _compare(ours, ref, params, TINY_SD35.t5_max_length)
+
+
+def test_txt2img_without_t5_matches_diffusers(tmp_path: Path) -> None:
+    path = tmp_path / "tiny3.safetensors"
+    create_sd3(TINY_SD3, path, seed=4)
+    sd, _ = load_state_dict(path)
+    folder = write_sd3_diffusers_folder(sd, TINY_SD3, tmp_path / "folder")  # no T5 in the folder
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(
+        folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None
+    )  # diffusers' way to run without T5
+    ref.set_progress_bar_config(disable=True)
+    ours = SD3Pipeline.from_file(path, precision="fp32", options=SD3Options(use_t5=False))
+    params = GenerationParams(prompt="an astronaut riding a horse", steps=4, cfg_scale=3.0, seed=11, width=64,
+                              height=64, prompt_mode="plain")  # fmt: skip
+    _compare(ours, ref, params, TINY_SD3.t5_max_length)
+    assert "T5: off" in ours.generate(params).infotexts[0]
+
+
+def test_diffusers_folder_round_trip(tiny35: Path, tmp_path: Path) -> None:
+    sd, _ = load_state_dict(tiny35)
+    folder = write_sd3_diffusers_folder(sd, TINY_SD35, tmp_path / "f", t5_tokenizer=tiny35.with_suffix(".spiece.model"))
+    back, cfg = read_sd3_diffusers_folder(folder)
+    assert replace(cfg, name="x", resolution=64, t5_max_length=16) == replace(TINY_SD35, name="x")
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    # and diffusers' own loader holds the same transformer weights
+    ref = diffusers.SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    assert torch.equal(ref.pos_embed.pos_embed, sd["model.diffusion_model.pos_embed"])
+
+
+@pytest.mark.parametrize("preset", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=lambda c: c.name)
+def test_detect_real_size_configs_from_shapes(preset) -> None:
+    """Files without diffusekit metadata: the whole config comes from key names and shapes."""
+    with torch.device("meta"):
+        sd = StableDiffusion3(preset).state_dict()
+    cfg = detect_sd3_config(sd, {}, "file")
+    assert replace(cfg, name=preset.name, mmdit=replace(cfg.mmdit, pos_embed_base=64)) == replace(
+        preset, mmdit=replace(preset.mmdit, pos_embed_base=64)
+    )
+    without_t5 = {k: v for k, v in sd.items() if not k.startswith(T5_PREFIX)}
+    assert detect_sd3_config(without_t5, {}, "file").mmdit == cfg.mmdit
+
+
+def test_separate_text_encoder_files(tiny35: Path, tmp_path: Path) -> None:
+    sd, meta = load_state_dict(tiny35)
+    base = {k: v for k, v in sd.items() if not k.startswith("text_encoders.")}
+    save_state_dict(base, tmp_path / "base.safetensors", metadata=meta)
+    save_state_dict(strip_prefix(sd, CLIP_L_PREFIX), tmp_path / "clip_l.safetensors")  # bare transformers keys
+    save_state_dict({k: v for k, v in sd.items() if k.startswith(CLIP_G_PREFIX)}, tmp_path / "clip_g.safetensors")
+    save_state_dict(strip_prefix(sd, T5_PREFIX), tmp_path / "t5.safetensors")
+    # a bare CLIP file is placed by its width; the tiny encoders share one, so give CLIP-L prefixed here
+    save_state_dict({k: v for k, v in sd.items() if k.startswith(CLIP_L_PREFIX)}, tmp_path / "clip_l.safetensors")
+    files = [tmp_path / n for n in ("clip_l.safetensors", "clip_g.safetensors", "t5.safetensors")]
+    loaded = load_sd3(tmp_path / "base.safetensors", text_encoders=files)
+    got = loaded.model.state_dict()
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    alone = load_sd3(tmp_path / "base.safetensors")
+    assert alone.model.clip_l is None and "no t5 weights" in alone.notes
+    with pytest.raises(ValueError, match="CLIP-L/CLIP-G"):
+        SD3Pipeline(alone)
+
+
+def test_file_errors(tiny35: Path, tmp_path: Path) -> None:
+    sd, meta = load_state_dict(tiny35)
+    broken = dict(sd)
+    broken.pop("model.diffusion_model.final_layer.linear.weight")
+    with pytest.raises(CheckpointError, match="missing key"):
+        from diffusekit.checkpoints.sd3 import build_sd3
+
+        build_sd3(broken, TINY_SD35, name="broken")
+    assert is_sd3_file(tiny35) and not is_sd3_file(tmp_path / "nothing.safetensors")
+    pipe = SD3Pipeline.from_file(tiny35, precision="fp32")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe.generate(GenerationParams(prompt="x", steps=1, width=72, height=64))
+    with pytest.raises(ValueError, match="not available for SD3"):
+        pipe.generate(GenerationParams(prompt="x", steps=1, sampler="Euler a"))
+    with pytest.raises(ValueError, match="flow-matching schedule"):
+        pipe.generate(GenerationParams(prompt="x", steps=1, schedule="karras"))
+
+
+def test_cli_create_generate_img2img(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "t.safetensors"
+    assert main(["create", "tiny_sd35", str(model), "--seed", "1"]) == 0
+    out = tmp_path / "a.png"
+    args = ["generate", "a (red:1.2) cat BREAK on a mat", "--model", str(model), "--steps", "3", "--seed", "5"]
+    assert main([*args, "--slg", "2.5", "--sampler", "DPM++ 2M", "-o", str(out), "--json"]) == 0
+    text = read_infotext(out)
+    assert "Sampler: DPM++ 2M" in text and "Seed: 5" in text and "SLG scale: 2.5" in text
+    out2 = tmp_path / "b.png"
+    assert main(["img2img", "a dog", "--model", str(model), "--image", str(out), "--steps", "4",
+                 "--strength", "0.5", "--no-t5", "-o", str(out2)]) == 0  # fmt: skip
+    assert "Denoising strength: 0.5" in read_infotext(out2)
+    model.with_suffix(".spiece.model").unlink()
+    assert main(["generate", "x", "--model", str(model), "--steps", "1", "-o", str(out2)]) == 2
+    assert "no T5 tokenizer" in capsys.readouterr().err
