@@ -13,6 +13,15 @@ from diffusekit.models.t5_tokenizer import EOS_ID, PAD_ID, T5Tokenizer, T5Tokeni
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (on a loaded 2-core machine thread hand-offs cost ~20x the math)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _hf_config(c: T5Config):
     return transformers.T5Config(
         vocab_size=c.vocab_size,
@@ -68,6 +77,7 @@ def test_t5_xxl_parameter_count() -> None:
 
 def _train_spiece(folder) -> None:
     spm = pytest.importorskip("sentencepiece")
+
     text = ["a photo of a cat sitting on a mat", "an astronaut riding a horse on the moon"] * 40
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(text),

@@ -91,7 +91,7 @@ class SD3Pipeline:
                 f"{loaded.name}: has no CLIP-L/CLIP-G text encoders; pass their files with --text-encoder"
             )
         self.tokenizer = CLIPTokenizer.bundled()
-        self._bang = CLIPTokenizer.bundled(pad_token="!")
+        self._bang: CLIPTokenizer | None = None  # built on first use ("plain" prompts, CLIP-G)
         self.t5_tokenizer = self._t5_tokenizer()
 
     @classmethod
@@ -139,6 +139,8 @@ class SD3Pipeline:
             # "plain" (diffusers): an encoder padding with "!" gets a tokenizer that pads with it; the
             # A1111 modes pad after the EOS per encoder config themselves (prompts.pad_after_eos)
             bang = params.prompt_mode == "plain" and enc.cfg.pad_token_id != self.tokenizer.eos_id
+            if bang and self._bang is None:
+                self._bang = CLIPTokenizer.bundled(pad_token="!")
             tok = self._bang if bang else self.tokenizer
             parts.append(encode_prompt(prompt, tok, enc, **kw))
         context = torch.cat([p.context.float() for p in parts], dim=-1)

@@ -222,8 +222,7 @@ def build_sd3(
     """Validate `sd` key by key against a meta-device model and assign it (no copy unless cast)."""
     keys = set(sd)
     with_clip = has_component(keys, "clip_l") or has_component(keys, "clip_g")
-    with torch.device("meta"):
-        model = StableDiffusion3(cfg, with_clip=with_clip, with_t5=has_component(keys, "t5"))
+    model = StableDiffusion3(cfg, device="meta", with_clip=with_clip, with_t5=has_component(keys, "t5"))
     expected = model.state_dict()
     keep, ignored = {}, []
     for key, value in sd.items():

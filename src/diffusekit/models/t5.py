@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .clip import _Embedding  # nn.Embedding whose init is skipped on the meta device
 from .sd3_configs import T5Config
 
 TIED_EMBED_KEY = "encoder.embed_tokens.weight"
@@ -60,7 +61,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False, **factory)
         self.o = nn.Linear(inner, cfg.d_model, bias=False, **factory)
         self.relative_attention_bias = (
-            nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads, **factory) if has_bias else None
+            _Embedding(cfg.relative_attention_num_buckets, cfg.num_heads, **factory) if has_bias else None
         )
 
     def position_bias(self, length: int, device: torch.device) -> Tensor:
@@ -137,7 +138,7 @@ class T5EncoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         factory = {"device": device, "dtype": dtype}
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, **factory)
+        self.shared = _Embedding(cfg.vocab_size, cfg.d_model, **factory)
         self.encoder = T5Stack(cfg, factory)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
