@@ -196,3 +196,26 @@ def test_cli_create_generate_img2img(tmp_path: Path, capsys) -> None:
     model.with_suffix(".spiece.model").unlink()
     assert main(["generate", "x", "--model", str(model), "--steps", "1", "-o", str(out2)]) == 2
     assert "no T5 tokenizer" in capsys.readouterr().err
+
+
+def test_text_encoder_and_vae_parameter_counts() -> None:
+    """Real-size CLIP-L, bigG (HF layout, with projections) and the 16-channel VAE against the references."""
+    transformers = pytest.importorskip("transformers")
+    from diffusekit.checkpoints.convert_clip import text_config_to_transformers
+    from diffusekit.checkpoints.convert_vae import vae_config_to_diffusers
+    from diffusekit.models.clip import CLIPTextModel
+    from diffusekit.models.sd3_configs import SD3_CLIP_G, SD3_CLIP_L, SD3_VAE
+    from diffusekit.models.vae import AutoencoderKL
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    for cfg, published in ((SD3_CLIP_L, 123_650_304), (SD3_CLIP_G, 694_659_840)):
+        with torch.device("meta"):
+            ref = transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**text_config_to_transformers(cfg))
+            )
+        assert count(CLIPTextModel(cfg, device="meta")) == count(ref) == published
+    with torch.device("meta"):
+        ref_vae = diffusers.AutoencoderKL(**vae_config_to_diffusers(SD3_VAE))
+    assert count(AutoencoderKL(SD3_VAE, device="meta")) == count(ref_vae) == 83_819_683
