@@ -219,3 +219,20 @@ def test_text_encoder_and_vae_parameter_counts() -> None:
     with torch.device("meta"):
         ref_vae = diffusers.AutoencoderKL(**vae_config_to_diffusers(SD3_VAE))
     assert count(AutoencoderKL(SD3_VAE, device="meta")) == count(ref_vae) == 83_819_683
+
+
+def test_cli_inspect_and_convert_round_trip(tiny35: Path, tmp_path: Path, capsys) -> None:
+    assert main(["inspect", str(tiny35), "--no-hash"]) == 0
+    report = capsys.readouterr().out
+    assert "family      sd3 (preset tiny_sd35)" in report and "t5" in report and "mmdit" in report
+    folder, back = tmp_path / "folder", tmp_path / "back.safetensors"
+    assert main(["convert", str(tiny35), str(folder), "--format", "diffusers"]) == 0
+    assert (folder / "tokenizer_3" / "spiece.model").is_file()
+    assert main(["convert", str(folder), str(back)]) == 0
+    assert back.with_suffix(".spiece.model").is_file()
+    original, _ = load_state_dict(tiny35)
+    again, _ = load_state_dict(back)
+    assert set(again) == set(original) and all(torch.equal(again[k], original[k]) for k in original)
+    assert main(["convert", str(tiny35), str(tmp_path / "half.safetensors"), "--dtype", "bf16"]) == 0
+    half, _ = load_state_dict(tmp_path / "half.safetensors")
+    assert half["model.diffusion_model.context_embedder.weight"].dtype == torch.bfloat16

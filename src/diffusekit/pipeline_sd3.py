@@ -60,7 +60,7 @@ class SD3Options:
 
 def find_t5_tokenizer(checkpoint: Path) -> Path | None:
     """A SentencePiece model next to the checkpoint: <stem>.spiece.model, spiece.model or tokenizer_3/."""
-    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # a diffusers folder: tokenizer_3/
     candidates = [checkpoint.with_suffix(".spiece.model")] if checkpoint.is_file() else []
     candidates += [folder / n for n in SPIECE_NAMES] + [folder / "tokenizer_3" / n for n in SPIECE_NAMES]
     return next((c for c in candidates if c.is_file()), None)

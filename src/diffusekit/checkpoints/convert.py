@@ -39,6 +39,12 @@ def convert_checkpoint(
         raise CheckpointError("--keep-ema chooses which U-Net weights survive pruning; use it with --prune")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: destination is the source; write to a new path")
+    from .sd3 import is_sd3_file  # SD3/SD3.5 (MMDiT) models convert with their own key maps
+
+    if is_sd3_file(src):
+        from .sd3_tools import convert_sd3
+
+        return convert_sd3(src, dst, fmt=fmt, dtype=dtype)
     sd, cfg, tokenizer, metadata, notes = read_checkpoint(
         src, prediction=prediction, vae=vae, prune_training=prune, keep_ema=keep_ema
     )

@@ -255,6 +255,29 @@ def build_sd3(
     return model.eval().requires_grad_(False), notes
 
 
+def read_sd3(
+    path: str | Path, *, text_encoders: list[str | Path] | tuple = ()
+) -> tuple[dict[str, torch.Tensor], SD3Config, dict[str, str]]:
+    """(single-file state dict, config, metadata) of an SD3 file or diffusers folder, with text encoders
+    from separate files added."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        from .sd3_diffusers import read_sd3_diffusers_folder
+
+        sd, folder_cfg = read_sd3_diffusers_folder(path)
+        metadata = {SD3_CONFIG_METADATA_KEY: folder_cfg.to_json(), "diffusekit.source": "diffusers"}
+    else:
+        sd, metadata = load_state_dict(path)
+        sd = dict(sd)
+    for extra in text_encoders:
+        extra_sd, _ = load_state_dict(extra)
+        sd.update(_as_text_encoder_keys(extra_sd, Path(extra).name))
+    cfg = detect_sd3_config(sd, metadata, path.name)
+    return sd, cfg, dict(metadata)
+
+
 def load_sd3(
     path: str | Path,
     *,
@@ -262,16 +285,11 @@ def load_sd3(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> LoadedSD3:
-    """Load an SD3/SD3.5 single file, adding text encoders from separate files."""
+    """Load an SD3/SD3.5 single file or diffusers folder, adding text encoders from separate files."""
     path = Path(path)
-    sd, metadata = load_state_dict(path)
-    sd = dict(sd)
-    for extra in text_encoders:
-        extra_sd, _ = load_state_dict(extra)
-        sd.update(_as_text_encoder_keys(extra_sd, Path(extra).name))
-    cfg = detect_sd3_config(sd, metadata, path.name)
+    sd, cfg, metadata = read_sd3(path, text_encoders=text_encoders)
     model, notes = build_sd3(sd, cfg, name=path.name, device=device, dtype=dtype)
-    return LoadedSD3(model=model, path=path, metadata=dict(metadata), notes=notes)
+    return LoadedSD3(model=model, path=path, metadata=metadata, notes=notes)
 
 
 def sd3_metadata(cfg: SD3Config, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -282,10 +300,20 @@ def sd3_metadata(cfg: SD3Config, extra: Mapping[str, str] | None = None) -> dict
 
 
 def is_sd3_file(path: str | Path) -> bool:
-    """Whether a .safetensors file holds an SD3/SD3.5 MMDiT (from its header alone; False otherwise)."""
+    """Whether `path` is an SD3/SD3.5 model: a .safetensors file with an MMDiT (from its header alone) or
+    a diffusers StableDiffusion3Pipeline folder."""
     from .single_file import detect_format, read_safetensors_header
 
     path = Path(path)
+    if path.is_dir():
+        index = path / "model_index.json"
+        try:
+            return (
+                index.is_file()
+                and json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline"
+            )
+        except (json.JSONDecodeError, AttributeError):
+            return False
     if not path.is_file() or detect_format(path) != "safetensors":
         return False
     entries, _ = read_safetensors_header(path)

@@ -209,7 +209,11 @@ def read_sd3_diffusers_folder(root: str | Path) -> tuple[dict[str, torch.Tensor]
     sched_file = root / "scheduler" / "scheduler_config.json"
     shift = float(_read_json(sched_file).get("shift", 1.0)) if sched_file.is_file() else 3.0
     t5 = t5_cfg or replace(T5_XXL, d_model=mmdit_cfg.context_dim)
-    cfg = SD3Config(mmdit_cfg, vae_cfg, texts[0], texts[1], t5, shift=shift, name=root.name)
+    size = _read_json(root / "vae" / "config.json").get("sample_size")
+    resolution = size if isinstance(size, int) else 1024
+    cfg = SD3Config(
+        mmdit_cfg, vae_cfg, texts[0], texts[1], t5, shift=shift, resolution=resolution, name=root.name
+    )
     return sd, cfg
 
 
