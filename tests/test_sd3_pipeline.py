@@ -236,3 +236,15 @@ def test_cli_inspect_and_convert_round_trip(tiny35: Path, tmp_path: Path, capsys
     assert main(["convert", str(tiny35), str(tmp_path / "half.safetensors"), "--dtype", "bf16"]) == 0
     half, _ = load_state_dict(tmp_path / "half.safetensors")
     assert half["model.diffusion_model.context_embedder.weight"].dtype == torch.bfloat16
+
+
+def test_memory_estimate_and_budget(tiny35: Path, monkeypatch) -> None:
+    from diffusekit.memory import MemoryBudgetError
+
+    pipe = SD3Pipeline.from_file(tiny35, precision="fp32")
+    small = pipe.memory_estimate(GenerationParams(prompt="x", width=64, height=64))
+    large = pipe.memory_estimate(GenerationParams(prompt="x", width=128, height=128, batch_size=2))
+    assert 0 < small.unet < large.unet and small.resident > 0
+    monkeypatch.setenv("DIFFUSEKIT_MEMORY_LIMIT_MB", "0")
+    with pytest.raises(MemoryBudgetError, match="activations"):
+        pipe.generate(GenerationParams(prompt="x", steps=1))

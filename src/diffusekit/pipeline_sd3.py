@@ -25,9 +25,11 @@ from . import __version__, images
 from .checkpoints.sd3 import LoadedSD3, load_sd3
 from .diffusion.denoiser import CFGDenoiser
 from .diffusion.flow import FlowDenoiser, SkipLayerGuidance, flow_noise, flow_sampler, flow_sigmas
+from .memory import MemoryEstimate, check_fits, resident_bytes
 from .metadata import GenerationInfo
 from .models.t5_tokenizer import SPIECE_NAMES, T5Tokenizer
 from .models.tokenizer import CLIPTokenizer
+from .models.vae_chunked import decode_peak_bytes
 from .params import GenerationParams, ModelDefaults
 from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, slerp
 from .prompts import PromptEmbedding, encode_prompt, pad_to_same_length
@@ -41,6 +43,21 @@ SD3_DEFAULTS = {
     "sd35_large_turbo": ModelDefaults(steps=4, cfg_scale=1.0, sampler="Euler"),
 }
 SD3_DEFAULT = ModelDefaults(steps=28, cfg_scale=5.0, sampler="Euler")
+
+# Token-planes of width hidden_size alive at once inside one joint block: residual streams, modulated
+# copies, q/k/v of both streams, attention output, the 4x MLP hidden and its GELU. A count of the tensors,
+# not yet calibrated against measured peaks as the U-Net's is (bench/memory_estimate.py).
+MMDIT_WORKING_PLANES = 20
+
+
+def mmdit_activation_bytes(
+    cfg, width: int, height: int, batch: int, text_tokens: int, dtype_bytes: int
+) -> int:
+    """Rough activation bytes of one CFG MMDiT call (2 x batch), fused attention (no N x N scores)."""
+    m = cfg.mmdit
+    f = cfg.vae.downscale * m.patch_size
+    tokens = (width // f) * (height // f) + text_tokens
+    return 2 * batch * tokens * m.hidden_size * MMDIT_WORKING_PLANES * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -224,6 +241,19 @@ class SD3Pipeline:
 
     # --- generation --------------------------------------------------------------------------
 
+    def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
+        """Predicted peak of `generate(params)`: resident now plus the larger of MMDiT and VAE activations."""
+        params = params.validate(self.cfg.resolution, self.defaults)
+        width, height = params.size(self.cfg.resolution)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        nbytes = torch.finfo(self.dtype).bits // 8
+        text = 77 + (self.options.t5_max_length or self.cfg.t5_max_length)
+        return MemoryEstimate(
+            resident=resident_bytes(weights),
+            unet=mmdit_activation_bytes(self.cfg, width, height, params.batch_size, text, nbytes),
+            vae=decode_peak_bytes(self.cfg.vae, width, height, nbytes, chunked=False),
+        )
+
     def _check_size(self, width: int, height: int) -> None:
         m = self.cfg.image_multiple
         if width % m or height % m:
@@ -252,6 +282,7 @@ class SD3Pipeline:
             )
         width, height = params.size(self.cfg.resolution)
         self._check_size(width, height)
+        check_fits(self.memory_estimate(params), what=f"{width}x{height} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         conds = self.encode(params)
