@@ -189,6 +189,9 @@ def test_cli_create_generate_img2img(tmp_path: Path, capsys) -> None:
     assert main([*args, "--slg", "2.5", "--sampler", "DPM++ 2M", "-o", str(out), "--json"]) == 0
     text = read_infotext(out)
     assert "Sampler: DPM++ 2M" in text and "Seed: 5" in text and "SLG scale: 2.5" in text
+    out3 = tmp_path / "c.png"
+    assert main([*args, "--t5-int8", "--t5-length", "8", "-o", str(out3)]) == 0
+    assert "T5: int8" in read_infotext(out3)
     out2 = tmp_path / "b.png"
     assert main(["img2img", "a dog", "--model", str(model), "--image", str(out), "--steps", "4",
                  "--strength", "0.5", "--no-t5", "-o", str(out2)]) == 0  # fmt: skip

@@ -16,6 +16,10 @@ def add_sd3_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-t5", action="store_true", help="SD3: run without T5 (zeros, as the reference allows)"
     )
+    g.add_argument(
+        "--t5-int8", action="store_true", help="SD3: dynamic int8 T5 weights (about half its memory)"
+    )
+    g.add_argument("--t5-length", type=int, metavar="N", help="SD3: T5 tokens (default 256)")
     g.add_argument("--shift", type=float, help="SD3: flow time shift (default: the model's, 3.0 for SD3.5)")
     g.add_argument("--slg", type=float, default=0.0, metavar="SCALE",
                    help="SD3.5 Medium: skip-layer guidance scale (2.5 is Stability's; 0 = off)")  # fmt: skip
@@ -31,9 +35,12 @@ def sd3_pipeline(args: argparse.Namespace, model: Path, device):
 
     if args.shift is not None and args.shift <= 0:
         raise ValueError(f"--shift must be positive, got {args.shift}")
+    if args.t5_length is not None and not 1 <= args.t5_length <= 512:
+        raise ValueError(f"--t5-length must be within 1..512, got {args.t5_length}")
     options = SD3Options(
-        shift=args.shift, use_t5=not args.no_t5, t5_tokenizer=args.t5_tokenizer, slg_scale=args.slg
-    )
+        shift=args.shift, use_t5=not args.no_t5, t5_tokenizer=args.t5_tokenizer, slg_scale=args.slg,
+        t5_int8=args.t5_int8, t5_max_length=args.t5_length,
+    )  # fmt: skip
     return SD3Pipeline.from_file(
         model,
         text_encoders=tuple(args.text_encoder),

@@ -68,6 +68,7 @@ class SD3Options:
     use_t5: bool = True  # False: zeros in place of T5 (saves its ~9.5 GB in bf16)
     t5_max_length: int | None = None  # None: the model's (256)
     t5_tokenizer: str | Path | None = None  # spiece.model or its folder; default: beside the checkpoint
+    t5_int8: bool = False  # dynamic int8 T5 Linears (accel.int8): about half T5's bf16 memory
     slg_scale: float = 0.0  # skip-layer guidance strength; 0 = off
     slg_layers: tuple[int, ...] = (7, 8, 9)
     slg_start: float = 0.01
@@ -110,6 +111,10 @@ class SD3Pipeline:
         self.tokenizer = CLIPTokenizer.bundled()
         self._bang: CLIPTokenizer | None = None  # built on first use ("plain" prompts, CLIP-G)
         self.t5_tokenizer = self._t5_tokenizer()
+        if self.options.t5_int8 and self.t5_tokenizer is not None:
+            from .accel.int8 import quantize_linears
+
+            quantize_linears(self.model.t5, within=None)
 
     @classmethod
     def from_file(
@@ -341,6 +346,8 @@ class SD3Pipeline:
         extras: dict[str, object] = {"Shift": shift}
         if not self.uses_t5:
             extras["T5"] = "off"
+        elif self.options.t5_int8:
+            extras["T5"] = "int8"
         if self.options.slg_scale > 0:
             extras["SLG scale"] = self.options.slg_scale
             extras["SLG layers"] = str(list(self.options.slg_layers))
