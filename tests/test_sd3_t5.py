@@ -109,3 +109,26 @@ def test_t5_tokenizer_errors(tmp_path) -> None:
     (tmp_path / "spiece.model").write_bytes(b"not a model")
     with pytest.raises(T5TokenizerError, match="not a SentencePiece model"):
         T5Tokenizer(tmp_path)
+
+
+def test_sd3_clip_encoders_match_transformers() -> None:
+    """SD3's CLIP-L and CLIP-G (HF layout, projections, CLIP-G with GELU): penultimate states and pooled."""
+    from diffusekit.checkpoints.convert_clip import text_config_to_transformers, text_to_transformers
+    from diffusekit.models.clip import CLIPTextModel
+    from diffusekit.models.sd3_configs import TINY_SD35
+
+    ids = torch.randint(1, 49000, (2, 77), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 49406
+    ids[0, 9], ids[1, 30] = 49407, 49407  # EOS, then padding
+    for cfg in (TINY_SD35.clip_l, TINY_SD35.clip_g):
+        ours = randomize_(CLIPTextModel(cfg), seed=5).eval()
+        theirs = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**text_config_to_transformers(cfg))
+        ).eval()
+        theirs.load_state_dict(text_to_transformers(ours.state_dict(), cfg), strict=True)
+        with torch.no_grad():
+            a = ours(ids)
+            b = theirs(ids, output_hidden_states=True)
+        for x, y in ((a.hidden, b.hidden_states[-2]), (a.pooled, b.text_embeds)):
+            rel = ((x - y).abs().max() / y.abs().max()).item()
+            assert rel < 1e-5, (cfg.activation, rel)
