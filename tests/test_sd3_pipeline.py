@@ -251,3 +251,24 @@ def test_memory_estimate_and_budget(tiny35: Path, monkeypatch) -> None:
     monkeypatch.setenv("DIFFUSEKIT_MEMORY_LIMIT_MB", "0")
     with pytest.raises(MemoryBudgetError, match="activations"):
         pipe.generate(GenerationParams(prompt="x", steps=1))
+
+
+def test_fp8_and_bf16_files_load(tiny35: Path, tmp_path: Path) -> None:
+    """Files with an fp8 (e4m3fn) T5 and a bf16 MMDiT, as shipped for SD3.5, load and generate."""
+    import shutil
+
+    sd, meta = load_state_dict(tiny35)
+    mixed = {}
+    for k, v in sd.items():
+        if k.startswith(T5_PREFIX) and v.ndim == 2:
+            v = v.to(torch.float8_e4m3fn)
+        elif k.startswith("model.diffusion_model."):
+            v = v.to(torch.bfloat16)
+        mixed[k] = v
+    path = tmp_path / "mixed.safetensors"
+    save_state_dict(mixed, path, metadata=meta)
+    shutil.copyfile(tiny35.with_suffix(".spiece.model"), path.with_suffix(".spiece.model"))
+    pipe = SD3Pipeline.from_file(path, precision="fp32")
+    assert pipe.model.t5.shared.weight.dtype == torch.float32
+    result = pipe.generate(GenerationParams(prompt="a cat", steps=2, seed=3))
+    assert np.asarray(result.images[0]).std() > 0
