@@ -357,10 +357,8 @@ def create_sd3(
     from .single_file import save_state_dict
 
     out = Path(out)
-    model = randomize_(StableDiffusion3(cfg), seed=seed)
+    model = randomize_(StableDiffusion3(cfg, dtype=dtype), seed=seed)  # built in `dtype`: half the peak
     sd = model.state_dict()
-    if dtype is not None and dtype != torch.float32:
-        sd = cast_floats(sd, dtype)
     defaults = SD3_DEFAULTS.get(cfg.name)
     extra = {"diffusekit.init": f"random seed {seed}"} | (defaults.to_metadata() if defaults else {})
     save_state_dict(sd, out, metadata=sd3_metadata(cfg, extra))

@@ -125,12 +125,13 @@ class DismantledBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=_EPS, **factory)
             self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), factory)
-        n_mod = 2 if pre_only else (9 if self_attn2 else 6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim, **factory))
+        # (shift, scale) for pre_only; + gate and the MLP's (shift, scale, gate); + attn2's three
+        self.n_mod = 2 if pre_only else (9 if self_attn2 else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mod * dim, **factory))
 
     def pre_attention(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
         """(B, N, C) tokens, (B, C) conditioning -> q/k/v for the joint attention and what post needs."""
-        mods = self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // c.shape[-1], dim=1)
+        mods = self.adaLN_modulation(c).chunk(self.n_mod, dim=1)  # n_mod x (B, C)
         qkv = self.attn.pre_attention(modulate(self.norm1(x), mods[0], mods[1]))
         return qkv, mods
 
