@@ -111,9 +111,14 @@ def test_diffusers_folder_round_trip(tiny35: Path, tmp_path: Path) -> None:
     assert replace(cfg, name="x", resolution=64, t5_max_length=16) == replace(TINY_SD35, name="x")
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], v) for k, v in sd.items())
-    # and diffusers' own loader holds the same transformer weights
+    # diffusers' own loaders: the folder, and its single-file converter reading our file
     ref = diffusers.SD3Transformer2DModel.from_pretrained(folder / "transformer")
     assert torch.equal(ref.pos_embed.pos_embed, sd["model.diffusion_model.pos_embed"])
+    for cls, sub in ((diffusers.SD3Transformer2DModel, "transformer"), (diffusers.AutoencoderKL, "vae")):
+        single = cls.from_single_file(tiny35, config=str(folder), subfolder=sub, local_files_only=True)
+        pretrained = cls.from_pretrained(folder / sub).state_dict()
+        got = single.state_dict()
+        assert set(got) == set(pretrained) and all(torch.equal(got[k], pretrained[k]) for k in got), sub
 
 
 @pytest.mark.parametrize("preset", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE], ids=lambda c: c.name)
