@@ -173,6 +173,8 @@ def test_file_errors(tiny35: Path, tmp_path: Path) -> None:
         pipe.generate(GenerationParams(prompt="x", steps=1, width=72, height=64))
     with pytest.raises(ValueError, match="not available for SD3"):
         pipe.generate(GenerationParams(prompt="x", steps=1, sampler="Euler a"))
+    with pytest.raises(ValueError, match="hires fix"):
+        pipe.generate(GenerationParams(prompt="x", steps=1, enable_hr=True))
     with pytest.raises(ValueError, match="flow-matching schedule"):
         pipe.generate(GenerationParams(prompt="x", steps=1, schedule="karras"))
 

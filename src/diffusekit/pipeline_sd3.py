@@ -279,6 +279,8 @@ class SD3Pipeline:
         """txt2img, or img2img with init_image; n_iter runs of batch_size images."""
         if mask is not None:
             raise ValueError("inpainting is not supported for SD3 models yet")
+        if params.enable_hr:
+            raise ValueError("hires fix is not supported for SD3 models yet; generate at the final size")
         params = params.validate(self.cfg.resolution, self.defaults)
         flow_sampler(params.sampler)  # an unknown or unsupported sampler fails before any work
         if str(getattr(params.schedule, "value", params.schedule)).lower() != "automatic":
