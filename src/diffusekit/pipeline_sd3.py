@@ -25,6 +25,7 @@ from . import __version__, images
 from .checkpoints.sd3 import LoadedSD3, load_sd3
 from .diffusion.denoiser import CFGDenoiser
 from .diffusion.flow import FlowDenoiser, SkipLayerGuidance, flow_noise, flow_sampler, flow_sigmas
+from .diffusion.schedules import img2img_sigmas
 from .memory import MemoryEstimate, check_fits, resident_bytes
 from .metadata import GenerationInfo
 from .models.t5_tokenizer import SPIECE_NAMES, T5Tokenizer
@@ -228,12 +229,27 @@ class SD3Pipeline:
 
     # --- VAE ---------------------------------------------------------------------------------
 
-    def encode_image(self, img: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (z - shift) * scale latents (posterior mean)."""
+    def encode_image(self, img: torch.Tensor, noise: BatchNoise | None = None) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> (B, 16, h, w) (z - shift) * scale latents: a posterior sample per image
+        drawn from its generator (diffusers' order: before the initial noise), or the mean without `noise`."""
         v = self.cfg.vae
         with torch.inference_mode():
-            z = self.model.vae.encode(img.to(self.device, self.dtype)).mode().float()
+            post = self.model.vae.encode(img.to(self.device, self.dtype))
+            mean, std = post.mean.float(), post.std.float()
+            z = mean if noise is None else mean + std * noise.randn(tuple(mean.shape[1:]))
         return (z - v.shift_factor) * v.scaling_factor
+
+    def img2img_sigmas(self, steps: int, strength: float, semantics: str) -> torch.Tensor:
+        """The schedule tail an img2img run walks: A1111's step count, or diffusers' SD3 img2img
+        (``get_timesteps``: the last steps * strength of a steps-step schedule, rounded as it rounds)."""
+        if semantics == "diffusers":
+            start = int(max(steps - min(steps * strength, steps), 0))
+            if start >= steps:
+                raise ValueError(
+                    f"strength {strength} with {steps} steps leaves no step to run; raise either"
+                )
+            return self.sigmas(steps)[start:]
+        return img2img_sigmas(self.sigmas, steps, strength, semantics=semantics)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """(B, 16, h, w) latents -> images: z / scale + shift, then the VAE decoder, one at a time."""
@@ -293,10 +309,9 @@ class SD3Pipeline:
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         conds = self.encode(params)
-        init = None
+        init_img = None
         if init_image is not None:
-            img = images.to_tensor(images.resize_image(init_image, width, height, params.resize_mode))
-            init = self.encode_image(img)  # (1, 16, h, w)
+            init_img = images.to_tensor(images.resize_image(init_image, width, height, params.resize_mode))
         shape = (
             self.cfg.mmdit.in_channels,
             height // self.cfg.vae.downscale,
@@ -313,7 +328,9 @@ class SD3Pipeline:
                 if callback is not None:
                     callback(Progress(step, total, 1, 1, _it))
 
-            noise = BatchNoise(seeds, self.device).randn(shape)  # (B, 16, h, w)
+            gens = BatchNoise(seeds, self.device)
+            init = None if init_img is None else self.encode_image(init_img, gens)  # first draw: posterior
+            noise = gens.randn(shape)  # (B, 16, h, w)
             if params.subseed_strength > 0:
                 subs = BatchNoise(subseeds, self.device).randn(shape)
                 noise = torch.stack(
@@ -323,16 +340,14 @@ class SD3Pipeline:
                 sigmas = self.sigmas(params.steps)
                 x = noise * sigmas[0]
             else:
-                sigmas = self.sigmas(
-                    max(1, int(params.steps * params.denoising_strength)), params.denoising_strength
-                )
-                x = flow_noise(init.expand_as(noise), noise, float(sigmas[0]))
+                sigmas = self.img2img_sigmas(params.steps, params.denoising_strength, params.img2img_steps)
+                x = flow_noise(init, noise, float(sigmas[0]))
             latents = self._sample(params, x, sigmas.to(self.device), conds, report)
             all_images += self.decode(latents)
             all_latents.append(latents.cpu())
             all_seeds += seeds
             infos += [
-                self.info(params, s, sub, img2img=init is not None)
+                self.info(params, s, sub, img2img=init_img is not None)
                 for s, sub in zip(seeds, subseeds, strict=True)
             ]
         return GenerationResult(all_images, infos, all_seeds, torch.cat(all_latents))
