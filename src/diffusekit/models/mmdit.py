@@ -103,7 +103,8 @@ class SelfAttention(nn.Module):
 
 def joint_attention(qkvs: list[tuple[Tensor, Tensor, Tensor]], kernel: str = "sdpa") -> list[Tensor]:
     """Attention over the concatenated token sequences; returns each sequence's (B, N_i, h*d) output."""
-    q, k, v = (torch.cat([t[i] for t in qkvs], dim=1).transpose(1, 2) for i in range(3))  # (B, h, N, d)
+    # heads-first before the concatenation, so SDPA gets contiguous (B, h, N, d) tensors
+    q, k, v = (torch.cat([t[i].transpose(1, 2) for t in qkvs], dim=2) for i in range(3))  # (B, h, N, d)
     out = attention(q, k, v, kernel).transpose(1, 2).flatten(2)  # (B, N, h*d)
     return list(out.split([t[0].shape[1] for t in qkvs], dim=1))
 
@@ -143,8 +144,9 @@ class DismantledBlock(nn.Module):
         if self.attn2 is not None:
             shift2, scale2, gate2 = mods[6:]
             q, k, v = (
-                t.transpose(1, 2) for t in self.attn2.pre_attention(modulate(self.norm1(x), shift2, scale2))
-            )
+                t.transpose(1, 2).contiguous()
+                for t in self.attn2.pre_attention(modulate(self.norm1(x), shift2, scale2))
+            )  # (B, h, N, d)
             out = attention(q, k, v, kernel).transpose(1, 2).flatten(2)  # (B, N, C)
             update = update + gate2.unsqueeze(1) * self.attn2.proj(out)
         x = x + update
