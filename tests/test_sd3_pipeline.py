@@ -132,6 +132,9 @@ def test_detect_real_size_configs_from_shapes(preset) -> None:
     )
     without_t5 = {k: v for k, v in sd.items() if not k.startswith(T5_PREFIX)}
     assert detect_sd3_config(without_t5, {}, "file").mmdit == cfg.mmdit
+    # Stability's clip_l files may have no text_projection (its pooled output is used unprojected)
+    unprojected = {k: v for k, v in sd.items() if k != CLIP_L_PREFIX + "text_projection.weight"}
+    assert detect_sd3_config(unprojected, {}, "file").clip_l.projection_dim is None
 
 
 def test_separate_text_encoder_files(tiny35: Path, tmp_path: Path) -> None:
@@ -306,3 +309,19 @@ def test_img2img_matches_diffusers(tiny35: Path, tmp_path: Path) -> None:
     ours_px = np.asarray(result.images[0]).astype(np.float64) / 255
     assert np.abs(ours_px - img).mean() < 1 / 255
     assert "Denoising strength: 0.55" in result.infotexts[0]
+
+
+def test_unprojected_clip_l_converts_with_identity_projection(tiny35: Path, tmp_path: Path) -> None:
+    """A clip_l without text_projection (Stability's files) keeps its pooled output through a folder."""
+    from diffusekit.checkpoints.sd3 import build_sd3
+
+    sd, _ = load_state_dict(tiny35)
+    sd = {k: v for k, v in sd.items() if k != CLIP_L_PREFIX + "text_projection.weight"}
+    cfg = replace(TINY_SD35, clip_l=replace(TINY_SD35.clip_l, projection_dim=None))
+    ours, _ = build_sd3(sd, cfg, name="unprojected")
+    back, back_cfg = read_sd3_diffusers_folder(write_sd3_diffusers_folder(sd, cfg, tmp_path / "f"))
+    again, _ = build_sd3(back, back_cfg, name="folder")
+    ids = torch.randint(0, 49000, (1, 77), generator=torch.Generator().manual_seed(0))
+    ids[0, 5] = 49407
+    with torch.no_grad():
+        assert torch.allclose(ours.clip_l(ids).pooled, again.clip_l(ids).pooled, atol=1e-6)

@@ -142,6 +142,12 @@ def write_sd3_diffusers_folder(
             raise CheckpointError(
                 f"no {prefix} weights to write; a diffusers SD3 folder needs both CLIP encoders"
             )
+        if tcfg.projection_dim is None:  # an unprojected pooled output = an identity projection in diffusers
+            eye = torch.eye(tcfg.width, dtype=weights["text_model.final_layer_norm.weight"].dtype)
+            weights, tcfg = (
+                {**weights, "text_projection.weight": eye},
+                replace(tcfg, projection_dim=tcfg.width),
+            )
         write(f"text_encoder{suffix}", text_config_to_transformers(tcfg), text_to_transformers(weights, tcfg),
               "model.safetensors")  # fmt: skip
         bpe.save_folder(

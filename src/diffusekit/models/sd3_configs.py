@@ -83,9 +83,10 @@ class SD3Config:
 
     def __post_init__(self) -> None:
         need = self.clip_l.width + self.clip_g.width
-        if self.mmdit.adm_in_channels != (self.clip_l.projection_dim or 0) + (
-            self.clip_g.projection_dim or 0
-        ):
+        # pooled widths: projected, or the width itself (Stability uses CLIP-L's pooled output unprojected;
+        # its clip_l files may carry no text_projection, for which diffusers uses an identity)
+        pooled = sum(c.projection_dim or c.width for c in (self.clip_l, self.clip_g))
+        if self.mmdit.adm_in_channels != pooled:
             raise ValueError(
                 f"MMDiT adm_in_channels {self.mmdit.adm_in_channels} must equal the pooled CLIP widths"
             )
