@@ -2,7 +2,7 @@
 
 Usage:
     python bench/sd3_mmdit.py [--preset sd35_medium] [--size 1024] [--dtype bf16|fp32] [--repeats 2]
-                              [--threads N] [--weights PATH]
+                              [--threads N] [--weights PATH] [--diffusers-first]
 
 Random real-size weights are made once (seeded) and cached as one safetensors file in our keys
 (default ~/.cache/diffusekit-bench/<preset>-mmdit-<dtype>.safetensors); diffusers' SD3Transformer2DModel
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--weights", type=Path)
+    p.add_argument("--diffusers-first", action="store_true", help="run the diffusers side first")
     p.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = p.parse_args()
     weights = _weights(args.preset, args.dtype, args.weights)
@@ -108,7 +109,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args, weights)))
         return
     results = {}
-    for side in ("ours", "diffusers"):
+    for side in ("diffusers", "ours") if args.diffusers_first else ("ours", "diffusers"):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--weights", str(weights), "--worker", side]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
         results[side] = json.loads(line.strip().splitlines()[-1])
