@@ -19,6 +19,7 @@ from diffusekit.checkpoints.convert_vae import (
     vae_to_diffusers,
 )
 from diffusekit.models.configs import SD1, SDXL, TINY_SD1, TINY_SDXL, VAEConfig
+from diffusekit.models.sd3_configs import TINY_SD3
 from diffusekit.models.vae import AutoencoderKL, DiagonalGaussian
 
 TOL = 1e-4  # max |ours - reference| / max |reference|, fp32
@@ -47,7 +48,7 @@ def diffusers_reference(cfg: VAEConfig, folder: Path) -> tuple[DiffusersAutoenco
     return ref, load_file(folder / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("cfg", [TINY_SD1.vae, TINY_SDXL.vae], ids=["sd1", "sdxl"])
+@pytest.mark.parametrize("cfg", [TINY_SD1.vae, TINY_SDXL.vae, TINY_SD3.vae], ids=["sd1", "sdxl", "sd3"])
 def test_matches_diffusers(cfg: VAEConfig, tmp_path: Path) -> None:
     ref, stored = diffusers_reference(cfg, tmp_path)
     assert vae_config_from_diffusers(ref.config) == cfg  # scaling factor included
@@ -157,10 +158,10 @@ def test_key_map_errors_name_the_key() -> None:
 
 def test_config_conversion_rejects_unsupported() -> None:
     d = vae_config_to_diffusers(TINY_SD1.vae)
-    with pytest.raises(ValueError, match="shift_factor"):
-        vae_config_from_diffusers({**d, "shift_factor": 0.1})
+    with pytest.raises(ValueError, match="latents_mean"):
+        vae_config_from_diffusers({**d, "latents_mean": [0.0] * 4})
     with pytest.raises(ValueError, match="use_quant_conv"):
-        vae_config_from_diffusers({**d, "use_quant_conv": False})
+        vae_config_from_diffusers({**d, "use_quant_conv": False})  # post_quant_conv still on
     with pytest.raises(ValueError, match="ch_mult"):
         vae_config_to_diffusers(VAEConfig(ch_mult=(2, 2)))
     with pytest.raises(ValueError, match="embed_dim"):

@@ -78,11 +78,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     from .checkpoints.load import checkpoint_metadata
     from .checkpoints.single_file import cast_floats, save_state_dict
+    from .cli_sd3 import create_sd3_preset
     from .models.configs import preset
     from .models.init import randomize_
     from .models.sd import StableDiffusion
 
     _exit_on_sigterm()
+    if create_sd3_preset(args, _torch_dtype(args.dtype)):
+        return 0
     cfg = preset(args.preset)
     model = randomize_(StableDiffusion(cfg), seed=args.seed)
     sd = model.state_dict()
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("create", help="write a model with seeded random weights at a named preset")
-    p.add_argument("preset", help="sd1, sd1_inpaint, sd2, sd2_v, sdxl, tiny_sd1, ...")
+    p.add_argument("preset", help="sd1, sd1_inpaint, sd2, sd2_v, sdxl, tiny_sd1, sd35_medium, tiny_sd3, ...")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES))

@@ -85,6 +85,8 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .cli_sd3 import add_sd3_options
+
     p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file, diffusers folder or store model NAME[@VERSION] "
@@ -126,6 +128,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "UserComment, as A1111 writes it); batches add -1, -2 ... before the extension",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of progress")
+    add_sd3_options(p)
 
 
 def _params(args: argparse.Namespace, **extra):
@@ -213,8 +216,10 @@ def load_pipeline(args: argparse.Namespace):
     accel, device = _accel(args), resolve_device(args.device)
     pipe = store_pipeline(args, accel=accel, device=device)  # None unless --model names a store model
     if pipe is None:
+        from .cli_sd3 import sd3_pipeline
+
         model = Path(args.model) if args.model else default_model_path()
-        pipe = Pipeline.from_file(
+        pipe = sd3_pipeline(args, model, device) or Pipeline.from_file(
             model, vae=args.vae, prediction=args.prediction, precision=args.precision, accel=accel,
             device=device,
         )  # fmt: skip
@@ -250,7 +255,7 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
             result = pipe.outpaint(params, image, callback=progress, **pads)
         else:
             checked = params.validate(pipe.cfg.resolution, pipe.defaults)
-            w, h = pipe._output_size(checked)
+            w, h = pipe.output_size(checked)
             count = checked.batch_size * checked.n_iter
             progress.announce(f"{w}x{h}, {count} image(s), {checked.steps} steps: encoding the prompt ...")
             result = pipe.generate(params, callback=progress, **inputs)

@@ -314,7 +314,7 @@ class Pipeline:
 
     def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
         """Predicted peak memory of `generate(params)`: resident now plus the larger activation peak."""
-        width, height = self._output_size(params.validate(self.cfg.resolution, self.defaults))
+        width, height = self.output_size(params.validate(self.cfg.resolution, self.defaults))
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return estimate(
             self.cfg, width, height, params.batch_size,
@@ -323,7 +323,7 @@ class Pipeline:
             vae_chunked=self._chunk_vae(width, height),
         )  # fmt: skip
 
-    def _output_size(self, params: GenerationParams) -> tuple[int, int]:
+    def output_size(self, params: GenerationParams) -> tuple[int, int]:
         """The size of the images `generate(params)` returns: the hires size when hires fix is on."""
         if params.enable_hr:
             return params.hires_size(self.cfg.resolution)
@@ -425,7 +425,7 @@ class Pipeline:
         if mask is not None and mask.convert("L").getbbox() is None:
             raise images.ImageError("the mask is empty (all black): paint the area to repaint in white")
         width, height = params.size(self.cfg.resolution)
-        final_w, final_h = self._output_size(params)
+        final_w, final_h = self.output_size(params)
         check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)

@@ -60,6 +60,12 @@ def convert_checkpoint(
             f"{dst}: a single-file checkpoint is written as .safetensors; name it {dst.name}.safetensors, "
             "or pass --format diffusers to write a folder"
         )
+    from .sd3 import is_sd3_file  # SD3/SD3.5 (MMDiT) models convert with their own key maps
+
+    if is_sd3_file(src):
+        from .sd3_tools import convert_sd3
+
+        return convert_sd3(src, dst, fmt=fmt, dtype=dtype)
     sd, cfg, tokenizer, metadata, notes = read_checkpoint(
         src, prediction=prediction, vae=vae, prune_training=prune, keep_ema=keep_ema
     )

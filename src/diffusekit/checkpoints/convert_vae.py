@@ -59,6 +59,9 @@ def vae_config_to_diffusers(cfg: VAEConfig, *, sample_size: int = 512) -> dict[s
         "norm_num_groups": cfg.norm_groups,
         "sample_size": sample_size,
         "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor or None,
+        "use_quant_conv": cfg.use_quant_conv,
+        "use_post_quant_conv": cfg.use_quant_conv,
     }
 
 
@@ -74,10 +77,12 @@ def vae_config_from_diffusers(d: object, source: str = "vae/config.json") -> VAE
         problems.append(f"up_block_types must all be {_UP_TYPE}")
     if f.get("act_fn", Text(), "silu") != "silu":
         problems.append(f"act_fn must be 'silu', got {d['act_fn']!r}")
-    for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-        if f.get(flag, Bool(), True) is not True:
-            problems.append(f"{flag}=False is not supported")
-    for field in ("shift_factor", "latents_mean", "latents_std"):
+    if f.get("mid_block_add_attention", Bool(), True) is not True:
+        problems.append("mid_block_add_attention=False is not supported")
+    quant = f.get("use_quant_conv", Bool(), True)  # SD3's 16-channel VAE has no quant convs
+    if f.get("use_post_quant_conv", Bool(), True) != quant:
+        problems.append("use_quant_conv and use_post_quant_conv must agree")
+    for field in ("latents_mean", "latents_std"):
         if d.get(field) is not None:
             problems.append(f"{field} is set (latent normalisation beyond a scaling factor is not supported)")
     ch = blocks[0]
@@ -98,6 +103,10 @@ def vae_config_from_diffusers(d: object, source: str = "vae/config.json") -> VAE
         embed_dim=latent,
         norm_groups=f.get("norm_num_groups", Int(1, 1024), 32),
         scaling_factor=f.get("scaling_factor", Float(0.0, 100.0), 0.18215),
+        shift_factor=0.0
+        if d.get("shift_factor") is None  # SD1/2/XL folders write null
+        else f.get("shift_factor", Float(-100.0, 100.0, False)),
+        use_quant_conv=bool(quant),
     )
 
 

@@ -114,6 +114,12 @@ def inspect_checkpoint(
 ) -> InspectReport:
     """Inspect a single file or a diffusers folder without materializing the model."""
     path = Path(path)
+    from .sd3 import is_sd3_file  # SD3/SD3.5 (MMDiT) models have their own report
+
+    if is_sd3_file(path):
+        from .sd3_tools import inspect_sd3
+
+        return inspect_sd3(path, hashes=hashes)
     sd, cfg, _, metadata, _ = read_checkpoint(path, prediction=prediction)
     if path.is_dir():
         fmt = "diffusers folder"

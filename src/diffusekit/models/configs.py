@@ -147,7 +147,9 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
     norm_groups: int = 32
-    scaling_factor: float = 0.18215  # SDXL: 0.13025
+    scaling_factor: float = 0.18215  # SDXL: 0.13025, SD3: 1.5305
+    shift_factor: float = 0.0  # SD3: 0.0609; latent = (z - shift) * scale
+    use_quant_conv: bool = True  # SD3's 16-channel VAE has no quant_conv / post_quant_conv
 
     def __post_init__(self) -> None:
         check_fields(self, _VAE_SPECS)

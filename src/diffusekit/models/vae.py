@@ -232,12 +232,18 @@ class AutoencoderKL(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.encoder = Encoder(cfg, factory)
         self.decoder = Decoder(cfg, factory)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1, **factory)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1, **factory)
+        if cfg.use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1, **factory)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1, **factory)
+        else:  # SD3: the encoder's moments are the posterior, the latent goes straight to the decoder
+            if cfg.embed_dim != cfg.z_channels:
+                raise ValueError("a VAE without quant_conv needs embed_dim == z_channels")
+            self.quant_conv = self.post_quant_conv = None
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 2*embed_dim, H/f, W/f) posterior mean and log-variance, stacked."""
-        return self.quant_conv(self.encoder(x))
+        moments = self.encoder(x)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, 3, H, W) in [-1, 1] -> posterior over (B, embed_dim, H/f, W/f) unscaled latents."""
@@ -252,7 +258,7 @@ class AutoencoderKL(nn.Module):
         """(B, embed_dim, h, w) unscaled latents -> (B, 3, h*f, w*f) image, roughly in [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.cfg.embed_dim:
             raise ValueError(f"decode expects (B, {self.cfg.embed_dim}, h, w) latents, got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None

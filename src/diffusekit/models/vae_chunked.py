@@ -206,7 +206,8 @@ def decode_chunked(
     if z.ndim != 4 or z.shape[1] != cfg.embed_dim:
         raise ValueError(f"decode expects (B, {cfg.embed_dim}, h, w) latents, got {tuple(z.shape)}")
     dec = vae.decoder
-    h = _mid(dec.mid, _conv(vae.post_quant_conv(z), dec.conv_in, strip_bytes), strip_bytes)  # (B, C, h, w)
+    z = z if vae.post_quant_conv is None else vae.post_quant_conv(z)
+    h = _mid(dec.mid, _conv(z, dec.conv_in, strip_bytes), strip_bytes)  # (B, C, h, w)
     for level in reversed(dec.up):
         for blk in level.block:
             h = _resnet_block(blk, h, strip_bytes)
@@ -228,7 +229,8 @@ def encode_moments_chunked(
         if level.downsample is not None:  # pad (0, 1, 0, 1) then stride 2: (B, C, H, W) -> (B, C, H/2, W/2)
             h = _conv(h, level.downsample.conv, strip_bytes, pad=(0, 1, 0, 1))
     h = _mid(enc.mid, h, strip_bytes)
-    return vae.quant_conv(_conv(h, enc.conv_out, strip_bytes, norm=enc.norm_out))
+    moments = _conv(h, enc.conv_out, strip_bytes, norm=enc.norm_out)
+    return moments if vae.quant_conv is None else vae.quant_conv(moments)
 
 
 def encode_chunked(
