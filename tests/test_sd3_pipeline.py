@@ -258,7 +258,7 @@ def test_memory_estimate_and_budget(tiny35: Path, monkeypatch) -> None:
     small = pipe.memory_estimate(GenerationParams(prompt="x", width=64, height=64))
     large = pipe.memory_estimate(GenerationParams(prompt="x", width=128, height=128, batch_size=2))
     assert 0 < small.unet < large.unet and small.resident > 0
-    monkeypatch.setenv("DIFFUSEKIT_MEMORY_LIMIT_MB", "0")
+    monkeypatch.setenv("DIFFUSEKIT_MEMORY_LIMIT_MB", "1")  # 1 MiB: nothing fits
     with pytest.raises(MemoryBudgetError, match="activations"):
         pipe.generate(GenerationParams(prompt="x", steps=1))
 
