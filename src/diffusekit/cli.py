@@ -39,6 +39,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.convert import convert_checkpoint
 
+    if args.quantize:
+        return _cmd_quantize(args)
     result = convert_checkpoint(
         args.src,
         args.dst,
@@ -59,6 +61,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         for note in result["notes"]:
             print(f"  note: {note}")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeSettings, quantize_checkpoint
+
+    if args.format != "single-file" or args.dtype or args.prune or args.keep_ema:
+        raise ValueError("--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema")
+    settings = QuantizeSettings(prompts=args.calibration_prompts, steps=args.calibration_steps,
+                                size=args.calibration_size)  # fmt: skip
+    result = quantize_checkpoint(args.src, args.dst, settings, prediction=args.prediction, vae=args.vae)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, calibrated on "
+            f"{result['calibration']} in {result['calibration_seconds']} s; {result['bytes_after']:,} bytes)"
+        )
     return 0
 
 
@@ -105,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ema", action="store_true", help="with --prune: keep the EMA U-Net weights instead")
     p.add_argument("--prediction", choices=("eps", "v"), help="record the prediction type")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
+    p.add_argument("--quantize", choices=("int8",), help="calibrate once and write an int8 U-Net (CPU)")
+    p.add_argument("--calibration-prompts", type=int, default=4, help="with --quantize: images to observe")
+    p.add_argument("--calibration-steps", type=int, default=8, help="with --quantize: sampler steps each")
+    p.add_argument("--calibration-size", type=int, help="with --quantize: image side (default: native)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
