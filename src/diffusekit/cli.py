@@ -68,7 +68,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeSettings, quantize_checkpoint
 
     if args.format != "single-file" or args.dtype or args.prune or args.keep_ema:
-        raise ValueError("--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema")
+        raise ValueError(
+            "--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema"
+        )
     settings = QuantizeSettings(prompts=args.calibration_prompts, steps=args.calibration_steps,
                                 size=args.calibration_size)  # fmt: skip
     result = quantize_checkpoint(args.src, args.dst, settings, prediction=args.prediction, vae=args.vae)

@@ -24,6 +24,7 @@ as an ordinary single-file checkpoint with a few more keys (see `diffusekit.quan
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -99,7 +100,9 @@ class _Int8Layer(nn.Module):
     def _quantize_input(self, x: Tensor) -> Tensor:
         """uint8 values of `x` (fp32, any layout kept) at the calibrated scale and zero point."""
         scale, zp = self._qparams
-        return torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
+        with warnings.catch_warnings():  # "quantized tensor creation is deprecated" (one fused kernel)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
 
 
 class Int8Conv2d(_Int8Layer):
@@ -250,7 +253,9 @@ def quantize_unet(unet: UNetModel, ranges: dict[str, tuple[float, float]]) -> in
         raise AccelError("int8: this U-Net has no float Conv2d/Linear layers to quantize (already int8?)")
     missing = [n for n, _ in targets if n not in ranges]
     if missing:
-        raise AccelError(f"int8: no calibrated range for {missing[0]} ({len(missing)} layers); calibrate first")
+        raise AccelError(
+            f"int8: no calibrated range for {missing[0]} ({len(missing)} layers); calibrate first"
+        )
     for name, m in targets:
         scale, zp = _activation_qparams(*ranges[name])
         _set(unet, name, Int8Conv2d(m, scale, zp) if isinstance(m, nn.Conv2d) else Int8Linear(m, scale, zp))
@@ -287,4 +292,3 @@ def restore_int8_unet(unet: UNetModel, state: dict[str, Tensor]) -> int:
 def dequantized_weight(weight: Tensor, weight_scale: Tensor) -> Tensor:
     """fp32 `weight` * per-output-channel scale: what an int8 layer's weight stands for."""
     return weight.float() * weight_scale.float().view((-1,) + (1,) * (weight.ndim - 1))
-
