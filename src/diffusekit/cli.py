@@ -78,8 +78,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, calibrated on "
-            f"{result['calibration']} in {result['calibration_seconds']} s; {result['bytes_after']:,} bytes)"
+            f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, "
+            f"calibrated on {result['calibration']} in {result['calibration_seconds']} s; {result['bytes_after']:,} bytes)"
         )
     return 0
 

@@ -85,11 +85,12 @@ def quantize_checkpoint(
     with torch.inference_mode():
         ranges = calibrate(pipe, settings)
     calib_s = time.perf_counter() - t0
+    size = settings.size or pipe.cfg.resolution
     count = quantize_unet(pipe.model.unet, ranges)
     extra = {
         QUANTIZATION_KEY: INT8_STATIC,
         "diffusekit.quantization.calibration": (
-            f"{settings.prompts} prompts x {settings.steps} steps at {settings.size or pipe.cfg.resolution}px, "
+            f"{settings.prompts} prompts x {settings.steps} steps at {size}px, "
             f"percentile {settings.percentile}"
         ),
     }

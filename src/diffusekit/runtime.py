@@ -88,7 +88,7 @@ class CpuFeatures:
 
 
 def cpu_features() -> CpuFeatures:
-    """This CPU's features, from torch.cpu's probes (private, present in torch 2.x; absent ones read False)."""
+    """This CPU's features from torch.cpu's probes (private, in torch 2.x; an absent one reads False)."""
 
     def probe(name: str) -> bool:
         return bool(getattr(torch.cpu, name, lambda: False)())

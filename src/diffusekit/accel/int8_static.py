@@ -53,7 +53,8 @@ def int8_unavailable() -> str | None:
     if "x86" not in torch.backends.quantized.supported_engines and (
         "onednn" not in torch.backends.quantized.supported_engines
     ):
-        return f"this torch build has no x86/onednn quantized engine ({torch.backends.quantized.supported_engines})"
+        engines = torch.backends.quantized.supported_engines
+        return f"this torch build has no x86/onednn quantized engine ({engines})"
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         return "this torch build lacks oneDNN's quantized kernels (torch.ops.onednn.qconv2d_pointwise)"
     return None
