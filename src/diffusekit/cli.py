@@ -79,7 +79,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     else:
         print(
             f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, "
-            f"calibrated on {result['calibration']} in {result['calibration_seconds']} s; {result['bytes_after']:,} bytes)"
+            f"calibrated on {result['calibration']} in {result['calibration_seconds']} s; "
+            f"{result['bytes_after']:,} bytes)"
         )
     return 0
 
