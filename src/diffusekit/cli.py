@@ -29,11 +29,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoints.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path, prediction=args.prediction, hashes=not args.no_hash)
+    path = _auto_path(args.path, report)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict() | {"compute_path": path}, indent=2))
     else:
         print(format_report(report))
+        print(f"  compute     {path['name']} on this CPU with --precision auto ({path['reason']})")
     return 0
+
+
+def _auto_path(path: str, report) -> dict[str, str]:  # noqa: ANN001 - an InspectReport
+    """The path `--precision auto` takes for this checkpoint on this machine's CPU, and why."""
+    from .accel.int8_file import is_int8_checkpoint
+    from .runtime import choose_path
+
+    unet = sum(c.parameters for c in report.components if c.name.lower() in ("unet", "u-net"))
+    chosen = choose_path("auto", "cpu", unet or None, quantized=is_int8_checkpoint(path))
+    return {"name": chosen.name, "reason": chosen.reason}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -115,6 +115,10 @@ def inspect_checkpoint(
     """Inspect a single file or a diffusers folder without materializing the model."""
     path = Path(path)
     sd, cfg, _, metadata, _ = read_checkpoint(path, prediction=prediction)
+    if metadata.get("diffusekit.quantization") == "int8-static":  # int8 weights: report them as they are
+        from ..accel.int8_static import QUANT_SUFFIXES
+
+        sd = {k: v for k, v in sd.items() if not k.endswith(QUANT_SUFFIXES)}  # the scales and zero points
     if path.is_dir():
         fmt = "diffusers folder"
     else:
