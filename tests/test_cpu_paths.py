@@ -141,6 +141,12 @@ def test_int8_file_round_trip_is_exact_and_close_to_fp32(tmp_path):
     model, fp32, count = _calibrated_int8(path, cfg)
     convs = [m for m in model.unet.modules() if isinstance(m, Int8Conv2d)]
     assert count > 0 and convs and model.unet.input_blocks[0][0].weight.is_floating_point()  # first stays
+    skips = [
+        m
+        for n, m in model.unet.named_modules()
+        if n.endswith("skip_connection") and type(m) is not torch.nn.Identity
+    ]
+    assert skips and all(isinstance(m, torch.nn.Conv2d) for m in skips)  # concatenated inputs stay fp32
     meta = checkpoint_metadata(cfg, {"diffusekit.quantization": "int8-static"})
     out = tmp_path / "tiny-int8.safetensors"
     save_state_dict(model.state_dict(), out, metadata=meta)
@@ -151,7 +157,8 @@ def test_int8_file_round_trip_is_exact_and_close_to_fp32(tmp_path):
     with torch.inference_mode():
         a, b, ref = model.unet(x, t, ctx), loaded.unet(x, t, ctx), fp32.unet(x, t, ctx)
     assert torch.equal(a, b)  # the file holds exactly what was quantized
-    assert _rel(a, ref) < 0.1  # the int8 step's error on random tiny weights (measured in the guide)
+    print(f"int8 U-Net step relative error on tiny random weights: {_rel(a, ref):.4f}")
+    assert _rel(a, ref) < 0.1  # measured 0.06 on these tiny random weights, calibrated on 2 calls
     with pytest.raises(AccelError, match="no float Conv2d/Linear layers"):
         quantize_unet(loaded.unet, {})
 
