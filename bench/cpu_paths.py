@@ -28,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -307,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in chosen if p not in skipped]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "cpu_paths_tensors"
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="cpu_paths-"))  # each worker's output tensor, compared at the end
     cfg = {"model": args.model, "int8_model": args.int8_model, "size": args.size, "rounds": args.rounds,
            "steps": args.steps, "threads": args.threads, "cpu": cpu_info(), "skipped": skipped}  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
