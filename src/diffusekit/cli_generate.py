@@ -97,7 +97,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
         help="compute path; auto: bf16 for SD-size models on CPUs with native bf16, int8 for a file "
-        "made by `convert --quantize int8`, else fp32 (fp16 on CUDA); fp32 is the reference path, "
+        "quantized by `diffusekit convert` (int8), else fp32 (fp16 on CUDA); fp32 is the reference path, "
         "fp32-fast lays it out channels-last (see docs/guides/cpu-paths.md)",
     )  # fmt: skip
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
