@@ -32,7 +32,8 @@ def test_precision_names_and_devices():
     assert resolve_precision("fp32", "cpu") == torch.float32
     assert resolve_precision("bf16", "cpu") == torch.bfloat16
     assert resolve_precision("auto", "cuda") == torch.float16
-    with pytest.raises(PrecisionError, match=r"unknown precision 'half'; valid: auto, fp32, bf16, fp16"):
+    valid = "auto, fp32, fp32-fast, bf16, fp16, int8"
+    with pytest.raises(PrecisionError, match=rf"unknown precision 'half'; valid: {valid}"):
         resolve_precision("half", "cpu")
     with pytest.raises(PrecisionError, match="fp16 compute is not supported on CPU"):
         resolve_precision("fp16", "cpu")

@@ -29,10 +29,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoints.inspect import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.path, prediction=args.prediction, hashes=not args.no_hash)
+    path = _auto_path(args.path, report)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict() | {"compute_path": path}, indent=2))
     else:
         print(format_report(report))
+        print(f"  compute     {path['name']} on this CPU with --precision auto ({path['reason']})")
     return 0
 
 
@@ -46,10 +48,22 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _auto_path(path: str, report) -> dict[str, str]:  # noqa: ANN001 - an InspectReport
+    """The path `--precision auto` takes for this checkpoint on this machine's CPU, and why."""
+    from .accel.int8_file import is_int8_checkpoint
+    from .runtime import choose_path
+
+    unet = sum(c.parameters for c in report.components if c.name.lower() in ("unet", "u-net"))
+    chosen = choose_path("auto", "cpu", unet or None, quantized=is_int8_checkpoint(path))
+    return {"name": chosen.name, "reason": chosen.reason}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.convert import convert_checkpoint
 
     _exit_on_sigterm()
+    if args.quantize:
+        return _cmd_quantize(args)
     result = convert_checkpoint(
         args.src,
         args.dst,
@@ -70,6 +84,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         for note in result["notes"]:
             print(f"  note: {note}")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeSettings, quantize_checkpoint
+
+    if args.format != "single-file" or args.dtype or args.prune or args.keep_ema:
+        raise ValueError(
+            "--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema"
+        )
+    settings = QuantizeSettings(prompts=args.calibration_prompts, steps=args.calibration_steps,
+                                size=args.calibration_size)  # fmt: skip
+    result = quantize_checkpoint(args.src, args.dst, settings, prediction=args.prediction, vae=args.vae)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, "
+            f"calibrated on {result['calibration']} in {result['calibration_seconds']} s; "
+            f"{result['bytes_after']:,} bytes)"
+        )
     return 0
 
 
@@ -120,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ema", action="store_true", help="with --prune: keep the EMA U-Net weights instead")
     p.add_argument("--prediction", choices=("eps", "v"), help="record the prediction type")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
+    p.add_argument("--quantize", choices=("int8",), help="calibrate once and write an int8 U-Net (CPU)")
+    p.add_argument("--calibration-prompts", type=int, default=4, help="with --quantize: images to observe")
+    p.add_argument("--calibration-steps", type=int, default=8, help="with --quantize: sampler steps each")
+    p.add_argument("--calibration-size", type=int, help="with --quantize: image side (default: native)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 DEFAULT_MODEL = "default.safetensors"  # shipped in diffusekit/assets once trained (issue 4)
+PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8")  # runtime.PRECISIONS, without torch
 
 
 def default_model_path() -> Path:
@@ -108,9 +109,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-mode", default="a1111", choices=("a1111", "a1111_no_norm", "plain"))
     add_device_option(p)
     p.add_argument(
-        "--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-        help="compute precision; auto: bf16 for SD-size models on CPUs with native bf16, else fp32 "
-        "(fp16 on CUDA); fp32 is the reference path",
+        "--precision", default="auto", choices=PRECISIONS,
+        help="compute path; auto: bf16 for SD-size models on CPUs with native bf16, int8 for a file "
+        "quantized by `diffusekit convert` (int8), else fp32 (fp16 on CUDA); fp32 is the reference path, "
+        "fp32-fast lays it out channels-last (see docs/guides/cpu-paths.md)",
     )  # fmt: skip
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
                    help="DeepCache: run the whole U-Net every N-th call, reuse its deep features in "
@@ -275,6 +277,7 @@ def _run(args: argparse.Namespace, params, **inputs) -> int:
                     "files": files,
                     "seeds": result.seeds,
                     "infotexts": result.infotexts,
+                    "path": {"name": pipe.path.name, "reason": pipe.path.reason},
                     "load_seconds": round(load_s, 3),
                     "total_seconds": round(total_s, 3),
                 },

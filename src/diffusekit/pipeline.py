@@ -36,7 +36,7 @@ from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
 from .params import GenerationParams, ParamError, seed_at
 from .prompts import encode_prompt, pad_to_same_length
-from .runtime import prepare, resolve_precision
+from .runtime import ComputePath, choose_path, prepare
 
 
 class Cancelled(Exception):
@@ -141,12 +141,14 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         accel: Accel | None = None,
+        path: ComputePath | None = None,
     ):
         self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = loaded.model
-        self.fast = prepare(self.model, dtype, self.device)  # casts and lays out in place
+        self.path = path or ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
+        self.fast = prepare(self.model, dtype, self.device, self.path.name)  # casts and lays out in place
         self.accel = accel or Accel()  # opt-in accelerators; DeepCache acts per sampler run in _sample
         apply_accel(self.model, self.accel)
         self.cfg = loaded.cfg
@@ -172,15 +174,27 @@ class Pipeline:
     ) -> Pipeline:
         """Load a checkpoint (`load_kw`: prediction, vae, keep_ema) for generation.
 
-        `precision` "auto" picks bf16 on CPUs with native bf16 for SD-size models and fp32 otherwise
-        (see runtime.resolve_precision); "fp32" is the parity path. An explicit `dtype` wins.
-        `accel` turns on opt-in accelerators (diffusekit.accel); they change the images a little.
+        `precision` "auto" picks bf16 on CPUs with native bf16 for SD-size models, int8 for an
+        int8-quantized file, and fp32 otherwise (see runtime.choose_path); "fp32" is the parity path.
+        An explicit `dtype` wins. `accel` turns on opt-in accelerators (diffusekit.accel); they change
+        the images a little.
         """
-        loaded = load_model(path, **load_kw)
+        from .accel.int8_file import is_int8_checkpoint, load_int8_model
+
+        quantized = is_int8_checkpoint(path)
+        loaded = load_int8_model(path, **load_kw) if quantized else load_model(path, **load_kw)
+        chosen = None
         if dtype is None:
             unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
-            dtype = resolve_precision(precision, device, unet_params)
-        return cls(loaded, device=device, dtype=dtype, accel=accel)
+            chosen = choose_path(precision, device, unet_params, quantized=quantized)
+            dtype = chosen.dtype
+        elif quantized and dtype != torch.float32:
+            raise ValueError(f"{Path(path).name} is int8-quantized; it runs in fp32 around its int8 layers")
+        return cls(loaded, device=device, dtype=dtype, accel=accel, path=chosen)
+
+    def _path_infotext(self) -> dict[str, str]:
+        """The infotext field of a quantized compute path (none for the float paths)."""
+        return {"Quantization": "int8-static"} if self.path.name == "int8" else {}
 
     # --- conditioning ------------------------------------------------------------------------
 
@@ -640,5 +654,5 @@ class Pipeline:
             else (params.hr_denoising_strength if params.enable_hr else None),
             clip_skip=params.clip_skip,
             version=f"diffusekit {__version__}",
-            extras=extras | self.accel.infotext() | dict(params.extras),
+            extras=extras | self.accel.infotext() | self._path_infotext() | dict(params.extras),
         )

@@ -1,9 +1,18 @@
 """Compute precision and the inference fast path: which dtype to run in, and how to lay a model out for it.
 
-`resolve_precision` turns the user's choice ("auto", "fp32", "bf16", "fp16") into a dtype for a device and
-model; `prepare` casts a model and applies the layout choices that only pay off outside the fp32 parity
-path (channels-last convolutions, sliced attention on CPU in bf16). Everything acts on the objects passed,
-except `retain_freed_memory`, which sets the C allocator of the process (there is only one).
+`choose_path` turns the user's choice ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8") into a
+`ComputePath` (a name, a dtype and why) for a device, a model and the CPU's features (`cpu_features`, one
+probe, replaceable in tests); `resolve_precision` is its dtype. `prepare` casts a model and applies the
+layout choices that only pay off outside the fp32 parity path (channels-last convolutions, sliced
+attention on CPU in bf16). Everything acts on the objects passed, except `retain_freed_memory`, which sets
+the C allocator of the process (there is only one). The paths on CPU:
+
+- "fp32": the bit-for-bit parity path (default layout, SDPA attention);
+- "fp32-fast": fp32 with channels-last convolutions (same math, oneDNN's blocked kernels without a
+  reorder per call); the relative error against "fp32" is bounded by tests, not zero;
+- "bf16": channels-last, sliced attention, bf16 weights and activations (CPUs with native bf16);
+- "int8": a checkpoint quantized by `diffusekit convert --quantize int8` (int8 weights and activations
+  for the U-Net's convolutions and linears, accel/int8_static.py), the rest as "fp32-fast".
 """
 
 from __future__ import annotations
@@ -15,8 +24,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8")
+_DTYPES = {
+    "fp32": torch.float32,
+    "fp32-fast": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.float32,  # everything that is not an int8 layer computes in fp32
+}
+
+# Whether "auto" takes "fp32-fast" instead of "fp32" on a CPU without native bf16. Only where an
+# interleaved measurement (bench/cpu_paths.py) showed it faster: see docs/guides/cpu-paths.md.
+AUTO_FP32_FAST = False
 
 # Below this many U-Net parameters a model is too small for bf16 matmuls to beat fp32 on a CPU (the
 # per-op overhead and casts dominate), so "auto" keeps fp32 there, which is also the parity path.
@@ -52,36 +71,115 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the CPU computes natively, as far as the paths care."""
+
+    avx2: bool
+    avx512: bool
+    vnni: bool  # AVX512-VNNI or AVX-VNNI int8 dot products
+    bf16: bool  # AVX512-BF16 or AMX bf16 dot products
+
+    @property
+    def kind(self) -> str:
+        """A short description, e.g. "AVX-512, VNNI, native bf16"."""
+        isa = "AVX-512" if self.avx512 else "AVX2" if self.avx2 else "no AVX2"
+        return ", ".join([isa, *(["VNNI"] if self.vnni else []), "native bf16" if self.bf16 else "no bf16"])
+
+
+def cpu_features() -> CpuFeatures:
+    """This CPU's features from torch.cpu's probes (private, in torch 2.x; an absent one reads False)."""
+
+    def probe(name: str) -> bool:
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    bf16 = probe("_is_avx512_bf16_supported") or probe("_is_amx_tile_supported")
+    return CpuFeatures(
+        avx2=probe("_is_avx2_supported"),
+        avx512=probe("_is_avx512_supported"),
+        vnni=probe("_is_vnni_supported") or probe("_is_avx512_vnni_supported"),
+        bf16=bf16,
+    )
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 dot products natively (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's probes (private)
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return cpu_features().bf16
+
+
+@dataclass(frozen=True)
+class ComputePath:
+    """The path a model runs on: its name (one of PRECISIONS but "auto"), compute dtype, and why."""
+
+    name: str
+    dtype: torch.dtype
+    reason: str
+
+
+def choose_path(
+    precision: str,
+    device: torch.device | str,
+    unet_params: int | None = None,
+    *,
+    quantized: bool = False,
+    features: CpuFeatures | None = None,
+) -> ComputePath:
+    """The compute path for `precision` on `device`, for a model whose U-Net has `unet_params` parameters.
+
+    "auto": int8 for an int8-quantized checkpoint; fp16 on CUDA; bf16 on a CPU with native bf16 for
+    SD-size models; otherwise fp32 (or fp32-fast where AUTO_FP32_FAST says it measured faster).
+    "fp32" is the bit-for-bit parity path; the others are honoured where the device can run them.
+    `features` defaults to `cpu_features()` (pass one to decide for another CPU).
+    """
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    cpu = device.type == "cpu"
+    if quantized and precision not in ("auto", "int8"):
+        raise PrecisionError(
+            f"this checkpoint is int8-quantized; it runs with --precision int8 (or auto), not {precision}. "
+            "Use the original checkpoint for other precisions"
+        )
+    if precision == "int8":
+        if not cpu:
+            raise PrecisionError("int8 runs on CPU only (oneDNN kernels); use fp16/bf16 on a GPU")
+        if not quantized:
+            raise PrecisionError(
+                "--precision int8 needs an int8-quantized checkpoint: make one once with "
+                "`diffusekit convert MODEL OUT.safetensors --quantize int8`, then generate with OUT"
+            )
+        return ComputePath("int8", torch.float32, "asked for; the checkpoint is int8-quantized")
+    if precision in ("fp16", "bf16", "fp32", "fp32-fast"):
+        if precision == "fp16" and cpu:
+            raise PrecisionError(
+                "fp16 compute is not supported on CPU (no fast fp16 kernels); use bf16 or fp32 there, "
+                "or auto to let diffusekit choose"
+            )
+        return ComputePath(precision, _DTYPES[precision], "asked for")
+    # auto
+    if quantized:
+        return ComputePath("int8", torch.float32, "auto: the checkpoint is int8-quantized")
+    if not cpu:
+        return ComputePath("fp16", torch.float16, f"auto: {device.type} device")
+    features = features or cpu_features()
+    if features.bf16:
+        big = unet_params is None or unet_params >= AUTO_BF16_MIN_UNET_PARAMS
+        if big:
+            return ComputePath("bf16", torch.bfloat16, f"auto: the CPU has native bf16 ({features.kind})")
+        small = f"auto: U-Net of {unet_params:,} parameters, below {AUTO_BF16_MIN_UNET_PARAMS:,} for bf16"
+        return ComputePath("fp32", torch.float32, small)
+    if AUTO_FP32_FAST:
+        return ComputePath("fp32-fast", torch.float32, f"auto: the CPU has no native bf16 ({features.kind})")
+    return ComputePath(
+        "fp32", torch.float32, f"auto: the CPU has no native bf16 ({features.kind}); fp32 parity path"
+    )
 
 
 def resolve_precision(
     precision: str, device: torch.device | str, unet_params: int | None = None
 ) -> torch.dtype:
-    """The compute dtype for `precision` on `device`, for a model whose U-Net has `unet_params` parameters.
-
-    "auto": fp16 on CUDA; bf16 on a CPU with native bf16 for SD-size models; fp32 otherwise.
-    "fp32" is the bit-for-bit parity path; "bf16"/"fp16" are honoured where the device can run them.
-    """
-    if precision not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    device = torch.device(device)
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
-            big = unet_params is None or unet_params >= AUTO_BF16_MIN_UNET_PARAMS
-            return torch.bfloat16 if big else torch.float32
-        return torch.float32
-    if precision == "fp16" and device.type == "cpu":
-        raise PrecisionError(
-            "fp16 compute is not supported on CPU (no fast fp16 kernels); use bf16 or fp32 there, "
-            "or auto to let diffusekit choose"
-        )
-    return _DTYPES[precision]
+    """The compute dtype of `choose_path(precision, device, unet_params)` (an unquantized model)."""
+    return choose_path(precision, device, unet_params).dtype
 
 
 @dataclass(frozen=True)
@@ -92,6 +190,7 @@ class FastPath:
     channels_last: bool
     attention: str  # the U-Net's attention kernel, see models/attention.py
     retains_freed_memory: bool = False  # see retain_freed_memory
+    path: str = ""  # the ComputePath name it was prepared for ("" when prepared by dtype alone)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) U-Net or VAE input in the compute dtype and memory format they were prepared for."""
@@ -99,27 +198,32 @@ class FastPath:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def prepare(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> FastPath:
+def prepare(
+    model: nn.Module, dtype: torch.dtype, device: torch.device | str, path: str | None = None
+) -> FastPath:
     """Cast `model` in place to `dtype` on `device` and lay it out for inference there.
 
-    fp32 keeps the default layout (the parity path). Otherwise convolutions run channels-last, which
+    fp32 keeps the default layout (the parity path) unless `path` is "fp32-fast" or "int8", which lay
+    convolutions out channels-last and keep SDPA attention (in fp32 the sliced kernel measured no
+    faster than SDPA, see docs/guides/cpu-paths.md). Otherwise convolutions run channels-last, which
     lets oneDNN skip reordering every activation; the cast writes 4-D weights in that layout directly,
     in the same pass. On CPU in bf16, attention runs sliced (a bf16 matmul per head and slice of
     queries), which beats the fused CPU SDPA kernel there; elsewhere it stays SDPA. On CPU, at any
     precision, the process's allocator is told to keep freed memory (`retain_freed_memory`).
     """
     device = torch.device(device)
-    fast = dtype != torch.float32
+    name = path or ""
+    fast = dtype != torch.float32 or name in ("fp32-fast", "int8")
     kernel = "sliced" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
     retains = device.type == "cpu" and retain_freed_memory()
     to_compute(model, device, dtype, torch.channels_last if fast else None)
     if not fast:
-        return FastPath(dtype, channels_last=False, attention="sdpa", retains_freed_memory=retains)
+        return FastPath(dtype, channels_last=False, attention="sdpa", retains_freed_memory=retains, path=name)
     model.to(memory_format=torch.channels_last)  # weights that needed no cast (a bf16 file, say)
     for module in model.modules():
         if hasattr(module, "kernel"):
             module.kernel = kernel
-    return FastPath(dtype, channels_last=True, attention=kernel, retains_freed_memory=retains)
+    return FastPath(dtype, channels_last=True, attention=kernel, retains_freed_memory=retains, path=name)
 
 
 def retain_freed_memory() -> bool:

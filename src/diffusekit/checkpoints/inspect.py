@@ -121,6 +121,10 @@ def inspect_checkpoint(
 
         return inspect_sd3(path, hashes=hashes)
     sd, cfg, _, metadata, _ = read_checkpoint(path, prediction=prediction)
+    if metadata.get("diffusekit.quantization") == "int8-static":  # int8 weights: report them as they are
+        from ..accel.int8_static import QUANT_SUFFIXES
+
+        sd = {k: v for k, v in sd.items() if not k.endswith(QUANT_SUFFIXES)}  # the scales and zero points
     if path.is_dir():
         fmt = "diffusers folder"
     else:
