@@ -80,8 +80,7 @@ def _positive_scale(text: str) -> float:
 
 def add_training_commands(sub) -> None:
     from .cli_generate import add_device_option, add_sampling_options
-    from .runtime import PRECISIONS
-    from .train.loop import TRAIN_PRECISIONS
+    from .precisions import PRECISIONS, TRAIN_PRECISIONS
 
     p = sub.add_parser("train", help="train the default model from scratch (VAE, then U-Net + text encoder)")
     p.add_argument("--out", default="train-run", help="folder for checkpoints, loss curves and samples")

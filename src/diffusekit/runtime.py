@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8")
+from .precisions import PRECISIONS
+
 _DTYPES = {
     "fp32": torch.float32,
     "fp32-fast": torch.float32,

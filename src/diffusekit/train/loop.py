@@ -37,9 +37,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..precisions import TRAIN_PRECISIONS
 from ..runtime import cpu_has_native_bf16
-
-TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
