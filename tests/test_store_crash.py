@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import time
 from contextlib import closing
 
 import pytest
@@ -62,22 +63,31 @@ def test_kill_9_at_random_points_keeps_the_store_consistent(tmp_path, seed):
     store.add(base, "m", golden=False)
     s = ["--store", str(root)]
     outcomes = []
+    # each operation's own duration on this machine, so that the kills land inside it whatever its speed
+    took = {}
+    for kind, args in (
+        ("add", ["models", "add", str(tunes[0]), "--name", "m", "--no-golden", *s]),
+        ("promote", ["models", "promote", "m@1", "--force", *s]),
+        ("gc", ["models", "gc", *s]),
+    ):
+        t0 = time.perf_counter()
+        assert _run_and_kill(args, 120) == 0
+        took[kind] = time.perf_counter() - t0
     for i in range(18):
         kind = ("add", "promote", "gc")[i % 3]
+        delay = rng.uniform(0, took[kind])
         if kind == "add":
             add = ["models", "add", str(rng.choice(tunes)), "--name", "m", "--no-golden", *s]
-            code = _run_and_kill(add, rng.uniform(0, 1.2))  # an add takes about 1 s here
+            code = _run_and_kill(add, delay)
         elif kind == "promote":
             target = rng.choice(store.versions("m")).ref
-            code = _run_and_kill(
-                ["models", "promote", target, "--force", *s], rng.uniform(0, 0.15)
-            )  # ~0.12 s
+            code = _run_and_kill(["models", "promote", target, "--force", *s], delay)
         else:
             versions = store.versions("m")
             spare = [v for v in versions if not v.current]
             if spare:  # give gc something to delete
                 store.remove(rng.choice(spare).ref)
-            code = _run_and_kill(["models", "gc", *s], rng.uniform(0, 0.1))  # ~0.08 s
+            code = _run_and_kill(["models", "gc", *s], delay)
         outcomes.append((kind, code))
         _consistent(store)
     store.gc()  # whatever the kills left behind (blobs of an uncommitted add, temp files) goes

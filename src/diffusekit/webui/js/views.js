@@ -117,10 +117,12 @@ export async function refreshModels({ onSwitched } = {}) {
       const reports = await Promise.all(models.map((m) => api.inspectModel(m.name).catch(() => null)));
       reports.forEach((r, i) => { if (r) models[i] = { ...models[i], ...r }; });
     }
-    const currentName = options.sd_model_checkpoint || "";
+    // A1111 titles are "file.safetensors [hash]", the hash only once the server has computed it
+    const bare = (title) => (title || "").replace(/ \[[0-9a-f]+\]$/, "");
+    const currentName = bare(options.sd_model_checkpoint);
     const rows = models.map((m) => {
       const name = m.name;
-      const isCurrent = name === currentName || m.title === currentName;
+      const isCurrent = name === currentName || bare(m.title) === currentName;
       const tr = document.createElement("tr");
       const nameCell = cell(isCurrent ? `${name} (current)` : name, isCurrent ? "current" : "");
       if (m.loaded) nameCell.append(" · loaded");
