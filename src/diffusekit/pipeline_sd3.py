@@ -34,7 +34,7 @@ from .models.vae_chunked import decode_peak_bytes
 from .params import GenerationParams, ModelDefaults
 from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, slerp
 from .prompts import PromptEmbedding, encode_prompt, pad_to_same_length
-from .runtime import resolve_precision
+from .runtime import ComputePath, resolve_precision
 
 # Stability's recommended settings (sd3_infer.py CONFIGS) by preset name; detected files get SD3_DEFAULT.
 SD3_DEFAULTS = {
@@ -101,6 +101,8 @@ class SD3Pipeline:
         self.cfg = loaded.cfg
         self.device = torch.device(device)
         self.dtype = dtype
+        # what `generate --json` reports; the int8 and fp32-fast paths are U-Net pipeline paths only
+        self.path = ComputePath(str(dtype).removeprefix("torch."), dtype, "SD3: weights cast to this dtype")
         self.options = options or SD3Options()
         self.defaults = ModelDefaults.from_metadata(loaded.metadata, loaded.name)
         if ModelDefaults.METADATA_KEY not in loaded.metadata:
