@@ -32,13 +32,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("sentencepiece")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (on a loaded 2-core machine thread hand-offs cost ~20x the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 @pytest.fixture(scope="module")

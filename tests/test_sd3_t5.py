@@ -13,13 +13,7 @@ from diffusekit.models.t5_tokenizer import EOS_ID, PAD_ID, T5Tokenizer, T5Tokeni
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (on a loaded 2-core machine thread hand-offs cost ~20x the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 def _hf_config(c: T5Config):
