@@ -1,20 +1,21 @@
 """Animation outputs: MP4 (H.264 via PyAV), GIF, animated WebP, or a folder of PNG frames.
 
 Every writer stores the generation parameters (a JSON string) in the container's own metadata: the MP4
-``comment`` tag, the GIF comment extension, the WebP EXIF UserComment. Files are written under a
-temporary name in the target folder and renamed into place, so a failed write leaves no partial video.
+``comment`` tag, the GIF comment extension, the WebP EXIF UserComment. Files are encoded in memory
+and written with the project's atomic writer, so a failed write leaves no partial video.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 from PIL import Image
 
+from ..image_files import write_atomic
 from ..metadata import save_png
 
 FORMATS = {".mp4": "mp4", ".gif": "gif", ".webp": "webp"}
@@ -62,19 +63,7 @@ def frame_path(folder: Path, index: int) -> Path:
 
 def save_frame(image: Image.Image, folder: Path, index: int, infotext: str | None) -> Path:
     """Write frame `index` as PNG with its infotext, atomically: a frame file on disk is always whole."""
-    target = frame_path(folder, index)
-    fd, tmp = tempfile.mkstemp(prefix=".frame-", suffix=".png.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_png(image, tmp, infotext)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return save_png(image, frame_path(folder, index), infotext)
 
 
 def write_video(frames: Sequence[Image.Image], out: str | os.PathLike[str], fps: float, comment: str) -> Path:
@@ -86,22 +75,14 @@ def write_video(frames: Sequence[Image.Image], out: str | os.PathLike[str], fps:
         raise VideoError("no frames to write")
     if not 0 < fps <= 240:
         raise VideoError(f"fps {fps} is out of range; valid: above 0, at most 240")
+    buf = io.BytesIO()  # encoded in memory, then written atomically like every other output
+    {"mp4": _write_mp4, "gif": _write_gif, "webp": _write_webp}[kind](frames, buf, fps, comment)
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=out.suffix + ".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        {"mp4": _write_mp4, "gif": _write_gif, "webp": _write_webp}[kind](frames, tmp, fps, comment)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, buf.getvalue())
     return out
 
 
-def _write_mp4(frames: Sequence[Image.Image], path: str, fps: float, comment: str) -> None:
+def _write_mp4(frames: Sequence[Image.Image], path: io.BytesIO, fps: float, comment: str) -> None:
     import av
 
     w, h = frames[0].size
@@ -129,7 +110,7 @@ def _durations(n: int, fps: float, quantum: int) -> list[int]:
     return out
 
 
-def _write_gif(frames: Sequence[Image.Image], path: str, fps: float, comment: str) -> None:
+def _write_gif(frames: Sequence[Image.Image], path: io.BytesIO, fps: float, comment: str) -> None:
     first, *rest = [f.convert("RGB") for f in frames]
     first.save(
         path, format="GIF", save_all=True, append_images=rest, loop=0,
@@ -137,7 +118,7 @@ def _write_gif(frames: Sequence[Image.Image], path: str, fps: float, comment: st
     )  # fmt: skip
 
 
-def _write_webp(frames: Sequence[Image.Image], path: str, fps: float, comment: str) -> None:
+def _write_webp(frames: Sequence[Image.Image], path: io.BytesIO, fps: float, comment: str) -> None:
     first, *rest = [f.convert("RGB") for f in frames]
     exif = Image.Exif()
     exif[0x9286] = b"UNICODE\0" + comment.encode("utf-16-be")  # UserComment, as A1111 writes JPEG/WebP
@@ -145,9 +126,3 @@ def _write_webp(frames: Sequence[Image.Image], path: str, fps: float, comment: s
         path, format="WEBP", save_all=True, append_images=rest, loop=0,
         duration=_durations(len(frames), fps, 1), quality=90, exif=exif.tobytes(),
     )  # fmt: skip
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
