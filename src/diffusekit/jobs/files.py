@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +13,7 @@ from .model import ImageRecord
 
 
 class ImageStore:
-    """PNGs under `root/images/<id[:2]>/<id>.png`: temp name, fsync, rename, fsync of the folder."""
+    """PNGs under `root/images/<id[:2]>/<id>.png`, written by metadata.save_png (atomic and durable)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root) / "images"
@@ -36,11 +35,7 @@ class ImageStore:
         image_id = uuid.uuid4().hex
         path = self.path_of(image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{image_id}.tmp")
-        save_png(image, tmp, infotext)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        save_png(image, path, infotext)  # atomic: temporary sibling, fsync, rename, fsync of the folder
         rel = str(path.relative_to(self.root.parent))
         return ImageRecord(
             id=image_id,
@@ -70,14 +65,3 @@ class ImageStore:
                 p.unlink(missing_ok=True)
                 removed += 1
         return removed
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_fsync_dir = _fsync  # a folder is fsynced through a read-only descriptor too
