@@ -30,6 +30,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=_data(args), models_dir=Path(args.models) if args.models else None, default_model=default,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,
         precision=args.precision, max_queued=args.max_queued, batch_max=args.batch,
+        loras_dir=Path(args.loras) if args.loras else None,
+        embeddings_dir=Path(args.embeddings) if args.embeddings else None,
+        datasets_dir=Path(args.datasets) if args.datasets else None,
     )  # fmt: skip
     app = create_app(config)
     if args.preload:
@@ -92,6 +95,9 @@ def add_serve_commands(sub) -> None:
         help="run up to N queued txt2img jobs with the same model, size, steps and sampler (and fixed "
         "seeds) as one batch (1 = off; images equal to solo runs within 1/255, as batch_size is)",
     )
+    p.add_argument("--loras", metavar="DIR", help="LoRA files for <lora:NAME:W> (default: DATA/loras)")
+    p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files (default: DATA/embeddings)")
+    p.add_argument("--datasets", metavar="DIR", help="image folders train_lora jobs may use (DATA/datasets)")
     p.add_argument("--preload", metavar="MODEL", help="load this model before serving (e.g. default)")
     p.set_defaults(func=cmd_serve)
 

@@ -21,6 +21,7 @@ from .a1111_schemas import (
     ProgressResponse,
     Txt2ImgRequest,
 )
+from .adapters_routes import check_adapters
 from .auth import Principal, authenticate, check_quota, require_admin
 from .errors import ApiError, FieldError
 from .inputs import decode_b64_image, encode_png_b64
@@ -179,6 +180,7 @@ async def _generate(request: Request, p: Principal, req: Txt2ImgRequest, kind: s
     params = _img2img_params(req) if kind != "txt2img" else _txt2img_params(req)
     params["clip_skip"] = clip_skip
     check_generation(params, {"sampler": "sampler_name", "schedule": "scheduler"})
+    check_adapters(app.runner, params)
     inputs = []
     if kind != "txt2img":
         inputs = await run_in_threadpool(_store_inputs, app, p, req, params)
@@ -452,11 +454,6 @@ def latent_upscale_modes(p: Principal = Depends(authenticate)):
     return [{"name": "Latent"}, {"name": "Latent (nearest)"}]
 
 
-@router.get("/embeddings")
-def embeddings(p: Principal = Depends(authenticate)):
-    return {"loaded": {}, "skipped": {}}
-
-
 @router.get("/scripts")
 def scripts(p: Principal = Depends(authenticate)):
     return {"txt2img": [], "img2img": []}
@@ -468,7 +465,6 @@ def _empty(p: Principal = Depends(authenticate)) -> list:
 
 for _path in (
     "/sd-vae",
-    "/loras",
     "/hypernetworks",
     "/face-restorers",
     "/realesrgan-models",

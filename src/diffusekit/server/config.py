@@ -43,6 +43,9 @@ class ServerConfig:
     max_image_pixels: int = MAX_SIDE * MAX_SIDE
     max_prompt_chars: int = 10_000
     a1111_timeout_s: float = 3600.0
+    loras_dir: Path | None = None  # <lora:NAME:W> files (default: DATA/loras); train_lora jobs write here
+    embeddings_dir: Path | None = None  # textual-inversion files used by name (default: DATA/embeddings)
+    datasets_dir: Path | None = None  # folders train_lora jobs may name (default: DATA/datasets)
 
     def __post_init__(self):
         if not self.auth and not is_loopback(self.host):
