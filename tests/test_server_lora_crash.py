@@ -1,5 +1,6 @@
-"""A train_lora job survives kill -9: the restarted server resumes it from its checkpoint (it does not train
-twice to completion), and the LoRA it writes equals `diffusekit train-lora` run straight through."""
+"""A train_lora job survives a graceful restart and a kill -9: the restarted server resumes it from its
+checkpoint (it never trains twice to completion), and the LoRA it writes equals `diffusekit train-lora` run
+straight through."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from server_helpers import ServerProcess, env, make_key
 
-PARAMS = dict(name="phoenix", steps=24, rank=4, alpha=4.0, lr=0.01, save_every=4, seed=9, batch=2)
+PARAMS = dict(name="phoenix", steps=40, rank=4, alpha=4.0, lr=0.01, save_every=4, seed=9, batch=2)
 
 
 def _images() -> list[Image.Image]:
@@ -38,14 +39,28 @@ def _get(srv, key: str, job_id: str) -> dict:
     return requests.get(f"{srv.url}/v1/jobs/{job_id}", headers=h, timeout=10).json()
 
 
-def test_killed_training_job_resumes_and_equals_the_cli(tmp_path):
+def _until(srv, key: str, job_id: str, done, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = _get(srv, key, job_id)
+        if done(job) or job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def _running_past(step: int):
+    return lambda job: job["state"] == "running" and job["progress"]["step"] >= step
+
+
+def test_stopped_and_killed_training_job_resumes_and_equals_the_cli(tmp_path):
     from diffusekit.checkpoints.single_file import load_state_dict
 
     data = tmp_path / "data"
     data.mkdir()
     key = make_key(data, "boss", "admin")
     srv = ServerProcess(data).start()
-    try:
+    try:  # 1: a graceful stop (SIGTERM) while it trains: checkpointed and left to resume, not cancelled
         body = {
             "kind": "train_lora",
             "params": {**PARAMS, "images": [{"image": _b64(im), "caption": "a phoenix"} for im in _images()]},
@@ -54,28 +69,24 @@ def test_killed_training_job_resumes_and_equals_the_cli(tmp_path):
         r = requests.post(srv.url + "/v1/jobs", json=body, headers=h, timeout=30)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            job = _get(srv, key, job_id)
-            if job["progress"]["step"] >= 10 or job["state"] not in ("queued", "running"):
-                break
-            time.sleep(0.05)
-        assert job["state"] == "running" and 10 <= job["progress"]["step"] < PARAMS["steps"], job
+        job = _until(srv, key, job_id, _running_past(6))
+        assert job["state"] == "running" and job["progress"]["step"] < 16, job
+    finally:
+        srv.stop()
+    srv = ServerProcess(data).start()
+    try:  # 2: it resumed; now kill -9 it mid-way
+        job = _until(srv, key, job_id, _running_past(20))
+        assert job["state"] == "running" and job["attempts"] == 2 and job["progress"]["step"] < 32, job
         srv.kill9()
     finally:
         srv.stop()
     srv = ServerProcess(data).start()
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            job = _get(srv, key, job_id)
-            if job["state"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.1)
+        job = _until(srv, key, job_id, lambda job: False)
     finally:
         srv.stop()
     assert job["state"] == "succeeded", job
-    assert job["attempts"] == 2 and job["result"]["resumed_from"] >= 8  # checkpointed every 4 steps
+    assert job["attempts"] == 3 and job["result"]["resumed_from"] >= 20  # checkpointed every 4 steps
     served = load_state_dict(data / "loras" / "phoenix.safetensors")[0]
     # the CLI on the same images and captions, uninterrupted
     folder = tmp_path / "ds"

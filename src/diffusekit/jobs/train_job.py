@@ -24,6 +24,11 @@ JOB_META = "diffusekit_job_id"  # metadata key naming the job that wrote a LoRA 
 HEARTBEAT_S = 0.5
 
 
+class Suspended(Exception):
+    """The server is stopping: the job was checkpointed and stays `running`, so the next start re-queues
+    it and it resumes (a graceful restart does not cancel a training run)."""
+
+
 def work_dir(data_dir: Path, job_id: str) -> Path:
     return data_dir / "training" / job_id
 
@@ -85,9 +90,11 @@ def _dataset(runner, job: Job, work: Path) -> Path:
 def run_train_lora(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | None]:
     """Train, report, checkpoint; write the LoRA; return (state, [loss curve image], base model hash).
 
-    A failure or a cancel removes the work folder (a crash leaves it, for the resume)."""
+    A failure or a cancel removes the work folder; a crash or a server stop leaves it, for the resume."""
     try:
         return _train(runner, job, live)
+    except Suspended:
+        raise
     except Exception:
         shutil.rmtree(work_dir(runner.data_dir, job.id), ignore_errors=True)
         raise
@@ -142,6 +149,9 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     params.train()
     while trainer.state.step < steps:
         if live.cancel.is_set():
+            if not runner.running:  # the server stops, nobody cancelled: keep the work for the restart
+                trainer.save()
+                raise Suspended(job.id)
             raise Cancelled("training cancelled")
         loss = trainer.train_step(loss_fn, trainer.state.step).item()
         trainer.state.step += 1

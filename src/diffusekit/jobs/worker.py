@@ -222,15 +222,22 @@ class JobRunner:
         state, error, records, model_hash = JobState.FAILED, None, [], None
         try:
             if job.kind == "train_lora":
-                from .train_job import run_train_lora
+                from .train_job import Suspended, run_train_lora
 
-                state, records, model_hash = run_train_lora(self, job, live)
+                try:
+                    state, records, model_hash = run_train_lora(self, job, live)
+                except Suspended:  # left running: the next start re-queues it and it resumes
+                    state = None
             else:
                 state, records, model_hash = self._generate(job, live)
         except Exception as e:  # noqa: BLE001 - a failing job is recorded, the server keeps serving
             state, error = _failure(e)
         finally:
-            self._end(job, state, error, records, model_hash)
+            if state is not None:
+                self._end(job, state, error, records, model_hash)
+            else:
+                with self._live_lock:
+                    self.live.pop(job.id, None)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Jobs that share a sampler run (see jobs.batch); each still ends on its own."""
