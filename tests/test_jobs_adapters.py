@@ -1,0 +1,110 @@
+"""The job runner with LoRA and embedding folders and two workers on one loaded model: a LoRA job holds the
+model alone (its merged weights never leak into a concurrent job), embedding hooks stay in their thread,
+and the shared/exclusive lock itself. Real SQLite queue and pipeline, the bundled 64x64 model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusekit.cli_generate import default_model_path
+from diffusekit.jobs.adapters import Adapters, _SharedExclusive
+from diffusekit.jobs.catalog import ModelCatalog
+from diffusekit.jobs.model import JobState
+from diffusekit.jobs.worker import JobRunner, params_from_job
+from test_server_lora import _make_lora
+
+GEN = dict(seed=5, steps=3, width=64, height=64, cfg_scale=3.0, sampler="Euler")
+PLAIN = "a blue square near zorb"
+LORA = "a blue square near zorb <lora:styl:1>"
+
+
+def test_shared_exclusive_lock():
+    lock, events, inside = _SharedExclusive(), [], []
+
+    def hold(name: str, exclusive: bool, delay: float) -> None:
+        time.sleep(delay)
+        with lock.hold(exclusive):
+            inside.append(name)
+            events.append((name, "in", tuple(inside)))
+            time.sleep(0.05)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=hold, args=a) for a in
+               (("s1", False, 0), ("s2", False, 0), ("x", True, 0.01), ("s3", False, 0.02))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    together = {name: others for name, _, others in events}
+    assert together["x"] == ("x",)  # the exclusive holder was alone
+    assert set(together["s2"]) <= {"s1", "s2"}  # shared holders overlap
+    order = [name for name, _, _ in events]
+    assert order.index("x") < order.index("s3")  # a waiting exclusive request goes before later shared ones
+
+
+def test_lora_jobs_hold_the_model_alone_with_two_workers(tmp_path, one_thread):
+    loras, embs = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir()
+    embs.mkdir()
+    _make_lora(loras / "styl.safetensors")
+    torch.save({"string_to_param": {"*": torch.randn(2, 128, generator=torch.Generator().manual_seed(2))}},
+               embs / "zorb.pt")  # fmt: skip
+    runner = JobRunner(tmp_path / "data", ModelCatalog(None, default_model_path()), workers=2)
+    runner.adapters = Adapters(loras, embs)
+    pipe = runner.cache.get(runner.catalog.get("default"))
+    runner.adapters.attach(pipe)
+    expected = {
+        prompt: np.asarray(pipe.generate(params_from_job({**GEN, "prompt": prompt})).images[0])
+        for prompt in (PLAIN, LORA)
+    }
+    assert not np.array_equal(expected[PLAIN], expected[LORA])
+    runner.start()
+    try:
+        jobs = [runner.submit("txt2img", {**GEN, "prompt": p}, model="default")[0] for p in [PLAIN, LORA] * 4]
+        done = [runner.wait(j.id, timeout=300) for j in jobs]
+    finally:
+        runner.stop()
+    for job in done:
+        assert job.state == JobState.SUCCEEDED, job.error
+        img = np.asarray(Image.open(runner.store.root.parent / job.images[0].path).convert("RGB"))
+        assert np.array_equal(img, expected[job.params["prompt"]]), job.params["prompt"]
+        assert ("Lora hashes" in job.images[0].infotext) == ("<lora:" in job.params["prompt"])
+        assert "TI hashes" in job.images[0].infotext
+
+
+def test_embedding_hooks_stay_in_their_thread(tmp_path, one_thread):
+    """Two threads encoding prompts through one text encoder, each with the embeddings hooked: each gets
+    exactly its single-thread conditioning (A1111 prompts with and without the embedding)."""
+    embs = tmp_path / "embeddings"
+    embs.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(3, 128, generator=torch.Generator().manual_seed(4))}},
+               embs / "zorb.pt")  # fmt: skip
+    runner = JobRunner(tmp_path / "data", ModelCatalog(None, default_model_path()))
+    runner.adapters = Adapters(tmp_path / "loras", embs)
+    pipe = runner.cache.get(runner.catalog.get("default"))
+    runner.adapters.attach(pipe)
+    prompts = ["zorb zorb on a hill", "a plain red circle"]
+    want = {p: pipe.encode(params_from_job({"prompt": p}), 64, 64)[0]["context"] for p in prompts}
+    assert not torch.equal(*want.values())
+    errors: list[str] = []
+
+    def loop(prompt: str) -> None:
+        try:
+            for _ in range(60):
+                got = pipe.encode(params_from_job({"prompt": prompt}), 64, 64)[0]["context"]
+                if not torch.equal(got, want[prompt]):
+                    errors.append(f"{prompt!r}: conditioning differs")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{prompt!r}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=loop, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
