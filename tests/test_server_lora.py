@@ -281,6 +281,11 @@ def test_cancel_a_running_training_job(server):
         if job["state"] == "running" and job["progress"]["step"] > 0:
             break
         time.sleep(0.1)
+    # an A1111 client's interrupt button stops generations, not a training run
+    assert requests.post(server.url + "/sdapi/v1/interrupt", headers=admin, timeout=10).status_code == 200
+    time.sleep(1.0)
+    job = requests.get(f"{server.url}/v1/jobs/{job_id}", headers=admin, timeout=10).json()
+    assert job["state"] == "running", job
     assert requests.delete(f"{server.url}/v1/jobs/{job_id}", headers=admin, timeout=10).status_code == 200
     job = _wait(server, server.keys["admin"], job_id, timeout=60)
     assert job["state"] == "cancelled" and job["progress"]["step"] < 5000

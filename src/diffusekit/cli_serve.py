@@ -24,8 +24,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default = default_model_path()
     except FileNotFoundError:
         default = None
-    if args.models and not Path(args.models).is_dir():
-        raise ValueError(f"--models {args.models}: no such folder")
+    for flag in ("models", "loras", "embeddings", "datasets"):  # the defaults under --data are created
+        folder = getattr(args, flag)
+        if folder and not Path(folder).is_dir():
+            raise ValueError(f"--{flag} {folder}: no such folder")
     config = ServerConfig(
         data_dir=_data(args), models_dir=Path(args.models) if args.models else None, default_model=default,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,

@@ -343,6 +343,8 @@ def progress(request: Request, skip_current_image: bool = False, p: Principal = 
 def _stop_running(request: Request, p: Principal) -> int:
     runner = request.app.state.runner
     ids = [lv.job_id for lv in _visible(request, p)]
+    # a training job is stopped only by DELETE /v1/jobs/{id}, never by an A1111 client's interrupt button
+    ids = [i for i in ids if (job := runner.queue.get(i)) is not None and job.kind != "train_lora"]
     for job_id in ids:
         runner.cancel(job_id, p.owner_filter)
     return len(ids)

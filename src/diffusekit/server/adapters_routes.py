@@ -14,7 +14,7 @@ from ..adapters.train_lora import IMAGE_SUFFIXES
 from ..jobs.model import JobState
 from ..jobs.train_job import JOB_META
 from .auth import Principal, authenticate, require_admin
-from .errors import FieldError
+from .errors import ApiError, FieldError
 from .submit import resolve_model
 from .train_schemas import TrainLoraParams
 
@@ -54,7 +54,10 @@ async def _widths(request: Request, model: str | None) -> tuple[str, list[int]]:
     runner = request.app.state.runner
     name = model or options(request)["sd_model_checkpoint"]
     entry = runner.catalog.get(resolve_model(runner.catalog, name, "model"))
-    pipe = await run_in_threadpool(runner.cache.get, entry)
+    try:
+        pipe = await run_in_threadpool(runner.cache.get, entry)
+    except (ValueError, OSError) as e:  # a broken checkpoint: say so, keep serving
+        raise ApiError(503, f"model {entry.name!r} failed to load: {e}") from None
     return entry.name, [e.cfg.width for e in pipe.model.text_encoders]
 
 
