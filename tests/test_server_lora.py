@@ -199,6 +199,32 @@ def test_unknown_or_escaping_names_are_422_naming_them(server):
             if "valid" in r.json()["error"]:
                 assert "styl" in r.json()["error"]  # the valid names are listed
     assert len(requests.get(server.url + "/v1/jobs", headers=h, timeout=10).json()["jobs"]) == before
+    # a LoRA made for another family (SDXL names) matches no layer: refused, never a silent no-op
+    from diffusekit.checkpoints.single_file import save_state_dict
+
+    sd = {}  # SDXL's deep transformer blocks: no layer of an SD1 model has these names
+    for xl in (
+        "lora_unet_input_blocks_7_1_transformer_blocks_5_attn1_to_q",
+        "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k",
+    ):
+        sd |= {f"{xl}.lora_down.weight": torch.ones(2, 1280), f"{xl}.lora_up.weight": torch.ones(1280, 2),
+               f"{xl}.alpha": torch.tensor(1.0)}  # fmt: skip
+    save_state_dict(
+        sd, server.loras / "xl_only.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"}
+    )
+    try:
+        for path, body in (
+            ("/sdapi/v1/txt2img", {**GEN, "prompt": "x <lora:xl_only:1>"}),
+            ("/v1/jobs", {"kind": "txt2img", "params": {**GEN, "prompt": "x <lora:xl_only:1>"}}),
+        ):
+            r = requests.post(server.url + path, json=body, headers=h, timeout=60)
+            if path == "/v1/jobs":
+                job = _wait(server, server.keys["alice"], r.json()["id"])
+                assert job["state"] == "failed" and "matches no layer" in job["error"], job
+            else:
+                assert r.status_code == 422 and "matches no layer" in r.text and "sdxl" in r.text, r.text
+    finally:
+        (server.loras / "xl_only.safetensors").unlink()
     # an alias (ss_output_name) resolves like the file name
     aliased = PROMPT.replace("styl:", "styl_alias:")
     via_alias, _ = _a1111(server, "/sdapi/v1/txt2img", {**GEN, "prompt": aliased})

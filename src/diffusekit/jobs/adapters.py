@@ -22,6 +22,7 @@ from ..adapters.extra_networks import (
     LoraLibrary,
     lora_weights,
     parse_extra_networks,
+    prompt_loras,
     strip_extra_networks,
 )
 from ..adapters.lora import LoraError, LoraNetwork
@@ -245,10 +246,24 @@ class Adapters:
         """Whether a job needs the solo path (its infotext records LoRA / TI hashes)."""
         return self.uses_loras(params) or bool(self.used_embeddings(pipe, params))
 
+    def check_fits(self, pipe, params: GenerationParams) -> None:
+        """Refuse a LoRA that matches no layer of the model (made for another family): it would change
+        nothing, silently; one that matches some layers runs, as in the CLI."""
+        for net, _, _ in prompt_loras(params.prompt, self.loras):
+            found, unmatched = net.resolve(pipe.cfg)
+            if not found and unmatched:
+                family = net.metadata.get("ss_base_model_version") or "another model"
+                raise AdapterNameError(
+                    f"LoRA {net.name!r} matches no layer of this {pipe.cfg.family} model "
+                    f"({len(unmatched)} keys, e.g. {unmatched[0]}); it was made for {family}"
+                )
+
     @contextlib.contextmanager
     def session(self, pipe, params: Sequence[GenerationParams]) -> Iterator[None]:
         """Hold `pipe` for these jobs: exclusively when one applies LoRAs (its weights are swapped)."""
         self.attach(pipe)
+        for p in params:
+            self.check_fits(pipe, p)
         with self._locks_lock:
             lock = self._locks.setdefault(pipe, _SharedExclusive())
         with lock.hold(exclusive=any(self.uses_loras(p) for p in params)):
