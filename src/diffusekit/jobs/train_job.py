@@ -55,17 +55,20 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _written_by(path: Path, job: Job) -> bool:
+    """Whether the LoRA file at `path` exists and was written by `job`."""
+    try:
+        return path.is_file() and read_safetensors_header(path)[1].get(JOB_META) == job.id
+    except ValueError:
+        return False
+
+
 def _lora_out(runner, job: Job) -> Path:
     """The LoRA file this job writes; refuses to replace one it did not write unless overwrite is set."""
     name = job.params["name"]
     out = runner.adapters.loras.folder / f"{name}.safetensors"
-    if out.exists() and not job.params.get("overwrite"):
-        try:
-            owner = read_safetensors_header(out)[1].get(JOB_META)
-        except ValueError:
-            owner = None
-        if owner != job.id:
-            raise LoraError(f"a LoRA named {name!r} exists already; set overwrite to replace it")
+    if out.exists() and not job.params.get("overwrite") and not _written_by(out, job):
+        raise LoraError(f"a LoRA named {name!r} exists already; set overwrite to replace it")
     return out
 
 
@@ -120,6 +123,8 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     p = job.params
     name = p["name"]
     out = _lora_out(runner, job)
+    if read_result(runner.data_dir, job.id) is not None and _written_by(out, job):
+        return JobState.SUCCEEDED, [], None  # a crash came after the LoRA was written: nothing to redo
     work = work_dir(runner.data_dir, job.id)
     entry = runner.catalog.get(job.model)
     loaded = load_model(entry.path)  # its own fp32 copy: the cached pipeline is never touched
