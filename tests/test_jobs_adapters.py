@@ -108,3 +108,47 @@ def test_embedding_hooks_stay_in_their_thread(tmp_path, one_thread):
     for t in threads:
         t.join(120)
     assert not errors, errors[:3]
+
+
+def test_training_job_requeued_after_its_lora_was_written_does_not_train_again(tmp_path, one_thread):
+    from PIL import ImageDraw
+
+    from diffusekit.server.train_schemas import TrainLoraParams
+
+    ds = tmp_path / "datasets" / "dots"
+    ds.mkdir(parents=True)
+    for i in range(2):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).ellipse((10 + 8 * i, 10, 40 + 8 * i, 40), fill=(0, 120, 60))
+        img.save(ds / f"{i}.png")
+        (ds / f"{i}.txt").write_text("a green dot")
+    params = TrainLoraParams(name="dots", dataset="dots", steps=3, save_every=1).model_dump()
+    params.pop("model")
+
+    def runner() -> JobRunner:
+        r = JobRunner(tmp_path / "data", ModelCatalog(None, default_model_path()))
+        r.adapters = Adapters(tmp_path / "loras", tmp_path / "embeddings")
+        r.datasets_dir = tmp_path / "datasets"
+        return r
+
+    first = runner()
+    first.start()
+    try:
+        job = first.submit("train_lora", params, model="default")[0]
+        done = first.wait(job.id, timeout=300)
+    finally:
+        first.stop()
+    assert done.state == JobState.SUCCEEDED, done.error
+    lora = tmp_path / "loras" / "dots.safetensors"
+    written = lora.stat().st_mtime_ns
+    # a crash after the LoRA was written but before the job's end was committed: it is `running` again
+    with first.queue._tx() as c:
+        c.execute("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = ?", (job.id,))
+    second = runner()
+    second.start()  # re-queues it
+    try:
+        again = second.wait(job.id, timeout=300)
+    finally:
+        second.stop()
+    assert again.state == JobState.SUCCEEDED and again.attempts == 2
+    assert lora.stat().st_mtime_ns == written  # not trained or written a second time
