@@ -59,6 +59,7 @@ class ServerLoras(LoraLibrary):
         folder.mkdir(parents=True, exist_ok=True)
         super().__init__(folder)
         self._lock = threading.Lock()
+        self._meta: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
 
     def files(self) -> dict[str, Path]:
         paths = _files(self.folder, LORA_SUFFIXES)
@@ -70,13 +71,21 @@ class ServerLoras(LoraLibrary):
         return names
 
     def metadata(self, path: Path) -> dict[str, str]:
-        """A .safetensors file's metadata ({} for other formats or an unreadable header)."""
+        """A .safetensors file's metadata ({} for other formats or an unreadable header); cached per file
+        version, so a folder of many LoRAs costs one stat per file per lookup."""
         if path.suffix.lower() != ".safetensors":
             return {}
-        try:
-            return read_safetensors_header(path)[1]
-        except ValueError:
-            return {}
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        cached = self._meta.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                meta = read_safetensors_header(path)[1]
+            except ValueError:
+                meta = {}
+            cached = (key, meta)
+            self._meta[path] = cached
+        return cached[1]
 
     def get(self, name: str) -> LoraNetwork:
         files = self.files()
@@ -91,6 +100,8 @@ class ServerLoras(LoraLibrary):
     def check(self, prompt: str) -> None:
         """Raise AdapterNameError / LoraError for a prompt tag that would fail: unknown name, bad weight."""
         _, calls = parse_extra_networks(prompt)
+        if not calls:
+            return
         for call in calls:
             if call.kind not in LORA_KINDS:
                 raise AdapterNameError(
