@@ -193,6 +193,7 @@ def test_sd3_through_the_server_equals_generate(server):
 def test_the_cache_estimate_covers_the_mmdit(tmp_path, one_thread):
     from diffusekit.jobs.catalog import ModelCatalog
     from diffusekit.jobs.loading import load_pipeline, loaded_bytes, weight_bytes
+    from diffusekit.store import ModelStore
 
     path = tmp_path / "sd35.safetensors"
     assert main(["create", "tiny_sd35", str(path), "--seed", "2"]) == 0
@@ -204,6 +205,8 @@ def test_the_cache_estimate_covers_the_mmdit(tmp_path, one_thread):
     assert est > mmdit and 0.95 * real <= est <= 1.05 * real, (est, real, mmdit)
     assert weight_bytes(entry, precision="bf16", device="cpu") * 2 == est  # every float tensor is cast
     assert cat.family(entry) == "sd3" and pipe.model_hash == cat.sha256(entry)[:10]
+    with pytest.raises(ValueError, match="SD3/SD3.5 model; the store holds SD1/SD2/SDXL"):
+        ModelStore(tmp_path / "store").add(path, "s")
 
 
 def test_serve_store_options(tmp_path, capsys):

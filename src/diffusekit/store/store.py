@@ -27,6 +27,7 @@ from ..checkpoints.load import (
     read_checkpoint,
     validate_state_dict,
 )
+from ..checkpoints.sd3 import is_sd3_file
 from ..checkpoints.single_file import cast_floats, detect_format, read_safetensors_header
 from ..models.configs import config_from_dict
 from ..models.sd import StableDiffusion
@@ -192,6 +193,11 @@ class ModelStore:
         if not path.exists():
             raise StoreError(
                 f"{path}: no such file or folder; add takes a .safetensors/.ckpt file or a diffusers folder"
+            )
+        if is_sd3_file(path):
+            raise StoreError(
+                f"{path}: an SD3/SD3.5 model; the store holds SD1/SD2/SDXL models for now (serve it with "
+                "`diffusekit serve --models DIR`, generate with --model PATH)"
             )
         parent_ref = Ref.parse(parent) if parent else None
         if parent_ref is not None:
