@@ -37,6 +37,8 @@ def server(tmp_path_factory, one_thread):
     for path in (base, tuned):
         assert main(["models", "add", str(path), "--name", "m", "--store", str(store)]) == 0
     assert main(["create", "tiny_sd35", str(models / "sd35.safetensors"), "--seed", "1"]) == 0
+    sd35dir = ["convert", str(models / "sd35.safetensors"), str(models / "sd35dir"), "--format", "diffusers"]
+    assert main(sd35dir) == 0
     keys = {"admin": make_key(data, "boss", "admin"), "user": make_key(data, "alice")}
     srv = ServerProcess(data, "--store", str(store), "--models", str(models)).start()
     srv.keys, srv.store, srv.models, srv.root = keys, store, models, root
@@ -99,6 +101,7 @@ def test_store_and_sd3_models_are_listed(server):
     assert by["m"]["version"] == "m@1" and by["m@1"]["current"] and not by["m@2"]["current"]
     assert by["m"]["kind"] == "store" and by["m"]["family"] == "sd1" and by["m"]["sha256"]
     assert by["sd35"]["family"] == "sd3" and by["sd35"]["kind"] == "file" and by["default"]["kind"] == "file"
+    assert by["sd35dir"]["family"] == "sd3" and by["sd35dir"]["kind"] == "diffusers"
     sd = requests.get(f"{server.url}/sdapi/v1/sd-models", headers=_h(server.keys["user"]), timeout=10).json()
     titles = {r["model_name"]: r for r in sd}
     assert titles["m"]["title"] == f"m [{by['m']['sha256'][:10]}]" and titles["sd35"]["family"] == "sd3"
@@ -175,6 +178,8 @@ def test_sd3_through_the_server_equals_generate(server):
     assert cli.std() > 1 and np.array_equal(_png(base64.b64decode(r.json()["images"][0])), cli)
     job, img = _job(server, "sd35")
     assert np.array_equal(img, cli) and job["model_hash"] and job["model_version"] is None
+    job, img = _job(server, "sd35dir")  # a diffusers folder
+    assert np.array_equal(img, _cli(server, "sd35dir", "--model", str(server.models / "sd35dir")))
     # what the SD3 pipeline cannot do is refused before anything is queued, naming the field
     r = requests.post(f"{server.url}/sdapi/v1/txt2img", headers=_h(user), timeout=10,
                       json={**sd35, "enable_hr": True})  # fmt: skip
