@@ -72,9 +72,9 @@ def _cli(srv, name: str, *model: str) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def _job(srv, model: str, **params) -> tuple[dict, np.ndarray]:
+def _job(srv, model: str, kind: str = "txt2img", **params) -> tuple[dict, np.ndarray]:
     key = srv.keys["user"]
-    body = {"kind": "txt2img", "params": {**GEN, "sampler": "Euler", "model": model, **params}}
+    body = {"kind": kind, "params": {**GEN, "sampler": "Euler", "model": model, **params}}
     r = requests.post(f"{srv.url}/v1/jobs", json=body, headers=_h(key), timeout=30)
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 300
@@ -193,6 +193,8 @@ def test_sd3_through_the_server_equals_generate(server):
     body = {"kind": "inpaint", "params": {**GEN, "model": "sd35", "init_image": b64, "mask": b64}}
     r = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(user), timeout=10)
     assert r.status_code == 422 and "params.mask" in r.text and "inpainting" in r.text
+    job, img = _job(server, "sd35", kind="img2img", init_image=b64, denoising_strength=0.5)  # img2img runs
+    assert img.shape == (64, 64, 3) and "Denoising strength: 0.5" in job["images"][0]["infotext"]
 
 
 def test_the_cache_estimate_covers_the_mmdit(tmp_path, one_thread):
