@@ -16,7 +16,9 @@ from ..diffusion.samplers import SAMPLERS
 from ..jobs.model import Job, JobState
 from .auth import Principal, authenticate, check_quota
 from .errors import ApiError, FieldError
+from .families import check_family
 from .inputs import decode_b64_image
+from .model_info import model_rows
 from .schemas import JobCreate, JobCreated, JobList, JobOut
 from .submit import check_generation, resolve_model
 
@@ -45,6 +47,7 @@ def job_out(request: Request, job: Job) -> JobOut:
         ],
         model=job.model,
         model_hash=job.model_hash,
+        model_version=job.model_version,
         params=params,
         queue_position=runner.queue.position(job) if job.state == JobState.QUEUED else None,
         attempts=job.attempts,
@@ -76,6 +79,7 @@ def _prepare(app, p: Principal, body: JobCreate) -> tuple[dict[str, Any], str, l
     init, mask = params.pop("init_image"), params.pop("mask")
     gen = {k: v for k, v in params.items() if k != "mask_invert"}
     check_generation(gen, {k: f"params.{k}" for k in gen})
+    check_family(app.runner.catalog, model, body.kind, gen, {k: f"params.{k}" for k in (*gen, "mask")})
     if body.kind == "txt2img" and (init or mask):
         raise FieldError(
             "params.init_image", "txt2img takes no init_image or mask; use kind img2img or inpaint"
@@ -222,18 +226,7 @@ async def get_image(image_id: str, request: Request, p: Principal = Depends(auth
 
 @router.get("/models")
 def list_models(request: Request, p: Principal = Depends(authenticate)):
-    runner = request.app.state.runner
-    cat, loaded = runner.catalog, set(runner.cache.loaded())
-    return [
-        {
-            "name": e.name,
-            "title": cat.title(e),
-            "kind": e.kind,
-            "loaded": e.name in loaded,
-            "sha256": cat.sha256(e, compute=False),
-        }
-        for e in cat.entries()
-    ]
+    return model_rows(request.app.state.runner)
 
 
 @router.get("/samplers")
