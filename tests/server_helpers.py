@@ -53,6 +53,8 @@ class ServerProcess:
             "default",
             *self.extra,
         ]
+        if "--store" not in self.extra:  # not the per-user store of whoever runs the tests
+            cmd.append("--no-store")
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -63,6 +63,8 @@ class Server:
         env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [sys.executable, "-m", "diffusekit.cli", "serve", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--data", str(data), *extra]
+        if "--store" not in extra:  # not the per-user model store of whoever runs the tests
+            cmd.append("--no-store")
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=env)
         try:
             _wait_ready(self.base, self.proc, self.log)
@@ -610,3 +612,30 @@ def test_batch_hires_fix_and_img2img(ui):
     assert "Denoising strength: 0.5" in out.info["parameters"]
     assert "Hires upscale" not in out.info["parameters"]
     assert ui.errors == []
+
+
+def test_models_page_lists_store_versions(browser, tmp_path):
+    """A store model shows as NAME (current) and as each NAME@V with its family; "Use" on NAME@2 switches
+    the server to that exact version."""
+    from diffusekit.cli import main
+    from store_helpers import create_tiny, fine_tune
+
+    store = tmp_path / "store"
+    base = create_tiny(tmp_path / "base.safetensors")
+    for path in (base, fine_tune(base, tmp_path / "tuned.safetensors")):
+        assert main(["models", "add", str(path), "--name", "m", "--store", str(store), "--no-golden"]) == 0
+    srv = Server(tmp_path / "data", "--no-auth", "--store", str(store))
+    pg = Page(browser, srv.base)
+    try:
+        page = pg.open()
+        page.get_by_role("tab", name="Models").click()
+        page.get_by_role("cell", name="m", exact=True).wait_for()  # the store's current version of m
+        row = page.get_by_role("row").filter(has_text="m@2")
+        row.wait_for()
+        assert "sd1" in row.inner_text() and "store version" in row.inner_text()
+        page.get_by_role("button", name="Use model m@2", exact=True).click()
+        page.get_by_role("cell", name=re.compile(r"^m@2 \(current\)")).wait_for(timeout=60_000)
+        assert pg.errors == []
+    finally:
+        pg.close()
+        srv.stop()

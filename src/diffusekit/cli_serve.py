@@ -28,8 +28,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
             raise ValueError(f"--{flag} {folder}: no such folder")
+    store_dir, seed = _store_dir(args)
     config = ServerConfig(
         data_dir=_data(args), models_dir=Path(args.models) if args.models else None, default_model=default,
+        store_dir=store_dir, seed_store=seed,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,
         precision=args.precision, max_queued=args.max_queued, batch_max=args.batch,
         loras_dir=Path(args.loras) if args.loras else None,
@@ -42,6 +44,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app.state.runner.cache.get(entry)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def _store_dir(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """(model store folder or None, whether to seed it with default@1): --store DIR, --no-store, or the
+    per-user store of `diffusekit models` (which starts with the bundled model as default@1)."""
+    from .store import default_root
+
+    if args.no_store:
+        if args.store:
+            raise ValueError("--store and --no-store contradict each other; give one")
+        return None, False
+    if args.store is None:
+        return default_root(), True
+    store = Path(args.store).expanduser()
+    if not (store / "store.db").is_file():
+        raise ValueError(f"--store {store}: no model store there; 'diffusekit models add PATH --name NAME "
+                         f"--store {store}' creates one")  # fmt: skip
+    return store, False
 
 
 def _store(args: argparse.Namespace):
@@ -84,6 +104,11 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--data", help="database and images (default: the per-user data folder)")
     p.add_argument("--models", help="folder of .safetensors/.ckpt files and diffusers folders")
+    p.add_argument("--store", metavar="DIR",
+                   help="model store whose models are offered as NAME and NAME@V (default: the per-user "
+                   "store of `diffusekit models`)")  # fmt: skip
+    p.add_argument("--no-store", action="store_true",
+                   help="offer no store models (only --models files and the bundled default)")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="generation workers (default 1 per device)")
     p.add_argument("--no-auth", action="store_true", help="no API keys (loopback addresses only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

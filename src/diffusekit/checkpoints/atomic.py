@@ -11,13 +11,14 @@ and deleted after), so a reader sees the old model or the new one, never a mix.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import re
 import shutil
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -117,21 +118,26 @@ def write_safetensors(
     dtype_names: Mapping,
 ) -> None:
     """Write CPU-contiguous `tensors` to `target` atomically and deterministically (see the module doc)."""
+    head, order = safetensors_header(tensors, metadata, dtype_names)
+    data = (tensors[name] for name in order)
+    chunks = (memoryview(t.reshape(-1).view(torch.uint8).numpy()) for t in data if t.numel())
+    write_stream(target, itertools.chain([head], chunks))
+
+
+def write_stream(target: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write `chunks` to `target` atomically: a visible partial sibling (umask honoured), fsync, rename,
+    fsync the folder; partial files of dead writers in the folder are removed first."""
     folder = target.parent
     clean_stale(folder)
     tmp = partial_path(target)
-    head, order = safetensors_header(tensors, metadata, dtype_names)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # mode honours the umask
     except OSError as e:
         raise WriteError(f"{target}: cannot write it ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for name in order:
-                t = tensors[name]
-                if t.numel():
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -45,6 +45,7 @@ from .diffusers import _read_json, _read_weights, read_vae_folder
 from .single_file import CheckpointError, save_state_dict, strip_prefix
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
+_T5_LENGTH_KEY = "_diffusekit_t5_max_length"  # a model's own T5 length when not the default 256
 
 
 def t5_config_to_transformers(cfg: T5Config) -> dict:
@@ -171,6 +172,8 @@ def write_sd3_diffusers_folder(
         "shift": cfg.shift,
     }
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    if cfg.t5_max_length != SD3Config.t5_max_length:  # diffusers has no field for it; "_" keys it skips
+        index[_T5_LENGTH_KEY] = cfg.t5_max_length
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
 
@@ -217,9 +220,9 @@ def read_sd3_diffusers_folder(root: str | Path) -> tuple[dict[str, torch.Tensor]
     t5 = t5_cfg or replace(T5_XXL, d_model=mmdit_cfg.context_dim)
     size = _read_json(root / "vae" / "config.json").get("sample_size")
     resolution = size if isinstance(size, int) else 1024
-    cfg = SD3Config(
-        mmdit_cfg, vae_cfg, texts[0], texts[1], t5, shift=shift, resolution=resolution, name=root.name
-    )
+    t5_length = int(index.get(_T5_LENGTH_KEY, SD3Config.t5_max_length))
+    cfg = SD3Config(mmdit_cfg, vae_cfg, texts[0], texts[1], t5, shift=shift, resolution=resolution,
+                    t5_max_length=t5_length, name=root.name)  # fmt: skip
     return sd, cfg
 
 

@@ -255,6 +255,8 @@ class Adapters:
 
     def uses_adapters(self, pipe, params: GenerationParams) -> bool:
         """Whether a job needs the solo path (its infotext records LoRA / TI hashes)."""
+        if not _takes_adapters(pipe):
+            return False
         return self.uses_loras(params) or bool(self.used_embeddings(pipe, params))
 
     def check_fits(self, pipe, params: GenerationParams) -> None:
@@ -272,6 +274,9 @@ class Adapters:
     @contextlib.contextmanager
     def session(self, pipe, params: Sequence[GenerationParams]) -> Iterator[None]:
         """Hold `pipe` for these jobs: exclusively when one applies LoRAs (its weights are swapped)."""
+        if not _takes_adapters(pipe):  # SD3: no LoRA / embedding support (refused before queueing)
+            yield
+            return
         self.attach(pipe)
         for p in params:
             self.check_fits(pipe, p)
@@ -279,6 +284,13 @@ class Adapters:
             lock = self._locks.setdefault(pipe, _SharedExclusive())
         with lock.hold(exclusive=any(self.uses_loras(p) for p in params)):
             yield
+
+
+def _takes_adapters(pipe) -> bool:
+    """Whether a pipeline applies <lora:...> tags and embeddings (the U-Net pipeline does, SD3's not)."""
+    from ..pipeline import Pipeline
+
+    return isinstance(pipe, Pipeline)
 
 
 def session(adapters: Adapters | None, pipe, params: Sequence[GenerationParams]):

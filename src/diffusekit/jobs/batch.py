@@ -20,6 +20,8 @@ from ..pipeline import Cancelled, GenerationResult, Pipeline, Progress, _Batch
 
 def batchable(pipe: Pipeline, params: Sequence[GenerationParams]) -> list[tuple[dict, dict]] | None:
     """Each job's (cond, uncond) when they can share a run (same text length); None otherwise."""
+    if not isinstance(pipe, Pipeline):
+        return None  # SD3: one job at a time
     res = pipe.cfg.resolution
     ps = [p.validate(res, pipe.defaults) for p in params]
     width, height = ps[0].size(res)

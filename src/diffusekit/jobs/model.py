@@ -42,7 +42,7 @@ class Job:
     """One generation request as the queue keeps it.
 
     `params` holds the GenerationParams fields plus `init_image` / `mask` (ids of stored input images);
-    `model` is the catalog name of the model it runs on.
+    `model` is the catalog name it asked for (a store NAME follows promotes until the job runs).
     """
 
     id: str
@@ -63,6 +63,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     model_hash: str | None = None
+    model_version: str | None = None  # the store version (NAME@V) it ran on; None for a plain file
     images: list[ImageRecord] = field(default_factory=list)
 
     @property

@@ -64,8 +64,9 @@ class JobQueue(ABC):
         error: str | None = None,
         images: Sequence[ImageRecord] = (),
         model_hash: str | None = None,
+        model_version: str | None = None,
     ) -> Job:
-        """Mark a running job done (with its stored images when it succeeded)."""
+        """Mark a running job done (with its stored images when it succeeded, and the exact model)."""
 
     @abstractmethod
     def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
@@ -108,7 +109,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     heartbeat_at REAL,
-    model_hash TEXT
+    model_hash TEXT,
+    model_version TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, priority DESC, seq);
@@ -150,6 +152,9 @@ class SQLiteQueue(JobQueue):
         self._conn = connect(self.path)
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+            if "model_version" not in columns:  # a database from before store versions were recorded
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN model_version TEXT")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -244,13 +249,13 @@ class SQLiteQueue(JobQueue):
             row = c.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return bool(row and row[0])
 
-    def finish(self, job_id, state, *, error=None, images=(), model_hash=None):
+    def finish(self, job_id, state, *, error=None, images=(), model_hash=None, model_version=None):
         state = JobState(state)
         with self._tx() as c:
             c.execute(
-                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, model_hash = COALESCE(?, model_hash)"
-                " WHERE id = ? AND state = 'running'",
-                (state.value, error, time.time(), model_hash, job_id),
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, model_hash = COALESCE(?, model_hash),"
+                " model_version = COALESCE(?, model_version) WHERE id = ? AND state = 'running'",
+                (state.value, error, time.time(), model_hash, model_version, job_id),
             )
             for i, rec in enumerate(images):
                 self._insert_image(c, rec, job_id, i)
@@ -416,6 +421,7 @@ class SQLiteQueue(JobQueue):
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             model_hash=row["model_hash"],
+            model_version=row["model_version"],
             images=images,
         )
 

@@ -127,7 +127,9 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
         return JobState.SUCCEEDED, [], None  # a crash came after the LoRA was written: nothing to redo
     work = work_dir(runner.data_dir, job.id)
     entry = runner.catalog.get(job.model)
-    loaded = load_model(entry.path)  # its own fp32 copy: the cached pipeline is never touched
+    live.model_version = entry.version  # the exact store version trained on (None for a file)
+    # its own fp32 copy of the base model: the cached generation pipeline is never touched
+    loaded = runner.catalog.store.load(entry.version) if entry.kind == "store" else load_model(entry.path)
     model = loaded.model.float()
     res = p.get("resolution") or loaded.cfg.resolution
     cfg = LoraTrainConfig(

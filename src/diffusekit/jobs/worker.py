@@ -67,6 +67,7 @@ class Live:
     last_step_at: float = 0.0
     preview_at: float = 0.0
     heartbeat_at: float = 0.0
+    model_version: str | None = None  # the store version (NAME@V) the job runs on, once resolved
 
     @property
     def eta_s(self) -> float | None:
@@ -211,7 +212,12 @@ class JobRunner:
         return live
 
     def _end(self, job: Job, state: JobState, error=None, records=(), model_hash=None) -> None:
-        done = self.queue.finish(job.id, state, error=error, images=records, model_hash=model_hash)
+        with self._live_lock:
+            live = self.live.get(job.id)
+        version = live.model_version if live is not None else None
+        done = self.queue.finish(
+            job.id, state, error=error, images=records, model_hash=model_hash, model_version=version
+        )
         with self._live_lock:
             self.live.pop(job.id, None)
         self.observer.job_state(done)
@@ -245,10 +251,11 @@ class JobRunner:
 
         lives = [self._start(j) for j in jobs]
         try:
-            pipe = self.cache.get(self.catalog.get(jobs[0].model))
+            entry = self.catalog.get(jobs[0].model)  # resolved once: every job of the run uses it
+            for lv in lives:
+                lv.model_version = entry.version
+            pipe = self.cache.get(entry)
             params = [params_from_job(j.params) for j in jobs]
-            if self.adapters is not None:
-                self.adapters.attach(pipe)
             solo = self.adapters is not None and any(self.adapters.uses_adapters(pipe, p) for p in params)
             conds = None if solo else batchable(pipe, params)  # LoRA / TI jobs take the solo path
         except Exception as e:  # noqa: BLE001
@@ -308,7 +315,8 @@ class JobRunner:
         return on_progress
 
     def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
-        entry = self.catalog.get(job.model)
+        entry = self.catalog.get(job.model)  # a store NAME resolves to its current version now
+        live.model_version = entry.version
         pipe = self.cache.get(entry)
         params = params_from_job(job.params)
         inputs = {}

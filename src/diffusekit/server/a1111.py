@@ -24,7 +24,9 @@ from .a1111_schemas import (
 from .adapters_routes import check_adapters
 from .auth import Principal, authenticate, check_quota, require_admin
 from .errors import ApiError, FieldError
+from .families import check_family
 from .inputs import decode_b64_image, encode_png_b64
+from .model_info import sd_model_rows
 from .submit import check_generation, failure_status, resolve_model, wait_done
 
 router = APIRouter(prefix="/sdapi/v1", tags=["A1111 compatible"])
@@ -179,8 +181,10 @@ async def _generate(request: Request, p: Principal, req: Txt2ImgRequest, kind: s
     model, clip_skip = _settings(request, req.override_settings)
     params = _img2img_params(req) if kind != "txt2img" else _txt2img_params(req)
     params["clip_skip"] = clip_skip
-    check_generation(params, {"sampler": "sampler_name", "schedule": "scheduler"})
-    check_adapters(app.runner, params)
+    names = {"sampler": "sampler_name", "schedule": "scheduler"}
+    check_generation(params, names)
+    check_family(app.runner.catalog, model, "inpaint" if getattr(req, "mask", None) else kind, params, names)
+    check_adapters(app.runner, params, model=model)
     inputs = []
     if kind != "txt2img":
         inputs = await run_in_threadpool(_store_inputs, app, p, req, params)
@@ -404,21 +408,7 @@ async def set_options(body: dict[str, Any], request: Request, p: Principal = Dep
 
 @router.get("/sd-models")
 def sd_models(request: Request, p: Principal = Depends(authenticate)):
-    cat = request.app.state.runner.catalog
-    out = []
-    for e in cat.entries():
-        sha = cat.sha256(e, compute=False)
-        out.append(
-            {
-                "title": cat.title(e),
-                "model_name": e.name,
-                "hash": sha[:10] if sha else None,
-                "sha256": sha,
-                "filename": e.filename,
-                "config": None,
-            }
-        )
-    return out
+    return sd_model_rows(request.app.state.runner)
 
 
 @router.post("/refresh-checkpoints")

@@ -21,10 +21,17 @@ from .train_schemas import TrainLoraParams
 router = APIRouter(tags=["LoRA and embeddings"])
 
 
-def check_adapters(runner, params: dict[str, Any], field: str = "prompt") -> None:
-    """422 naming the LoRA when a prompt's <lora:NAME:...> tag names none the server has (or is malformed)."""
+def check_adapters(runner, params: dict[str, Any], field: str = "prompt", model: str | None = None) -> None:
+    """422 naming the LoRA when a prompt's <lora:NAME:...> tag names none the server has (or is malformed),
+    or when `model` is an SD3 model (whose pipeline applies no LoRAs yet)."""
     if runner.adapters is None:
         return
+    if model is not None and "<" in (params.get("prompt") or ""):
+        from ..adapters.extra_networks import parse_extra_networks
+
+        tags = parse_extra_networks(params["prompt"])[1]
+        if tags and runner.catalog.family(runner.catalog.get(model)) == "sd3":
+            raise FieldError(field, f"<lora:...> tags are not supported for SD3 models yet ({model})")
     try:
         runner.adapters.loras.check(params.get("prompt") or "")
     except LoraError as e:
@@ -159,6 +166,9 @@ def prepare_train(app, p: Principal, raw: TrainLoraParams) -> tuple[dict[str, An
     runner = app.runner
     params = raw.model_dump()
     model = resolve_model(runner.catalog, params.pop("model") or "default", "params.model")
+    family = runner.catalog.family(runner.catalog.get(model))
+    if family == "sd3":
+        raise FieldError("params.model", f"train_lora trains SD1, SD2 and SDXL models; {model!r} is SD3")
     name = params["name"]
     if (runner.adapters.loras.folder / f"{name}.safetensors").exists() and not params["overwrite"]:
         raise FieldError("params.name", f"a LoRA named {name!r} exists already; set overwrite to replace it",

@@ -15,11 +15,12 @@ from .. import __version__
 from ..jobs.adapters import Adapters
 from ..jobs.catalog import ModelCatalog
 from ..jobs.worker import JobRunner
-from . import a1111, adapters_routes, errors, jobs_api, model_info, presets
+from . import a1111, adapters_routes, errors, jobs_api, model_info, presets, store_api
 from .auth import Principal, RateLimiter, authenticate
 from .config import ServerConfig
 from .keys import KeyStore
 from .metrics import Metrics, log_event, setup_logging
+from .store_api import open_store
 
 WEBUI_DIR = Path(__file__).resolve().parent.parent / "webui"
 MAX_BODY_BYTES = 64 * 2**20  # a 20 MiB image and a mask, base64-encoded, fit
@@ -29,7 +30,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     """A ready app: the runner starts with the app (lifespan) and re-queues what a crash left running."""
     setup_logging()
     metrics = Metrics()
-    catalog = ModelCatalog(config.models_dir, config.default_model)
+    catalog = ModelCatalog(config.models_dir, config.default_model, store=open_store(config))
     runner = JobRunner(
         config.data_dir,
         catalog,
@@ -142,6 +143,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(jobs_api.router)
     app.include_router(presets.router)
     app.include_router(model_info.router)
+    app.include_router(store_api.router)
     if WEBUI_DIR.is_dir():
         from fastapi.staticfiles import StaticFiles
 

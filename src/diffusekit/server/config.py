@@ -31,6 +31,8 @@ class ServerConfig:
     data_dir: Path
     models_dir: Path | None = None
     default_model: Path | None = None  # the bundled model, offered as "default"
+    store_dir: Path | None = None  # a model store: its models offered as NAME and NAME@V (None: no store)
+    seed_store: bool = False  # add the bundled model as default@1 the first time the store is used
     host: str = "127.0.0.1"
     port: int = 7860
     workers: int = 1

@@ -17,7 +17,9 @@ from ..jobs.model import Job, JobState
 from .adapters_routes import check_adapters, prepare_train
 from .auth import Principal, authenticate, check_quota
 from .errors import ApiError, FieldError
+from .families import check_family
 from .inputs import decode_b64_image
+from .model_info import model_rows
 from .schemas import JobCreate, JobCreated, JobList, JobOut
 from .submit import check_generation, resolve_model
 
@@ -54,6 +56,7 @@ def job_out(request: Request, job: Job) -> JobOut:
         ],
         model=job.model,
         model_hash=job.model_hash,
+        model_version=job.model_version,
         params=params,
         queue_position=runner.queue.position(job) if job.state == JobState.QUEUED else None,
         attempts=job.attempts,
@@ -86,7 +89,8 @@ def _prepare(app, p: Principal, body: JobCreate) -> tuple[dict[str, Any], str, l
     init, mask = params.pop("init_image"), params.pop("mask")
     gen = {k: v for k, v in params.items() if k != "mask_invert"}
     check_generation(gen, {k: f"params.{k}" for k in gen})
-    check_adapters(app.runner, gen, "params.prompt")
+    check_family(app.runner.catalog, model, body.kind, gen, {k: f"params.{k}" for k in (*gen, "mask")})
+    check_adapters(app.runner, gen, "params.prompt", model)
     if body.kind == "txt2img" and (init or mask):
         raise FieldError(
             "params.init_image", "txt2img takes no init_image or mask; use kind img2img or inpaint"
@@ -236,18 +240,7 @@ async def get_image(image_id: str, request: Request, p: Principal = Depends(auth
 
 @router.get("/models")
 def list_models(request: Request, p: Principal = Depends(authenticate)):
-    runner = request.app.state.runner
-    cat, loaded = runner.catalog, set(runner.cache.loaded())
-    return [
-        {
-            "name": e.name,
-            "title": cat.title(e),
-            "kind": e.kind,
-            "loaded": e.name in loaded,
-            "sha256": cat.sha256(e, compute=False),
-        }
-        for e in cat.entries()
-    ]
+    return model_rows(request.app.state.runner)
 
 
 @router.get("/samplers")

@@ -66,6 +66,17 @@ class _Live:
         loaded = GaugeMetricFamily("diffusekit_models_loaded", "models held in memory")
         loaded.add_metric([], len(runner.cache.loaded()))
         yield loaded
+        store = runner.catalog.store
+        if store is not None:
+            current = GaugeMetricFamily(
+                "diffusekit_model_current_version",
+                "the version NAME resolves to in the model store",
+                labels=["model"],
+            )
+            for m in store.list():
+                if m["current"] is not None:
+                    current.add_metric([m["name"]], m["current"])
+            yield current
 
 
 class Metrics(Observer):

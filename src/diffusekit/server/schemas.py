@@ -96,6 +96,7 @@ class JobOut(BaseModel):
     images: list[ImageOut]
     model: str
     model_hash: str | None
+    model_version: str | None = None  # the store version (NAME@V) the job ran on
     params: dict[str, Any]
     queue_position: int | None
     attempts: int

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import struct
 from collections import Counter
 from collections.abc import Mapping
@@ -19,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.atomic import write_stream
 from ..checkpoints.inspect import dtype_name
 from ..checkpoints.single_file import save_state_dict, split_by_prefixes
 from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
-from .blobs import BlobStore, StoreError, fsync_dir, tensor_bytes
+from .blobs import BlobStore, StoreError, tensor_bytes
 
 MANIFEST_FORMAT = 1
 EXTRA = "extra"  # the component holding every tensor outside the networks
@@ -91,24 +90,6 @@ def assemble(manifest: Mapping, blobs: BlobStore) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _atomic_write(out: Path, write) -> str:
-    """Run write(f, digest) into a temp file next to `out`, fsync, rename; returns the file's sha256."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    digest = hashlib.sha256()
-    try:
-        with open(tmp, "xb") as f:
-            write(f, digest)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
-    return digest.hexdigest()
-
-
 def export_single_file(manifest: Mapping, blobs: BlobStore, out: Path) -> str:
     """Write the version as one .safetensors file; returns its sha256.
 
@@ -135,12 +116,16 @@ def export_single_file(manifest: Mapping, blobs: BlobStore, out: Path) -> str:
             "the stored header and the version's tensors name different keys; run 'models verify'"
         )
 
-    def write(f, digest) -> None:
+    digest = hashlib.sha256()
+
+    def chunks():
         for chunk in (header, *(tensor_bytes(sd[k]) for k in order)):
             digest.update(chunk)
-            f.write(chunk)
+            yield chunk
 
-    return _atomic_write(out, write)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_stream(out, chunks())
+    return digest.hexdigest()
 
 
 def relative_change(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict:

@@ -9,7 +9,6 @@ blobs are durable (fsync + rename + dir fsync) before the one SQLite transaction
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -28,20 +27,21 @@ from ..checkpoints.load import (
     read_checkpoint,
     validate_state_dict,
 )
+from ..checkpoints.sd3 import is_sd3_file
 from ..checkpoints.single_file import cast_floats, detect_format, read_safetensors_header
 from ..models.configs import config_from_dict
 from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..params import ModelDefaults
 from . import golden as gold
-from .blobs import BlobStore, StoreError, tensors_digest
+from . import maintenance
+from .blobs import BlobStore, StoreError
 from .db import connect, store_lock, transaction
 from .manifest import (
     MANIFEST_FORMAT,
     assemble,
     check_manifest,
     read_raw_header,
-    split_components,
     store_components,
 )
 from .refs import Ref, check_name
@@ -193,6 +193,11 @@ class ModelStore:
         if not path.exists():
             raise StoreError(
                 f"{path}: no such file or folder; add takes a .safetensors/.ckpt file or a diffusers folder"
+            )
+        if is_sd3_file(path):
+            raise StoreError(
+                f"{path}: an SD3/SD3.5 model; the store holds SD1/SD2/SDXL models for now (serve it with "
+                "`diffusekit serve --models DIR`, generate with --model PATH)"
             )
         parent_ref = Ref.parse(parent) if parent else None
         if parent_ref is not None:
@@ -551,73 +556,18 @@ class ModelStore:
             )
         return {"removed": v.ref}
 
-    # --- blobs -------------------------------------------------------------------------------------------
+    # --- blobs (store/maintenance.py) ---------------------------------------------------------------
 
     def referenced(self, c: sqlite3.Connection) -> dict[str, set[str]]:
         """{blob sha256: {NAME@VERSION, ...}} for every blob a committed version or golden record names."""
-        refs: dict[str, set[str]] = {}
-        for row in c.execute("SELECT name, version, manifest FROM versions"):
-            m = json.loads(row["manifest"])
-            ref = f"{row['name']}@{row['version']}"
-            digests = [comp["blob"] for comp in m["components"]]
-            if m.get("layout", {}).get("header_blob"):
-                digests.append(m["layout"]["header_blob"])
-            for d in digests:
-                refs.setdefault(d, set()).add(ref)
-        for row in c.execute("SELECT name, version, record FROM goldens"):
-            for img in json.loads(row["record"])["images"]:
-                refs.setdefault(img["png_blob"], set()).add(f"{row['name']}@{row['version']}")
-        return refs
+        return maintenance.referenced(c)
 
     def repair(
         self, path: str | Path, *, fp16: bool = False, prune: bool = False, prediction: str | None = None
     ) -> dict:
-        """Rewrite the missing or changed blobs that a copy of an added file holds (add's flags must match).
-
-        Only blobs some version names are written; no version is created. Returns what was restored.
-        """
-        path = Path(path)
-        if not path.exists():
-            raise StoreError(f"{path}: no such file or folder; repair reads a copy of a file that was added")
-        sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction, prune_training=prune)
-        if fp16:
-            sd = cast_floats(sd, torch.float16)
-        with self._lock():
-            with closing(self._conn()) as c:
-                refs = self.referenced(c)
-            restored: list[str] = []
-            for _, (_, tensors) in split_components(sd, cfg).items():
-                digest, _ = tensors_digest(tensors)
-                if digest in refs and self.blobs.put_tensors(tensors, recheck=True)[2]:
-                    restored.append(digest)
-            if path.is_file() and detect_format(path) == "safetensors":
-                header = read_raw_header(path)
-                digest = hashlib.sha256(header).hexdigest()
-                if digest in refs and self.blobs.put_bytes(header, recheck=True)[2]:
-                    restored.append(digest)
-        matched = sorted({v for d in restored for v in refs[d]})
-        return {"restored_blobs": restored, "versions": matched}
+        """Rewrite the missing or changed blobs a copy of an added file holds (add's flags must match)."""
+        return maintenance.repair(self, path, fp16=fp16, prune=prune, prediction=prediction)
 
     def gc(self, *, dry_run: bool = False) -> dict:
         """Delete blobs no version names and partial writes left by crashes."""
-        with self._lock():
-            with closing(self._conn()) as c:
-                keep = self.referenced(c)
-            removed, freed = [], 0
-            for digest, size in sorted(self.blobs.all().items()):
-                if digest not in keep:
-                    removed.append(digest)
-                    freed += size
-                    if not dry_run:
-                        self.blobs.remove(digest)
-            temps = self.blobs.temp_files()
-            for t in temps:
-                freed += t.stat().st_size
-                if not dry_run:
-                    t.unlink(missing_ok=True)
-        return {
-            "removed_blobs": removed,
-            "removed_temp_files": len(temps),
-            "freed_bytes": freed,
-            "dry_run": dry_run,
-        }
+        return maintenance.gc(self, dry_run=dry_run)
