@@ -24,27 +24,44 @@ LORA = "a blue square near zorb <lora:styl:1>"
 
 
 def test_shared_exclusive_lock():
-    lock, events, inside = _SharedExclusive(), [], []
+    lock, inside = _SharedExclusive(), []
+    release = {n: threading.Event() for n in ("s1", "s2", "x", "s3")}
+    entered = {n: threading.Event() for n in release}
 
-    def hold(name: str, exclusive: bool, delay: float) -> None:
-        time.sleep(delay)
+    def hold(name: str, exclusive: bool) -> None:
         with lock.hold(exclusive):
             inside.append(name)
-            events.append((name, "in", tuple(inside)))
-            time.sleep(0.05)
+            entered[name].set()
+            release[name].wait(10)
             inside.remove(name)
 
-    threads = [threading.Thread(target=hold, args=a) for a in
-               (("s1", False, 0), ("s2", False, 0), ("x", True, 0.01), ("s3", False, 0.02))]  # fmt: skip
-    for t in threads:
+    def start(name: str, exclusive: bool) -> threading.Thread:
+        t = threading.Thread(target=hold, args=(name, exclusive))
         t.start()
+        return t
+
+    def until(check, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    threads = [start("s1", False), start("s2", False)]
+    assert entered["s1"].wait(10) and entered["s2"].wait(10)  # shared holders overlap
+    threads.append(start("x", True))
+    until(lambda: lock._waiting == 1)  # x waits for the shared holders
+    threads.append(start("s3", False))
+    time.sleep(0.2)
+    assert not entered["x"].is_set() and not entered["s3"].is_set()  # s3 queues behind the waiting x
+    release["s1"].set()
+    release["s2"].set()
+    assert entered["x"].wait(10)
+    assert inside == ["x"] and not entered["s3"].is_set()  # the exclusive holder is alone
+    release["x"].set()
+    assert entered["s3"].wait(10)
+    release["s3"].set()
     for t in threads:
-        t.join(5)
-    together = {name: others for name, _, others in events}
-    assert together["x"] == ("x",)  # the exclusive holder was alone
-    assert set(together["s2"]) <= {"s1", "s2"}  # shared holders overlap
-    order = [name for name, _, _ in events]
-    assert order.index("x") < order.index("s3")  # a waiting exclusive request goes before later shared ones
+        t.join(10)
 
 
 def test_lora_jobs_hold_the_model_alone_with_two_workers(tmp_path, one_thread):
