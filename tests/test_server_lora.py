@@ -18,10 +18,13 @@ import requests
 import torch
 from PIL import Image, ImageDraw
 
+from diffusekit.cli import main
 from server_helpers import ServerProcess, env, make_key
+from store_helpers import create_tiny
 
 GEN = dict(seed=11, steps=3, width=64, height=64, cfg_scale=3.0)
 SAMPLER = "Euler a"
+SD3 = "sd35"
 PROMPT = "a red circle <lora:styl:0.8:0.6> near zorb"
 
 
@@ -42,7 +45,7 @@ def _make_lora(path: Path, seed: int = 0) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("srvlora")
     data, loras, embs = root / "data", root / "loras", root / "embeddings"
     for d in (data, loras, embs):
@@ -56,7 +59,14 @@ def server(tmp_path_factory):
     _make_lora(outside, seed=3)
     (loras / "escape.safetensors").symlink_to(outside)  # leads out of the folder: never offered
     keys = {"admin": make_key(data, "boss", "admin"), "alice": make_key(data, "alice")}
-    srv = ServerProcess(data, "--loras", str(loras), "--embeddings", str(embs)).start()
+    # a model store with a tiny SD1 model (a training base) and a models folder with a tiny SD3.5 file
+    models, store = root / "models", root / "store"
+    models.mkdir()
+    assert main(["create", "tiny_sd35", str(models / "sd35.safetensors"), "--seed", "1"]) == 0
+    tiny = create_tiny(root / "tiny.safetensors")
+    assert main(["models", "add", str(tiny), "--name", "m", "--store", str(store)]) == 0
+    extra = ("--loras", str(loras), "--embeddings", str(embs), "--models", str(models), "--store", str(store))
+    srv = ServerProcess(data, *extra).start()
     srv.keys, srv.loras, srv.embs, srv.root = keys, loras, embs, root
     yield srv
     srv.stop()
@@ -225,6 +235,16 @@ def test_unknown_or_escaping_names_are_422_naming_them(server):
                 assert r.status_code == 422 and "matches no layer" in r.text and "sdxl" in r.text, r.text
     finally:
         (server.loras / "xl_only.safetensors").unlink()
+    # SD3 models apply no LoRAs yet: refused before queueing
+    for path, body in (
+        (
+            "/sdapi/v1/txt2img",
+            {**GEN, "prompt": PROMPT, "override_settings": {"sd_model_checkpoint": "sd35"}},
+        ),
+        ("/v1/jobs", {"kind": "txt2img", "params": {**GEN, "prompt": PROMPT, "model": "sd35"}}),
+    ):
+        r = requests.post(server.url + path, json=body, headers=h, timeout=60)
+        assert r.status_code == 422 and "SD3" in r.text and "prompt" in r.text, r.text
     # an alias (ss_output_name) resolves like the file name
     aliased = PROMPT.replace("styl:", "styl_alias:")
     via_alias, _ = _a1111(server, "/sdapi/v1/txt2img", {**GEN, "prompt": aliased})
@@ -259,6 +279,7 @@ def test_train_lora_job_reports_loss_and_its_lora_works_in_prompts(server):
         ({**TRAIN, "images": [{"image": "bm90IGFuIGltYWdl", "caption": "x"}]}, "params.images.0.image"),
         ({**TRAIN, "images": _train_images(), "name": "styl"}, "exists already"),
         ({**TRAIN, "images": _train_images(), "model": "nope"}, "params.model"),
+        ({**TRAIN, "images": _train_images(), "model": "sd35"}, "is SD3"),
     ]
     for params, field in bad:
         body_bad = {"kind": "train_lora", "params": params}
@@ -316,3 +337,15 @@ def test_cancel_a_running_training_job(server):
     job = _wait(server, server.keys["admin"], job_id, timeout=60)
     assert job["state"] == "cancelled" and job["progress"]["step"] < 5000
     assert not (server.loras / "stopped.safetensors").exists()
+
+
+def test_train_lora_on_a_store_model(server):
+    admin = _h(server.keys["admin"])
+    params = {**TRAIN, "name": "on_store", "model": "m", "steps": 3, "images": _train_images()[:2]}
+    r = requests.post(server.url + "/v1/jobs", json={"kind": "train_lora", "params": params}, headers=admin,
+                      timeout=30)  # fmt: skip
+    assert r.status_code == 202, r.text
+    job = _wait(server, server.keys["admin"], r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert job["model_version"] == "m@1" and job["result"]["steps"] == 3  # the exact version trained on
+    assert (server.loras / "on_store.safetensors").is_file()
