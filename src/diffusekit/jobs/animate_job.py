@@ -218,7 +218,7 @@ def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str
         init = runner.store.open(rec).convert("RGB")
     renderer.render(resume=True, init_image=init, callback=_progress_hook(runner, job, live, folder),
                     cancel=live.cancel)  # fmt: skip
-    if live.cancel.is_set():
+    if live.cancel.is_set() or runner.queue.heartbeat(job.id, live.total, live.total):
         raise Cancelled("generation cancelled")
     frames = []
     for i in range(spec.frames):
