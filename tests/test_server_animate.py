@@ -51,9 +51,8 @@ def _h(key: str) -> dict[str, str]:
 
 
 def _submit(srv, params: dict, key: str = "alice") -> str:
-    r = requests.post(
-        f"{srv.url}/v1/jobs", json={"kind": "animate", "params": params}, headers=_h(srv.keys[key]), timeout=30
-    )
+    body = {"kind": "animate", "params": params}
+    r = requests.post(f"{srv.url}/v1/jobs", json=body, headers=_h(srv.keys[key]), timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -77,7 +76,8 @@ def _frame(srv, image: dict) -> np.ndarray:
 
 
 def test_mp4_job_with_frame_progress_events_and_owned_results(server):
-    params = {**GEN, "frames": 6, "fps": 12, "cadence": 2, "prompts": {"0": "a red circle", "5": "a blue square"}}
+    prompts = {"0": "a red circle", "5": "a blue square"}
+    params = {**GEN, "frames": 6, "fps": 12, "cadence": 2, "prompts": prompts}
     job_id = _submit(server, params)
     h = _h(server.keys["alice"])
     progress, previews = [], 0
@@ -147,7 +147,8 @@ def test_gif_and_webp_read_back_by_pillow(server, fmt):
 
 def test_same_frames_and_video_as_the_cli(server, tmp_path):
     prompts = {"0": "a red circle", "4": "a blue square"}
-    motion = {"zoom": "0: (1.0), 4: (1.1)", "angle": "2", "translation_x": "0: (0), 4: (3)", "strength": "0.6"}
+    motion = {"zoom": "0: (1.0), 4: (1.1)", "angle": "2", "translation_x": "0: (0), 4: (3)"}
+    motion["strength"] = "0.6"
     params = {**GEN, "mode": "motion", "frames": 5, "cadence": 2, "interpolation": "blend",
               "prompts": prompts, "format": "gif", **motion}  # fmt: skip
     job = _wait(server, _submit(server, params))
