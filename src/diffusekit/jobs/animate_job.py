@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,6 @@ class AnimateLive(Live):
     keys: tuple[int, ...] = ()
     units: int = 1  # sampler runs of the whole render (key frames; 1 for animatediff)
     units_done: int = 0
-    step_times: list[float] = field(default_factory=list, repr=False)
 
 
 def work_dir(data_dir: Path, job_id: str) -> Path:

@@ -108,6 +108,8 @@ def _check_schedule(name: str, text: str, curve: str) -> None:
 
 
 def _check_animatediff(app, a) -> None:
+    if app.runner.n_workers > 1:  # the motion modules go into the U-Net that all workers share
+        raise FieldError("params.mode", "animatediff needs a server started with --workers 1")
     if not a.motion_module:
         names = ", ".join(motion_modules(limits_of(app.runner).motion_modules_dir)) or "none installed"
         raise FieldError("params.motion_module", f"animatediff needs a motion module; valid: {names}")
