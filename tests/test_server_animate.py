@@ -3,6 +3,7 @@ cancel, bad params named, key ownership, frames equal to `diffusekit animate`, A
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -149,8 +150,12 @@ def test_same_frames_and_video_as_the_cli(server, tmp_path):
     prompts = {"0": "a red circle", "4": "a blue square"}
     motion = {"zoom": "0: (1.0), 4: (1.1)", "angle": "2", "translation_x": "0: (0), 4: (3)"}
     motion["strength"] = "0.6"
+    init = Image.new("RGB", (64, 64), (20, 40, 160))
+    init.paste((230, 30, 20), (16, 20, 40, 44))
+    init.save(tmp_path / "init.png")
+    init_b64 = base64.b64encode((tmp_path / "init.png").read_bytes()).decode()
     params = {**GEN, "mode": "motion", "frames": 5, "cadence": 2, "interpolation": "blend",
-              "prompts": prompts, "format": "gif", **motion}  # fmt: skip
+              "prompts": prompts, "format": "gif", "init_image": init_b64, **motion}  # fmt: skip
     job = _wait(server, _submit(server, params))
     assert job["state"] == "succeeded", job["error"]
     out = tmp_path / "cli.gif"
@@ -158,7 +163,8 @@ def test_same_frames_and_video_as_the_cli(server, tmp_path):
            "--prompts", json.dumps(prompts), "--frames", "5", "--cadence", "2", "--interpolation", "blend",
            "--zoom", motion["zoom"], "--angle", "2", "--translation-x", motion["translation_x"],
            "--strength", "0.6", "--steps", "3", "--cfg", "2", "--sampler", "Euler", "--seed", "5",
-           "--width", "64", "--height", "64", "-o", str(out)]  # fmt: skip
+           "--width", "64", "--height", "64", "--init-image", str(tmp_path / "init.png"),
+           "-o", str(out)]  # fmt: skip
     subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=180)
     frames = sorted((tmp_path / "cli.frames").glob("frame_*.png"))
     assert len(frames) == 5 == len(job["images"])
