@@ -131,9 +131,14 @@ def test_mp4_job_with_frame_progress_events_and_owned_results(server):
 
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
 def test_gif_and_webp_read_back_by_pillow(server, fmt):
-    prompts = {"0": "a red circle", "2": "a blue square"}  # distinct frames (GIF merges repeated ones)
-    job = _wait(server, _submit(server, {**GEN, "frames": 3, "fps": 10, "format": fmt, "prompts": prompts}))
+    # distinct frames (GIF merges repeated ones): prompt travel for the GIF, seed travel for the WebP
+    travel = {"prompts": {"0": "a red circle", "2": "a blue square"}} if fmt == "gif" else {"mode": "seed"}
+    if fmt == "webp":
+        travel["seeds"] = [1, 2]
+    job = _wait(server, _submit(server, {**GEN, "frames": 3, "fps": 10, "format": fmt, **travel}))
     assert job["state"] == "succeeded", job["error"]
+    if fmt == "webp":  # seed travel starts on its first seed and ends on its last
+        assert [im["seed"] for im in job["images"]][::2] == [1, 2]
     r = _get(server, job["video"]["url"])
     assert r.headers["content-type"] == f"image/{fmt}"
     with Image.open(io.BytesIO(r.content)) as im:
