@@ -27,7 +27,7 @@ from PIL import Image
 from ..image_files import write_atomic
 from ..metadata import parse_infotext, read_infotext
 from .model import ImageRecord, Job, JobState
-from .worker import PREVIEW_S, PREVIEW_SIDE, Live, _failure, params_from_job
+from .worker import PREVIEW_S, PREVIEW_SIDE, Live, _failure, _preview, params_from_job
 
 WORK_DIR = "animations"
 VIDEO_DIR = "videos"
@@ -215,8 +215,8 @@ def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str
         if rec is None:
             raise ValueError(f"init_image: image {p['init_image']} no longer exists")
         init = runner.store.open(rec).convert("RGB")
-    renderer.render(resume=True, init_image=init, callback=_progress_hook(runner, job, live, folder),
-                    cancel=live.cancel)  # fmt: skip
+    hook = _progress_hook(runner, job, live, folder, pipe)
+    renderer.render(resume=True, init_image=init, callback=hook, cancel=live.cancel)
     if live.cancel.is_set() or runner.queue.heartbeat(job.id, live.total, live.total):
         raise Cancelled("generation cancelled")
     frames = []
@@ -235,7 +235,7 @@ def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str
     return _publish_frames(runner, job, folder, spec.frames), pipe.model_hash
 
 
-def _progress_hook(runner, job: Job, live: AnimateLive, folder: Path):
+def _progress_hook(runner, job: Job, live: AnimateLive, folder: Path, pipe):
     """Renderer callback: live frame/step progress, frame previews, heartbeats, cancel between steps."""
     from ..animation.video import frame_path
     from ..pipeline import Cancelled
@@ -250,6 +250,10 @@ def _progress_hook(runner, job: Job, live: AnimateLive, folder: Path):
             live.last_step_at = now
             live.frame, live.step, live.total = fp.frame, fp.step, fp.total
             part = fp.step / fp.total
+            if fp.denoised is not None and now - live.preview_at >= PREVIEW_S:  # the frame taking shape
+                live.preview_at = now
+                live.preview = _preview(pipe, fp.denoised)
+                live.preview_step = fp.step
         else:  # frame fp.frame is written whole
             live.frames_done = max(live.frames_done, fp.frame + 1)
             if live.units > 1:  # a key frame is done once every frame up to it is written
@@ -258,7 +262,7 @@ def _progress_hook(runner, job: Job, live: AnimateLive, folder: Path):
                 live.units_done = int(live.frames_done == live.frames)
             live.frame = min(live.frames_done, live.frames - 1)
             part = 0.0
-            if now - live.preview_at >= PREVIEW_S or live.frames_done == live.frames:
+            if fp.frame + 1 == live.frames_done:  # the latest whole frame
                 live.preview_at = now
                 live.preview = _thumbnail(frame_path(folder, fp.frame))
                 live.preview_step = fp.frame
