@@ -32,6 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store_dir=store_dir, seed_store=seed,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,
         precision=args.precision, max_queued=args.max_queued, batch_max=args.batch,
+        motion_modules_dir=Path(args.motion_modules) if args.motion_modules else None,
+        max_frames=args.max_frames,
     )  # fmt: skip
     app = create_app(config)
     if args.preload:
@@ -117,6 +119,10 @@ def add_serve_commands(sub) -> None:
         help="run up to N queued txt2img jobs with the same model, size, steps and sampler (and fixed "
         "seeds) as one batch (1 = off; images equal to solo runs within 1/255, as batch_size is)",
     )
+    p.add_argument("--motion-modules", metavar="DIR", help="AnimateDiff motion modules that animate jobs "
+                   "name (default: motion_modules in the data folder)")  # fmt: skip
+    p.add_argument("--max-frames", type=int, default=240, metavar="N",
+                   help="most frames of one animate job (frames x width x height <= N x 512^2)")  # fmt: skip
     p.add_argument("--preload", metavar="MODEL", help="load this model before serving (e.g. default)")
     p.set_defaults(func=cmd_serve)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ..params import INPAINT_FILLS, MAX_BATCH, MAX_SIDE, MAX_STEPS, PROMPT_MODES
 from .a1111_schemas import MAX_PROMPT, SEED_MAX
+from .animate_schemas import AnimateJobCreate
 
 
 class JobParams(BaseModel):
@@ -60,6 +61,28 @@ class JobCreate(BaseModel):
     priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
 
 
+def _job_kind(body: Any) -> str | None:
+    """Which body model a POST /v1/jobs is: "animate", "generation", or None for an unknown kind."""
+    kind = body.get("kind") if isinstance(body, dict) else getattr(body, "kind", None)
+    if kind == "animate":
+        return "animate"
+    known = get_args(JobCreate.model_fields["kind"].annotation)
+    return "generation" if not isinstance(body, dict) or kind is None or kind in known else None
+
+
+# The body of POST /v1/jobs: its model is picked by `kind` (the tags are dropped from error locations).
+JOB_TAGS = ("generation", "animate")
+JobRequest = Annotated[
+    Annotated[JobCreate, Tag("generation")] | Annotated[AnimateJobCreate, Tag("animate")],
+    Discriminator(
+        _job_kind,
+        custom_error_type="invalid_kind",
+        custom_error_message="kind: not a job kind; valid: "
+        + ", ".join((*get_args(JobCreate.model_fields["kind"].annotation), "animate")),
+    ),
+]
+
+
 class JobCreated(BaseModel):
     id: str
     state: str
@@ -93,6 +116,7 @@ class JobOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     timings: dict[str, float | None]
+    video: dict[str, Any] | None = None  # animate jobs: url, media_type, format, frames, fps, size, bytes
 
 
 class JobList(BaseModel):
