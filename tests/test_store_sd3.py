@@ -161,3 +161,16 @@ def test_golden_promote_rollback_flip_and_generate(tmp_path, files, capsys):
     assert "s@2 fails its golden check" in capsys.readouterr().err
     # s@1 (current) is untouched: same pixels as before the flip
     assert np.array_equal(_render(["--model", "s", "--store", str(root)], tmp_path / "after.png"), before)
+
+
+def test_golden_renders_of_big_sd3_models_fall_back_to_bf16():
+    from diffusekit.models.sd3 import StableDiffusion3
+    from diffusekit.models.sd3_configs import SD35_LARGE, TINY_SD35
+    from diffusekit.store.sd3 import golden_dtype
+
+    def params(cfg, **kw) -> int:
+        return sum(p.numel() for p in StableDiffusion3(cfg, device="meta", **kw).parameters())
+
+    assert golden_dtype(params(TINY_SD35)) == torch.float32
+    assert golden_dtype(params(SD35_LARGE)) == torch.bfloat16  # ~45 GB in fp32 with T5-XXL
+    assert golden_dtype(params(SD35_LARGE, with_t5=False, with_clip=False)) == torch.bfloat16

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 FAMILY = "sd3"
 T5_TOKENIZER_BLOB = "t5_tokenizer_blob"  # manifest["layout"] key of the kept spiece.model
+GOLDEN_FP32_BYTES = 16 * 2**30  # golden renders of bigger models run in bf16 (see golden_dtype)
 
 
 def is_sd3_manifest(manifest: dict) -> bool:
@@ -167,12 +168,19 @@ def sd3_pipeline(
     return pipe
 
 
+def golden_dtype(parameters: int) -> torch.dtype:
+    """fp32 while the whole model fits GOLDEN_FP32_BYTES in fp32, else bf16 (SD3.5 Large with T5-XXL is
+    ~45 GB in fp32); either is deterministic on one machine with one thread count."""
+    return torch.float32 if parameters * 4 <= GOLDEN_FP32_BYTES else torch.bfloat16
+
+
 def golden_pipeline(loaded: StoredSD3) -> SD3Pipeline:
-    """The golden renderer: fp32 on the CPU, T5 on when the version has it and its tokenizer."""
+    """The golden renderer: on the CPU, fp32 unless too big, T5 on when the version has its tokenizer."""
     from ..pipeline_sd3 import SD3Options
 
     options = SD3Options(use_t5=loaded.t5_tokenizer is not None)
-    return sd3_pipeline(loaded, device="cpu", dtype=torch.float32, options=options)
+    dtype = golden_dtype(sum(p.numel() for p in loaded.model.parameters()))
+    return sd3_pipeline(loaded, device="cpu", dtype=dtype, options=options)
 
 
 def export_sd3(store: ModelStore, v: Version, out: Path, fmt: str) -> dict:
