@@ -78,6 +78,14 @@ def test_two_sd35_fine_tunes_share_vae_and_text_encoders(tmp_path, files, capsys
     assert "sd3          shift 3.0, T5 length 16" in shown and "t5xxl" in shown
     assert main(["models", "du", "--store", str(store.root)]) == 0
     assert "t5xxl=s@1" in capsys.readouterr().out
+    # lost blobs (the fine-tune's MMDiT, the shared T5 tokenizer) are named, and repair restores them
+    spiece = v2.manifest["layout"]["t5_tokenizer_blob"]
+    for digest in (b2["mmdit"], spiece):
+        store.blobs.path(digest).unlink()
+    report = verify(store)
+    assert not report["ok"] and report["broken_versions"] == ["s@1", "s@2"]
+    restored = store.repair(files["ft"])
+    assert sorted(restored["restored_blobs"]) == sorted([b2["mmdit"], spiece]) and verify(store)["ok"]
 
 
 def test_export_round_trips_and_folders_dedupe(tmp_path, files):
@@ -120,6 +128,9 @@ def test_without_text_encoders_and_with_separate_ones(tmp_path, files):
     assert _blobs(v2) == _blobs(whole) and not v2.manifest["stored"]["exact_export"]
     with pytest.raises(StoreError, match="--prune applies to U-Net checkpoints"):
         store.add(files["base"], "x", prune=True)
+    half = store.add(files["base"], "half", golden=False, fp16=True)
+    assert all(c["dtypes"] == {"fp16": c["parameters"]} for c in half.manifest["components"])
+    assert not half.manifest["stored"]["exact_export"] and half.config == whole.config
 
 
 def _render(args: list[str], out: Path) -> np.ndarray:
