@@ -54,15 +54,16 @@ def store_pipeline(args: argparse.Namespace, **kw):
             f"--vae/--prediction cannot change the store model {args.model}; add a new version instead"
         )
     store = _store(args)
-    if store.get(args.model).manifest["family"] == "sd3":
+    v = store.get(args.model)  # resolved once: a promote meanwhile cannot mix two versions' settings
+    if v.manifest["family"] == "sd3":
         from .cli_sd3 import sd3_options
 
         if getattr(args, "text_encoder", None):
             raise StoreError(f"--text-encoder cannot change the store model {args.model}; add a version "
                              "with the encoders instead ('models add FILE --text-encoder ...')")  # fmt: skip
         options = sd3_options(args)
-        return store.pipeline(args.model, precision=args.precision, device=kw["device"], options=options)
-    return store.pipeline(args.model, precision=args.precision, **kw)
+        return store.pipeline(v.ref, precision=args.precision, device=kw["device"], options=options)
+    return store.pipeline(v.ref, precision=args.precision, **kw)
 
 
 def _print_json(obj) -> None:
