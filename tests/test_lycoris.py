@@ -89,7 +89,7 @@ class Family:
         return {k: m.eval() for k, m in out.items()}
 
     def _sgm_paths(self) -> dict[str, str]:
-        """{diffusers U-Net module path: SGM module path}, read off diffusers' own LDM -> diffusers converter."""
+        """{diffusers U-Net module path: SGM module path}, read off diffusers' LDM -> diffusers converter."""
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
         prefix = "model.diffusion_model."
