@@ -423,17 +423,41 @@ def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels
 
 
 @torch.no_grad()
-def _dense_term(m: AdapterModule, target: Target, mult: float, weight: Tensor, what: str) -> _Term:
-    """A term that adds ``op(x, mult * ΔW) + mult * Δbias`` (LyCORIS types, DoRA)."""
-    if weight.is_meta:
-        if _needs_weight(m):
-            raise LoraError(f"{what}: DoRA / IA3 need the layer's weight, which an int8 layer does not keep")
-        weight = torch.zeros(weight.shape)
-    w = weight[_rows(target, weight.shape[0])]
-    delta, bias = layer_update(m, w, what)
-    dtype = torch.float32 if weight.is_meta else weight.dtype
-    cast = lambda t: None if t is None else (mult * t).to(device=weight.device, dtype=dtype)  # noqa: E731
-    return _Term(None, None, None, 1.0, target.part, cast(delta), cast(bias))
+def _dense_term(
+    m: AdapterModule, target: Target, mult: float, base: Tensor, ref: Tensor, what: str
+) -> tuple[_Term, Tensor]:
+    """(a term adding ``op(x, mult * ΔW) + mult * Δbias``, mult * ΔW in float32) for a LyCORIS / DoRA
+    module whose layer weight (its rows of a packed q/k/v) is `base`; `ref` gives dtype and device."""
+    delta, bias = layer_update(m, base, what)
+    delta, bias = mult * delta, (None if bias is None else mult * bias)
+    device, dtype = (torch.device("cpu"), torch.float32) if ref.is_meta else (ref.device, ref.dtype)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return _Term(None, None, None, 1.0, target.part, cast(delta), cast(bias)), delta
+
+
+def _hook_terms(target: Target, items: list[tuple[AdapterModule, float, Tensor, str]]) -> list[_Term]:
+    """The terms of one layer. LoRAs apply in order, each DoRA / IA3 update computed on the weight the
+    ones before it left (A1111 ``network_apply_weights``, ComfyUI ``calculate_weight``)."""
+    weight = items[0][2]
+    rows = _rows(target, weight.shape[0])
+    running = None if weight.is_meta else weight[rows].detach()  # the weight so far, when it is known
+    in_ch = weight.shape[1] if weight.ndim > 1 else 1
+    terms: list[_Term] = []
+    for i, (m, mult, _, what) in enumerate(items):
+        delta = None
+        if _is_dense(m):
+            if running is None and _needs_weight(m):
+                raise LoraError(f"{what}: DoRA / IA3 need the weight, which an int8 layer does not keep")
+            base = running if running is not None else torch.zeros(weight[rows].shape, device="cpu")
+            term, delta = _dense_term(m, target, mult, base, weight, what)
+        else:
+            term = _term(m, target, mult * m.scale, weight, in_ch)
+        terms.append(term)
+        if running is not None and any(_needs_weight(n) for n, *_ in items[i + 1 :]):
+            if delta is None:
+                delta = mult * layer_update(m, running, what)[0]
+            running = running.float() + delta.to(running.device)
+    return terms
 
 
 def _linear_update(x: Tensor, t: _Term) -> Tensor:
@@ -566,13 +590,7 @@ def apply_loras(
                 if new_bias is not None:
                     applied._swap(_bias_of(comp, target), new_bias)
                 continue
-            in_ch = weight.shape[1] if weight.ndim > 1 else 1
-            terms = [
-                _dense_term(m, target, mult, weight, what)
-                if _is_dense(m)
-                else _term(m, target, mult * m.scale, weight, in_ch)
-                for m, mult, _, what in items
-            ]
+            terms = _hook_terms(target, items)
             layer = comp.get_submodule(target.path)
             applied._handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
     except BaseException:
@@ -585,13 +603,14 @@ def apply_loras(
 def _merged(
     target: Target, items: list[tuple[AdapterModule, float, Tensor, str]], weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """(weight + Σ mult * ΔW, bias + Σ mult * Δbias or None) in the tensors' dtype, device and layout."""
+    """(weight + Σ mult * ΔW, bias + Σ mult * Δbias or None) in the tensors' dtype, device and layout; each
+    LyCORIS / DoRA update is computed on the weight the updates before it left (A1111, ComfyUI)."""
     new = weight.detach().float().clone()
     new_bias = None
     rows = _rows(target, weight.shape[0])
     for m, mult, _, what in items:
         if _is_dense(m):
-            delta, db = layer_update(m, weight[rows].detach(), what)
+            delta, db = layer_update(m, new[rows], what)
             new[rows] += mult * delta
             if db is not None:
                 if bias is None:
