@@ -210,7 +210,23 @@ def test_peft_adapter_in_lycoris_file_matches_peft(family, kind, families, tmp_p
     with apply_loras(fam.ours, [(net, 1.0, 1.0)], merge=True):
         merged = fam.our_outputs()
     assert _max_rel(merged, ref) <= 1e-4
-    if kind == "dora":  # the magnitude matters: without it the same file gives other outputs
+    if kind == "dora":
+        # the same adapters in diffusers' own DoRA file (PEFT keys, lora_magnitude_vector, alpha in metadata)
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        kw = {}
+        for comp, model in mods.items():
+            kw[f"{comp}_lora_layers"] = get_peft_model_state_dict(model)
+            kw[f"{comp}_lora_adapter_metadata"] = (ucfg if comp == "unet" else tcfg).to_dict()
+        cls = StableDiffusionXLPipeline if fam.xl else StableDiffusionPipeline
+        cls.save_lora_weights(tmp_path / "peft", **kw)
+        peft_net = load_lora(tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+        assert all(m.dora_scale is not None for m in peft_net.modules.values())
+        with apply_loras(fam.ours, [(peft_net, 1.0, 1.0)]) as applied:
+            assert applied.unmatched == {peft_net.name: []}
+            assert _max_rel(fam.our_outputs(), ref) <= 1e-4
+        # the magnitude matters: without it the same file gives other outputs
         plain = load_lora(path)
         for m in plain.modules.values():
             m.dora_scale = None
