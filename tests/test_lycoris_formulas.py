@@ -141,6 +141,18 @@ def test_full_diff_with_bias(sd1):
     diff, diff_b = _rand(g, *w.shape), _rand(g, 32)
     t = {"diff": diff, "diff_b": diff_b, "alpha": torch.tensor(4.0)}  # alpha unused: a full diff has no rank
     _check(model, cfg, sd, EMB, t, w + 0.8 * diff, b + 0.8 * diff_b, unet=0.8)
+    # diff_b on a layer without a bias: added at run time in both modes; merge_loras has nowhere to put it
+    _, q = _layer(model, cfg, TO_Q)
+    diff, diff_b = _rand(g, 32, 32), _rand(g, 32)
+    net = network_from_state_dict({f"{TO_Q}.diff": diff, f"{TO_Q}.diff_b": diff_b}, "nb")
+    x = torch.randn(3, 32, generator=g)
+    want = F.linear(x, q.weight + 0.5 * diff, 0.5 * diff_b)
+    for merge in (False, True):
+        with torch.no_grad(), apply_loras(model, [(net, 1.0, 0.5)], merge=merge):
+            torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
+    assert q.bias is None
+    with pytest.raises(LoraError, match="diff_b"):
+        merge_loras(sd, cfg, [(net, 1.0, 0.5)])
 
 
 def test_ia3_on_input_and_output(sd1):

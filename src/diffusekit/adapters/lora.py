@@ -560,7 +560,8 @@ def apply_loras(
     Default: forward hooks (differentiable for plain LoRA; what training uses). ``merge=True``: each
     adapted weight (and bias, for a full diff) is swapped for a merged copy (W + ΔW, A1111's math) and the
     original tensor is put back on removal, so inference pays nothing per step and the base is still
-    bit-identical afterwards; layers without a weight tensor (int8-quantized) get hooks either way.
+    bit-identical afterwards; layers without a weight tensor (int8-quantized), or without the bias a
+    ``diff_b`` adds to, get hooks either way.
     """
     comps = _components(model)
     per_layer: dict[Target, list[tuple[AdapterModule, float, Tensor, str]]] = {}
@@ -584,11 +585,13 @@ def apply_loras(
         for target, items in per_layer.items():
             weight = items[0][2]
             comp = comps[target.component]
-            if merge and not weight.is_meta:
-                new_weight, new_bias = _merged(target, items, weight, _bias_of(comp, target))
+            bias = _bias_of(comp, target)
+            adds_bias = any(getattr(m, "bias_diff", None) is not None for m, *_ in items)
+            if merge and not weight.is_meta and (bias is not None or not adds_bias):
+                new_weight, new_bias = _merged(target, items, weight, bias)
                 applied._swap(weight, new_weight)
                 if new_bias is not None:
-                    applied._swap(_bias_of(comp, target), new_bias)
+                    applied._swap(bias, new_bias)
                 continue
             terms = _hook_terms(target, items)
             layer = comp.get_submodule(target.path)
