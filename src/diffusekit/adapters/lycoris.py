@@ -64,12 +64,6 @@ _REFUSED = {
     "GLoRA": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"),
     "norm (LyCORIS train_norm)": ("w_norm", "b_norm"),
 }
-LYCORIS_LEAVES = frozenset(
-    {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}
-    | {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-    | {"diff", "diff_b", "weight", "on_input"}
-    | {leaf for leaves in _REFUSED.values() for leaf in leaves}
-)
 
 
 def _f32(t: Tensor, device: torch.device | None = None) -> Tensor:
@@ -180,10 +174,10 @@ def weight_decompose(delta: Tensor, weight: Tensor, magnitude: Tensor, what: str
     merged = w + delta.to(w.device)  # (out, in[, kh, kw])
     m = _f32(magnitude, w.device)
     out, fan_in = w.shape[0], (w.shape[1] if w.ndim > 1 else 1)
-    rest_is_one = m.ndim == w.ndim and all(s == 1 for s in m.shape[2:])
-    if rest_is_one and m.shape[0] == out and (m.ndim == 1 or m.shape[1] == 1):  # per output row
+    rest_is_one = m.ndim == w.ndim >= 2 and all(s == 1 for s in m.shape[2:])
+    if rest_is_one and m.shape[0] == out and m.shape[1] == 1:  # per output row
         norm = merged.reshape(out, -1).norm(dim=1).reshape(m.shape)
-    elif rest_is_one and m.ndim > 1 and m.shape[0] == 1 and m.shape[1] == fan_in:  # per input column
+    elif rest_is_one and m.shape[0] == 1 and m.shape[1] == fan_in:  # per input column
         norm = merged.transpose(0, 1).reshape(fan_in, -1).norm(dim=1).reshape(m.shape)
     else:
         raise LoraError(
