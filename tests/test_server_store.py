@@ -37,6 +37,8 @@ def server(tmp_path_factory, one_thread):
     for path in (base, tuned):
         assert main(["models", "add", str(path), "--name", "m", "--store", str(store)]) == 0
     assert main(["create", "tiny_sd35", str(models / "sd35.safetensors"), "--seed", "1"]) == 0
+    s35 = ["models", "add", str(models / "sd35.safetensors"), "--name", "s35", "--store", str(store)]
+    assert main([*s35, "--no-golden"]) == 0  # the same file, also as an SD3 store version
     sd35dir = ["convert", str(models / "sd35.safetensors"), str(models / "sd35dir"), "--format", "diffusers"]
     assert main(sd35dir) == 0
     keys = {"admin": make_key(data, "boss", "admin"), "user": make_key(data, "alice")}
@@ -197,6 +199,26 @@ def test_sd3_through_the_server_equals_generate(server):
     assert img.shape == (64, 64, 3) and "Denoising strength: 0.5" in job["images"][0]["infotext"]
 
 
+def test_sd3_store_version_is_listed_and_equals_its_file(server):
+    user = server.keys["user"]
+    rows = requests.get(f"{server.url}/v1/models", headers=_h(user), timeout=10).json()
+    by = {r["name"]: r for r in rows}
+    assert by["s35"]["kind"] == "store" and by["s35"]["family"] == "sd3" and by["s35"]["version"] == "s35@1"
+    assert by["s35@1"]["current"] and by["s35"]["sha256"] == by["sd35"]["sha256"]
+    job, img = _job(server, "s35")
+    assert job["model_version"] == "s35@1" and job["model_hash"] == by["s35"]["sha256"][:10]
+    _, from_file = _job(server, "sd35")  # the file it was added from, through the same server
+    assert img.std() > 1 and np.array_equal(img, from_file)
+    assert np.array_equal(img, _cli(server, "s35", "--model", "s35", "--store", str(server.store)))
+    body = {**GEN, "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "s35@1"}}
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=_h(user), timeout=300)
+    assert r.status_code == 200 and np.array_equal(_png(base64.b64decode(r.json()["images"][0])), img)
+    # what the SD3 pipeline cannot do is refused for the store version as for the file
+    body = {"kind": "txt2img", "params": {**GEN, "model": "s35", "sampler": "Euler a"}}
+    r = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(user), timeout=10)
+    assert r.status_code == 422 and "params.sampler" in r.text
+
+
 def test_the_cache_estimate_covers_the_mmdit(tmp_path, one_thread):
     from diffusekit.jobs.catalog import ModelCatalog
     from diffusekit.jobs.loading import load_pipeline, loaded_bytes, weight_bytes
@@ -212,8 +234,11 @@ def test_the_cache_estimate_covers_the_mmdit(tmp_path, one_thread):
     assert est > mmdit and 0.95 * real <= est <= 1.05 * real, (est, real, mmdit)
     assert weight_bytes(entry, precision="bf16", device="cpu") * 2 == est  # every float tensor is cast
     assert cat.family(entry) == "sd3" and pipe.model_hash == cat.sha256(entry)[:10]
-    with pytest.raises(ValueError, match="SD3/SD3.5 model; the store holds SD1/SD2/SDXL"):
-        ModelStore(tmp_path / "store").add(path, "s")
+    # the same file as an SD3 store version: the same estimate (every float tensor at the compute dtype)
+    ModelStore(tmp_path / "store").add(path, "s", golden=False)
+    (tmp_path / "empty").mkdir()
+    stored = ModelCatalog(tmp_path / "empty", None, store=ModelStore(tmp_path / "store")).get("s@1")
+    assert stored.family == "sd3" and weight_bytes(stored, precision="fp32", device="cpu") == est
 
 
 def test_serve_store_options(tmp_path, capsys):

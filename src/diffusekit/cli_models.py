@@ -54,7 +54,16 @@ def store_pipeline(args: argparse.Namespace, **kw):
             f"--vae/--prediction cannot change the store model {args.model}; add a new version instead"
         )
     store = _store(args)
-    return store.pipeline(args.model, precision=args.precision, **kw)
+    v = store.get(args.model)  # resolved once: a promote meanwhile cannot mix two versions' settings
+    if v.manifest["family"] == "sd3":
+        from .cli_sd3 import sd3_options
+
+        if getattr(args, "text_encoder", None):
+            raise StoreError(f"--text-encoder cannot change the store model {args.model}; add a version "
+                             "with the encoders instead ('models add FILE --text-encoder ...')")  # fmt: skip
+        options = sd3_options(args)
+        return store.pipeline(v.ref, precision=args.precision, device=kw["device"], options=options)
+    return store.pipeline(v.ref, precision=args.precision, **kw)
 
 
 def _print_json(obj) -> None:
@@ -75,7 +84,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     v = store.add(
         args.path, args.name, note=args.note, source=args.source, license=args.license, fp16=args.fp16,
         prune=args.prune, prediction=args.prediction, parent=args.parent, golden=not args.no_golden,
-        command=_command(),
+        command=_command(), text_encoders=tuple(args.text_encoder),
     )  # fmt: skip
     if args.json:
         _print_json(v.card())
@@ -132,6 +141,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"  note         {card['note'] or '-'}",
         f"  parent       {card['parent'] or '-'}",
     ]  # fmt: skip
+    if card.get("sd3"):
+        s = card["sd3"]
+        t5 = "T5 tokenizer kept" if s["t5_tokenizer"] else "no T5 tokenizer"
+        mmdit = f"MMDiT depth {s['mmdit_depth']}" + (", QK-norm" if s["qk_norm"] else "")
+        mmdit += f", {s['mmdit_x_layers']} MMDiT-X blocks" if s["mmdit_x_layers"] else ""
+        lines.append(f"  sd3          shift {s['shift']}, T5 length {s['t5_max_length']}, {mmdit}")
+        lines.append(f"  encoders     {', '.join(s['text_encoders']) or 'none'} ({t5})")
     if card["recommended"]:
         lines.append(f"  recommended  {card['recommended']}")
     lines.append("  components")
@@ -370,6 +386,8 @@ def add_models_commands(sub) -> None:
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type")
     p.add_argument("--parent", help="NAME@VERSION this derives from (default: NAME's current version)")
     p.add_argument("--no-golden", action="store_true", help="skip rendering the golden images")
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE",
+                   help="SD3: a separate clip_l / clip_g / t5xxl file to store with it (repeat)")  # fmt: skip
     cmd("list", cmd_list, "models and their versions")
     p = cmd("show", cmd_show, "the model card of NAME[@VERSION]")
     p.add_argument("ref")

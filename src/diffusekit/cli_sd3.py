@@ -31,23 +31,29 @@ def sd3_pipeline(args: argparse.Namespace, model: Path, device):
 
     if not is_sd3_file(model):
         return None
-    from .pipeline_sd3 import SD3Options, SD3Pipeline
+    from .pipeline_sd3 import SD3Pipeline
 
-    if args.shift is not None and args.shift <= 0:
-        raise ValueError(f"--shift must be positive, got {args.shift}")
-    if args.t5_length is not None and not 1 <= args.t5_length <= 512:
-        raise ValueError(f"--t5-length must be within 1..512, got {args.t5_length}")
-    options = SD3Options(
-        shift=args.shift, use_t5=not args.no_t5, t5_tokenizer=args.t5_tokenizer, slg_scale=args.slg,
-        t5_int8=args.t5_int8, t5_max_length=args.t5_length,
-    )  # fmt: skip
     return SD3Pipeline.from_file(
         model,
         text_encoders=tuple(args.text_encoder),
         precision=args.precision,
         device=device,
-        options=options,
+        options=sd3_options(args),
     )
+
+
+def sd3_options(args: argparse.Namespace):
+    """The SD3Options the command-line SD3 options ask for (also used for store SD3 models)."""
+    from .pipeline_sd3 import SD3Options
+
+    if args.shift is not None and args.shift <= 0:
+        raise ValueError(f"--shift must be positive, got {args.shift}")
+    if args.t5_length is not None and not 1 <= args.t5_length <= 512:
+        raise ValueError(f"--t5-length must be within 1..512, got {args.t5_length}")
+    return SD3Options(
+        shift=args.shift, use_t5=not args.no_t5, t5_tokenizer=args.t5_tokenizer, slg_scale=args.slg,
+        t5_int8=args.t5_int8, t5_max_length=args.t5_length,
+    )  # fmt: skip
 
 
 def create_sd3_preset(args: argparse.Namespace, dtype) -> bool:

@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loras_dir=Path(args.loras) if args.loras else None,
         embeddings_dir=Path(args.embeddings) if args.embeddings else None,
         datasets_dir=Path(args.datasets) if args.datasets else None,
+        motion_modules_dir=Path(args.motion_modules) if args.motion_modules else None,
+        max_frames=args.max_frames,
     )  # fmt: skip
     app = create_app(config)
     if args.preload:
@@ -125,6 +127,10 @@ def add_serve_commands(sub) -> None:
     p.add_argument("--loras", metavar="DIR", help="LoRA files for <lora:NAME:W> (default: DATA/loras)")
     p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files (default: DATA/embeddings)")
     p.add_argument("--datasets", metavar="DIR", help="image folders train_lora jobs may use (DATA/datasets)")
+    p.add_argument("--motion-modules", metavar="DIR", help="AnimateDiff motion modules that animate jobs "
+                   "name (default: motion_modules in the data folder)")  # fmt: skip
+    p.add_argument("--max-frames", type=int, default=240, metavar="N",
+                   help="most frames of one animate job (frames x width x height <= N x 512^2)")  # fmt: skip
     p.add_argument("--preload", metavar="MODEL", help="load this model before serving (e.g. default)")
     p.set_defaults(func=cmd_serve)
 

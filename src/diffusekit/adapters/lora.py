@@ -9,6 +9,10 @@ update into a state dict with A1111's formula (``W + multiplier * scale * up @ d
 
 Scale: kohya/A1111 ``alpha / rank`` (1 without alpha); diffusers/PEFT ``lora_alpha / r`` from the file's
 ``lora_adapter_metadata`` (1 without it), ``lora_alpha / sqrt(r)`` for rsLoRA.
+
+LyCORIS modules (LoHa, LoKr, full diff, IA3) and DoRA magnitudes (kohya/LyCORIS ``dora_scale``, PEFT
+``lora_magnitude_vector``) are read by ``adapters/lycoris.py`` and applied as dense updates ΔW of their
+layers (hooks add ``x -> op(x, multiplier * ΔW)``, merge mode swaps in ``W + multiplier * ΔW``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from torch import Tensor, nn
 from ..checkpoints.hashes import addnet_hash, sha256_file
 from ..checkpoints.single_file import load_state_dict, save_state_dict
 from ..models.configs import ModelConfig
+from .errors import LoraError
 from .keys import Target, adapter_names, preferred_names
+from .lycoris import LycorisModule, build_module, fit_update, weight_decompose
 
 __all__ = [
     "LoraError",
@@ -47,14 +53,18 @@ _KOHYA_LEAVES = {
     "lora_mid.weight": "mid",
     "alpha": "alpha",
     "scale": "scale",
+    "dora_scale": "dora",
+    "bias": "weight_bias",
 }
-_PEFT_LEAVES = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
+_PEFT_LEAVES = {
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "alpha": "alpha",
+    "lora_magnitude_vector": "magnitude",  # PEFT DoRA: per output row, (out,) or (1, out, 1, 1)
+    "lora_magnitude_vector.weight": "magnitude",
+}
 _BUNDLE = "bundle_emb."
 PEFT_METADATA_KEY = "lora_adapter_metadata"
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be read or does not fit the model."""
 
 
 @dataclass
@@ -67,6 +77,13 @@ class LoraModule:
     alpha: float | None = None
     scale_override: float | None = None  # an explicit `scale` tensor in the file (A1111 honours it)
     rslora: bool = False
+    dora_scale: Tensor | None = None  # DoRA magnitude, (out, 1[, 1, 1]) or (1, in[, 1, 1]) (lycoris.py)
+    weight_bias: Tensor | None = None  # A1111's `bias` key: weight-shaped, added to up @ down
+
+    @property
+    def dense(self) -> bool:
+        """Whether the update needs the whole ΔW (DoRA, `bias`), not the low-rank path."""
+        return self.dora_scale is not None or self.weight_bias is not None
 
     @property
     def rank(self) -> int:
@@ -82,12 +99,15 @@ class LoraModule:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+AdapterModule = LoraModule | LycorisModule  # what one layer of a file holds
+
+
 @dataclass
 class LoraNetwork:
     """The layers of one LoRA file, keyed by the file's names, plus what could not be used."""
 
     name: str
-    modules: dict[str, LoraModule]
+    modules: dict[str, AdapterModule]
     unsupported: list[str] = field(default_factory=list)  # keys of module types we cannot apply
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, Tensor] = field(default_factory=dict)  # bundle_emb.* tensors, by key
@@ -112,10 +132,10 @@ class LoraNetwork:
     def shorthash(self) -> str:
         return self.hash[:12]
 
-    def resolve(self, cfg: ModelConfig) -> tuple[dict[Target, LoraModule], list[str]]:
+    def resolve(self, cfg: ModelConfig) -> tuple[dict[Target, AdapterModule], list[str]]:
         """({our layer: module}, names that match no layer of `cfg`) for a model of config `cfg`."""
         names = adapter_names(cfg)
-        found: dict[Target, LoraModule] = {}
+        found: dict[Target, AdapterModule] = {}
         unmatched: list[str] = []
         for name, module in self.modules.items():
             target = names.get(name)
@@ -138,15 +158,23 @@ class LoraNetwork:
         out: dict[str, Tensor] = {}
         for target, m in resolved.items():
             name = names[target]
-            if style == "kohya":
+            if isinstance(m, LycorisModule):
+                if style != "kohya":
+                    raise LoraError(f"the diffusers format has no place for {m.algorithm} layers; use kohya")
+                out.update({f"{name}.{leaf}": t.detach() for leaf, t in m.tensors().items()})
+            elif style == "kohya":
+                if m.dora_scale is not None:
+                    out[f"{name}.dora_scale"] = m.dora_scale.detach()
+                if m.weight_bias is not None:
+                    out[f"{name}.bias"] = m.weight_bias.detach()
                 out[f"{name}.lora_down.weight"] = m.down.detach()
                 out[f"{name}.lora_up.weight"] = m.up.detach()
                 if m.mid is not None:
                     out[f"{name}.lora_mid.weight"] = m.mid.detach()
                 out[f"{name}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
             else:
-                if m.mid is not None:
-                    raise LoraError("the diffusers format has no place for LyCORIS mid weights; use kohya")
+                if m.mid is not None or m.dense:
+                    raise LoraError("the diffusers format has no place for lora_mid, DoRA, bias; use kohya")
                 out[f"{name}.lora_A.weight"] = m.down.detach()
                 out[f"{name}.lora_B.weight"] = m.up.detach() * m.scale  # the scale folded in: alpha = r
         return out
@@ -181,37 +209,54 @@ def _peft_alpha(config: Mapping[str, object], comp: str, path: str) -> tuple[flo
     return (float(alpha) if alpha is not None else None), bool(config.get(f"{comp}.use_rslora", False))
 
 
+def _peft_magnitude(m: Tensor) -> Tensor:
+    """PEFT's DoRA magnitude ((out,) for Linear, (1, out, 1, 1) for Conv2d) as a per-output-row
+    ``dora_scale`` ((out, 1) / (out, 1, 1, 1)), the orientation lycoris.weight_decompose reads."""
+    return m.reshape(-1, 1) if m.ndim == 1 else m.reshape(-1, *([1] * (m.ndim - 1)))
+
+
 def network_from_state_dict(
     sd: Mapping[str, Tensor], name: str, metadata: Mapping[str, str] | None = None
 ) -> LoraNetwork:
-    """Group a LoRA state dict (kohya/A1111 or diffusers/PEFT keys) into a LoraNetwork."""
+    """Group a LoRA state dict (kohya/A1111/LyCORIS or diffusers/PEFT keys) into a LoraNetwork."""
     metadata = dict(metadata or {})
     parts: dict[str, dict[str, Tensor]] = {}
+    kohya_leaves: dict[str, dict[str, Tensor]] = {}  # {module: {leaf: tensor}} of kohya-named keys
     unsupported: list[str] = []
     embeddings: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key.startswith(_BUNDLE):  # kept, but not used yet: reported like any key not applied
             embeddings[key] = value
             unsupported.append(key)
-            continue
-        if key.startswith(_KOHYA_PREFIXES) and "." in key:
+        elif key.startswith(_KOHYA_PREFIXES) and "." in key:
             module, _, leaf = key.partition(".")
-            role = _KOHYA_LEAVES.get(leaf)
+            kohya_leaves.setdefault(module, {})[leaf] = value
         else:
             leaf = next((lf for lf in _PEFT_LEAVES if key.endswith("." + lf)), None)
-            module = key[: -len(leaf) - 1] if leaf else key
-            role = _PEFT_LEAVES.get(leaf) if leaf else None
-        if role is None:
-            unsupported.append(key)
-        else:
-            parts.setdefault(module, {})[role] = value
+            if leaf is None:
+                unsupported.append(key)
+            else:
+                parts.setdefault(key[: -len(leaf) - 1], {})[_PEFT_LEAVES[leaf]] = value
+    modules: dict[str, AdapterModule] = {}
+    for module, leaves in kohya_leaves.items():
+        if any(leaf.startswith("lora_") for leaf in leaves):  # LoRA / LoCon / CP (+ DoRA, bias)
+            for leaf, value in leaves.items():
+                role = _KOHYA_LEAVES.get(leaf)
+                if role is None:
+                    unsupported.append(f"{module}.{leaf}")
+                else:
+                    parts.setdefault(module, {})[role] = value
+            continue
+        lyco, unused = build_module(leaves, f"LoRA {name!r}: layer {module}")
+        unsupported += [f"{module}.{leaf}" for leaf in unused]
+        if lyco is not None:
+            modules[module] = lyco
     peft_config: dict[str, object] = {}
     if PEFT_METADATA_KEY in metadata:
         try:
             peft_config = json.loads(metadata[PEFT_METADATA_KEY])
         except json.JSONDecodeError:
             raise LoraError(f"LoRA {name!r}: {PEFT_METADATA_KEY} metadata is not valid JSON") from None
-    modules: dict[str, LoraModule] = {}
     for module, p in parts.items():
         if "down" not in p or "up" not in p:
             unsupported += [f"{module} (has {', '.join(sorted(p))} but no {'up' if 'down' in p else 'down'})"]
@@ -223,6 +268,9 @@ def network_from_state_dict(
             alpha, rslora = _peft_alpha(peft_config, comp, path)
         if alpha == 0:
             alpha = None  # kohya: alpha 0 means alpha = rank
+        dora = p.get("dora")
+        if "magnitude" in p:
+            dora = _peft_magnitude(p["magnitude"])
         modules[module] = LoraModule(
             down=p["down"],
             up=p["up"],
@@ -230,11 +278,13 @@ def network_from_state_dict(
             alpha=alpha,
             scale_override=_float(p["scale"]) if "scale" in p else None,
             rslora=rslora,
+            dora_scale=dora,
+            weight_bias=p.get("weight_bias"),
         )
     if not modules:
         raise LoraError(
-            f"LoRA {name!r} holds no LoRA layers (expected keys like lora_unet_*.lora_down.weight or "
-            f"unet.*.lora_A.weight; found e.g. {next(iter(sd), 'nothing')!r})"
+            f"LoRA {name!r} holds no LoRA layers (expected keys like lora_unet_*.lora_down.weight, "
+            f"lora_unet_*.hada_w1_a or unet.*.lora_A.weight; found e.g. {next(iter(sd), 'nothing')!r})"
         )
     return LoraNetwork(name, modules, unsupported, metadata, embeddings)
 
@@ -245,7 +295,10 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraNetwork:
     if not path.is_file():
         raise LoraError(f"{path}: no such LoRA file")
     sd, metadata = load_state_dict(path)
-    net = network_from_state_dict(sd, name or path.stem, metadata)
+    try:
+        net = network_from_state_dict(sd, name or path.stem, metadata)
+    except LoraError as e:
+        raise LoraError(f"{path}: {e}") from None
     net.path = path
     return net
 
@@ -258,14 +311,18 @@ def _as_conv(w: Tensor) -> Tensor:
     return w if w.ndim == 4 else w[:, :, None, None]
 
 
+def _lora_product(m: LoraModule, device: torch.device | None = None) -> Tensor:
+    """up @ [mid] @ down in float32: (out, in * kh * kw), or (out, in, kh, kw) with a CP mid."""
+    out, r = m.up.shape[0], m.rank
+    up, down = m.up.reshape(out, -1).float().to(device), m.down.reshape(r, -1).float().to(device)
+    if m.mid is not None:  # LyCORIS CP: ΔW[i, j, k, l] = Σ up[i, n] mid[n, m, k, l] down[m, j]
+        return torch.einsum("nmkl,in,mj->ijkl", m.mid.float().to(device), up, down)
+    return up @ down  # (out, in * kh * kw)
+
+
 def lora_delta(m: LoraModule, shape: Sequence[int]) -> Tensor:
     """ΔW = scale * up @ [mid] @ down, shaped like the layer's weight `shape` (A1111's calc_updown)."""
-    out, r = m.up.shape[0], m.rank
-    up, down = m.up.reshape(out, -1).float(), m.down.reshape(r, -1).float()
-    if m.mid is not None:  # LyCORIS CP: ΔW[i, j, k, l] = Σ up[i, n] mid[n, m, k, l] down[m, j]
-        delta = torch.einsum("nmkl,in,mj->ijkl", m.mid.float(), up, down)
-    else:
-        delta = up @ down  # (out, in * kh * kw)
+    delta = _lora_product(m)
     if delta.numel() != math.prod(shape):
         raise LoraError(f"LoRA update of {tuple(delta.shape)} does not fit a weight of shape {tuple(shape)}")
     return delta.reshape(shape) * m.scale
@@ -289,6 +346,49 @@ def _check_shape(name: str, target: Target, m: LoraModule, weight_shape: torch.S
         )
 
 
+def layer_update(m: AdapterModule, weight: Tensor, what: str) -> tuple[Tensor, Tensor | None]:
+    """(ΔW shaped like `weight`, Δbias or None) in float32 before the multiplier, for any module type.
+
+    `weight` is the layer's weight (for a packed q/k/v projection, its third). LoRA with DoRA or a
+    `bias` key follows A1111's ``finalize_updown`` like the LyCORIS types (lycoris.py)."""
+    out = weight.shape[0]
+    if isinstance(m, LycorisModule):
+        if m.out_features not in (-1, out):
+            raise LoraError(
+                f"{what}: the {m.algorithm} update has {m.out_features} outputs, the layer's weight "
+                f"{tuple(weight.shape)}: the LoRA was made for a different model family or size"
+            )
+        return m.update(weight, what)
+    raw = _lora_product(m, weight.device)
+    if m.weight_bias is not None:
+        if m.weight_bias.numel() != raw.numel():
+            raise LoraError(f"{what}: `bias` of shape {tuple(m.weight_bias.shape)} does not fit the update")
+        raw = raw.reshape(-1) + m.weight_bias.float().to(weight.device).reshape(-1)
+    delta = fit_update(raw, weight.shape)
+    if delta is None:
+        raise LoraError(f"{what}: LoRA update {tuple(raw.shape)} does not fit a weight {tuple(weight.shape)}")
+    delta = delta * m.scale
+    if m.dora_scale is not None:
+        delta = weight_decompose(delta, weight, m.dora_scale, what)
+    return delta, None
+
+
+def _needs_weight(m: AdapterModule) -> bool:
+    return m.needs_weight() if isinstance(m, LycorisModule) else m.dora_scale is not None
+
+
+def _is_dense(m: AdapterModule) -> bool:
+    return isinstance(m, LycorisModule) or m.dense
+
+
+def _rows(target: Target, n: int) -> slice:
+    """The rows of a weight (or bias) of `n` rows that `target` adapts: all, or its q/k/v third."""
+    if target.kind != "packed":
+        return slice(None)
+    width = n // 3
+    return slice(target.part * width, (target.part + 1) * width)
+
+
 # ---------------------------------------------------------------------------------------------
 # Run-time application
 
@@ -297,11 +397,13 @@ def _check_shape(name: str, target: Target, m: LoraModule, weight_shape: torch.S
 class _Term:
     """One LoRA's contribution to one layer, in the layer's dtype and device."""
 
-    down: Tensor
-    up: Tensor
+    down: Tensor | None
+    up: Tensor | None
     mid: Tensor | None
     factor: float  # multiplier * scale
     part: int | None
+    dense: Tensor | None = None  # multiplier * ΔW for LyCORIS / DoRA modules (then down/up are None)
+    bias: Tensor | None = None  # multiplier * Δbias
 
 
 def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels: int) -> _Term:
@@ -320,13 +422,55 @@ def _term(m: LoraModule, target: Target, factor: float, ref: Tensor, in_channels
     return _Term(cast(down), cast(up), cast(m.mid), factor, target.part)
 
 
+@torch.no_grad()
+def _dense_term(
+    m: AdapterModule, target: Target, mult: float, base: Tensor, ref: Tensor, what: str
+) -> tuple[_Term, Tensor]:
+    """(a term adding ``op(x, mult * ΔW) + mult * Δbias``, mult * ΔW in float32) for a LyCORIS / DoRA
+    module whose layer weight (its rows of a packed q/k/v) is `base`; `ref` gives dtype and device."""
+    delta, bias = layer_update(m, base, what)
+    delta, bias = mult * delta, (None if bias is None else mult * bias)
+    device, dtype = (torch.device("cpu"), torch.float32) if ref.is_meta else (ref.device, ref.dtype)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return _Term(None, None, None, 1.0, target.part, cast(delta), cast(bias)), delta
+
+
+def _hook_terms(target: Target, items: list[tuple[AdapterModule, float, Tensor, str]]) -> list[_Term]:
+    """The terms of one layer. LoRAs apply in order, each DoRA / IA3 update computed on the weight the
+    ones before it left (A1111 ``network_apply_weights``, ComfyUI ``calculate_weight``)."""
+    weight = items[0][2]
+    rows = _rows(target, weight.shape[0])
+    running = None if weight.is_meta else weight[rows].detach()  # the weight so far, when it is known
+    in_ch = weight.shape[1] if weight.ndim > 1 else 1
+    terms: list[_Term] = []
+    for i, (m, mult, _, what) in enumerate(items):
+        delta = None
+        if _is_dense(m):
+            if running is None and _needs_weight(m):
+                raise LoraError(f"{what}: DoRA / IA3 need the weight, which an int8 layer does not keep")
+            base = running if running is not None else torch.zeros(weight[rows].shape, device="cpu")
+            term, delta = _dense_term(m, target, mult, base, weight, what)
+        else:
+            term = _term(m, target, mult * m.scale, weight, in_ch)
+        terms.append(term)
+        if running is not None and any(_needs_weight(n) for n, *_ in items[i + 1 :]):
+            if delta is None:
+                delta = mult * layer_update(m, running, what)[0]
+            running = running.float() + delta.to(running.device)
+    return terms
+
+
 def _linear_update(x: Tensor, t: _Term) -> Tensor:
+    if t.dense is not None:
+        return F.linear(x.to(t.dense.dtype), t.dense, t.bias).to(x.dtype)  # (..., out)
     h = F.linear(x.to(t.down.dtype), t.down)  # (..., in) -> (..., r)
     return (F.linear(h, t.up) * t.factor).to(x.dtype)  # (..., out)
 
 
 def _conv_update(module: nn.Conv2d, x: Tensor, t: _Term) -> Tensor:
     geometry = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+    if t.dense is not None:
+        return F.conv2d(x.to(t.dense.dtype), t.dense, t.bias, **geometry).to(x.dtype)  # (B, out, H', W')
     if t.mid is None:
         h = F.conv2d(x, t.down, **geometry)  # (B, r, H', W'): the kernel sits in down
     else:
@@ -362,6 +506,13 @@ def _weight_of(component: nn.Module, target: Target) -> Tensor:
     if isinstance(weight, Tensor):
         return weight
     return torch.empty(layer.out_features, layer.in_features, device="meta")  # computed in fp32 on CPU
+
+
+def _bias_of(component: nn.Module, target: Target) -> Tensor | None:
+    if target.kind == "packed":
+        return component.get_submodule(target.path.rpartition(".")[0]).in_proj_bias
+    bias = getattr(component.get_submodule(target.path), "bias", None)
+    return bias if isinstance(bias, Tensor) else None
 
 
 class AppliedLoras:
@@ -406,13 +557,14 @@ def apply_loras(
 ) -> AppliedLoras:
     """Apply `loras` ((network, te multiplier, unet multiplier), ...) to a StableDiffusion `model`.
 
-    Default: forward hooks (differentiable; what training uses). ``merge=True``: each adapted weight is
-    swapped for a merged copy (W + ΔW, A1111's math) and the original tensor is put back on removal, so
-    inference pays nothing per step and the base is still bit-identical afterwards; layers without a
-    weight tensor (int8-quantized) get hooks either way.
+    Default: forward hooks (differentiable for plain LoRA; what training uses). ``merge=True``: each
+    adapted weight (and bias, for a full diff) is swapped for a merged copy (W + ΔW, A1111's math) and the
+    original tensor is put back on removal, so inference pays nothing per step and the base is still
+    bit-identical afterwards; layers without a weight tensor (int8-quantized), or without the bias a
+    ``diff_b`` adds to, get hooks either way.
     """
     comps = _components(model)
-    per_layer: dict[Target, list[tuple[LoraModule, float, Tensor]]] = {}
+    per_layer: dict[Target, list[tuple[AdapterModule, float, Tensor, str]]] = {}
     unmatched: dict[str, list[str]] = {}
     for net, te_mult, unet_mult in loras:
         resolved, missing = net.resolve(model.cfg)
@@ -422,40 +574,63 @@ def apply_loras(
                 unmatched[net.name].append(f"{target.component}.{target.path}")
                 continue
             weight = _weight_of(comps[target.component], target)
-            _check_shape(net.name, target, m, weight.shape)
+            if isinstance(m, LoraModule):
+                _check_shape(net.name, target, m, weight.shape)
             mult = te_mult if target.is_text else unet_mult
             if mult != 0:
-                per_layer.setdefault(target, []).append((m, mult, weight))
+                what = f"LoRA {net.name!r}, {target.component}.{target.path}"
+                per_layer.setdefault(target, []).append((m, mult, weight, what))
     applied = AppliedLoras([], unmatched)
-    for target, items in per_layer.items():
-        weight = items[0][2]
-        if merge and not weight.is_meta:
-            applied._swap(weight, _merged(target, items, weight))
-            continue
-        in_ch = weight.shape[1] if weight.ndim > 1 else 1
-        terms = [_term(m, target, mult * m.scale, weight, in_ch) for m, mult, _ in items]
-        layer = comps[target.component].get_submodule(target.path)
-        applied._handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
+    try:
+        for target, items in per_layer.items():
+            weight = items[0][2]
+            comp = comps[target.component]
+            bias = _bias_of(comp, target)
+            adds_bias = any(getattr(m, "bias_diff", None) is not None for m, *_ in items)
+            if merge and not weight.is_meta and (bias is not None or not adds_bias):
+                new_weight, new_bias = _merged(target, items, weight, bias)
+                applied._swap(weight, new_weight)
+                if new_bias is not None:
+                    applied._swap(bias, new_bias)
+                continue
+            terms = _hook_terms(target, items)
+            layer = comp.get_submodule(target.path)
+            applied._handles.append(layer.register_forward_hook(_make_hook(target.kind, terms)))
+    except BaseException:
+        applied.remove()  # a layer that does not fit: leave the model as it was
+        raise
     return applied
 
 
 @torch.no_grad()
-def _merged(target: Target, items: list[tuple[LoraModule, float, Tensor]], weight: Tensor) -> Tensor:
-    """weight + Σ mult * ΔW in the weight's dtype, device and memory layout."""
+def _merged(
+    target: Target, items: list[tuple[AdapterModule, float, Tensor, str]], weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """(weight + Σ mult * ΔW, bias + Σ mult * Δbias or None) in the tensors' dtype, device and layout; each
+    LyCORIS / DoRA update is computed on the weight the updates before it left (A1111, ComfyUI)."""
     new = weight.detach().float().clone()
-    for m, mult, _ in items:
+    new_bias = None
+    rows = _rows(target, weight.shape[0])
+    for m, mult, _, what in items:
+        if _is_dense(m):
+            delta, db = layer_update(m, new[rows], what)
+            new[rows] += mult * delta
+            if db is not None:
+                if bias is None:
+                    raise LoraError(f"{what}: the file has a bias difference (diff_b); the layer has no bias")
+                new_bias = bias.detach().float().clone() if new_bias is None else new_bias
+                new_bias[rows] += mult * db.to(bias.device)
+            continue
         m_dev = LoraModule(*(t.to(weight.device) if t is not None else None for t in (m.down, m.up, m.mid)),
                            alpha=m.alpha, scale_override=m.scale_override, rslora=m.rslora)  # fmt: skip
         if target.kind == "packed":
-            width = weight.shape[0] // 3
-            rows = slice(target.part * width, (target.part + 1) * width)
-            new[rows] += mult * lora_delta(m_dev, (width, weight.shape[1]))
+            new[rows] += mult * lora_delta(m_dev, (rows.stop - rows.start, weight.shape[1]))
         elif m.down.shape[1] != weight.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
             delta = lora_delta(m_dev, (weight.shape[0], m.down.shape[1], *weight.shape[2:]))
             new[:, : delta.shape[1]] += mult * delta
         else:
             new += mult * lora_delta(m_dev, weight.shape)
-    return new.to(weight.dtype)
+    return new.to(weight.dtype), (None if new_bias is None else new_bias.to(bias.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,22 +651,16 @@ def merge_loras(
             raise LoraError(f"LoRA {net.name!r}: {len(missing)} key(s) match no layer, e.g. {missing[0]}")
         for target, m in resolved.items():
             mult = te_mult if target.is_text else unet_mult
-            if target.kind == "packed":
-                key = prefixes[target.component] + target.path + "_weight"  # attn.in_proj -> in_proj_weight
+            base = prefixes[target.component] + target.path
+            if target.kind == "packed":  # attn.in_proj -> attn.in_proj_weight / in_proj_bias
+                key, bias_key = base + "_weight", base + "_bias"
             else:
-                key = prefixes[target.component] + target.path + ".weight"
+                key, bias_key = base + ".weight", base + ".bias"
             w = out[key]
-            _check_shape(net.name, target, m, w.shape)
-            if target.kind == "packed":
-                width = w.shape[0] // 3
-                rows = slice(target.part * width, (target.part + 1) * width)
-                new = w.float().clone()
-                new[rows] += mult * lora_delta(m, (width, w.shape[1]))
-            elif m.down.shape[1] != w.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
-                delta = lora_delta(m, (w.shape[0], m.down.shape[1], *w.shape[2:]))
-                new = w.float().clone()
-                new[:, : delta.shape[1]] += mult * delta
-            else:
-                new = w.float() + mult * lora_delta(m, w.shape)
-            out[key] = new.to(w.dtype)
+            if isinstance(m, LoraModule):
+                _check_shape(net.name, target, m, w.shape)
+            new_w, new_b = _merged(target, [(m, mult, w, f"LoRA {net.name!r}, {base}")], w, out.get(bias_key))
+            out[key] = new_w
+            if new_b is not None:
+                out[bias_key] = new_b
     return out

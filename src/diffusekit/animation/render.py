@@ -130,6 +130,7 @@ class FrameProgress:
     frames: int
     step: int = 0
     total: int = 0
+    denoised: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (B, C, h, w) x0 estimate
 
 
 class Renderer:
@@ -244,7 +245,7 @@ class Renderer:
 
             def report(p, _f=f) -> None:
                 if callback is not None:
-                    callback(FrameProgress(_f, self.spec.frames, p.step, p.total))
+                    callback(FrameProgress(_f, self.spec.frames, p.step, p.total, p.denoised))
 
             latent, image, info = self.key_frame(f, prev, first, init_image, report, cancel)
             save_file({"latent": latent.contiguous()}, self._latent_path(f))
@@ -274,7 +275,7 @@ class Renderer:
 
         def report(p) -> None:
             if callback is not None:
-                callback(FrameProgress(0, frames, p.step, p.total))
+                callback(FrameProgress(0, frames, p.step, p.total, p.denoised))
 
         spec = self.spec
         with inflate(self.pipe, self.adapter, frames, context=spec.context, overlap=spec.overlap):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-KINDS = ("txt2img", "img2img", "inpaint")
+KINDS = ("txt2img", "img2img", "inpaint", "animate")
 
 
 class JobState(str, Enum):

@@ -23,7 +23,7 @@ def version_entry(store: ModelStore, name: str, v: Version) -> ModelEntry:
         sha256=v.manifest["source_file"].get("sha256"),
         content=content,
         parameters=sum(c["parameters"] for c in comps),
-        denoiser_parameters=sum(c["parameters"] for c in comps if c["name"] == "unet"),
+        denoiser_parameters=sum(c["parameters"] for c in comps if c["name"] in ("unet", "mmdit")),
         stored_bytes=sum(c["tensor_bytes"] for c in comps),
     )
 

@@ -224,6 +224,10 @@ class JobRunner:
         self._signal_done()
 
     def _run(self, job: Job) -> None:
+        if job.kind == "animate":  # frames, resume after a restart and a video: see jobs.animate_job
+            from .animate_job import run_animate
+
+            return run_animate(self, job)
         live = self._start(job)
         state, error, records, model_hash = JobState.FAILED, None, [], None
         try:

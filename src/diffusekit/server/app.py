@@ -13,9 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..jobs.adapters import Adapters
+from ..jobs.animate_job import AnimateLimits
 from ..jobs.catalog import ModelCatalog
 from ..jobs.worker import JobRunner
-from . import a1111, adapters_routes, errors, jobs_api, model_info, presets, store_api
+from . import a1111, adapters_routes, animate_api, errors, jobs_api, model_info, presets, store_api
 from .auth import Principal, RateLimiter, authenticate
 from .config import ServerConfig
 from .keys import KeyStore
@@ -48,6 +49,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     runner.datasets_dir = Path(config.datasets_dir or data / "datasets")
     runner.datasets_dir.mkdir(parents=True, exist_ok=True)
+    runner.animate_limits = AnimateLimits(
+        config.motion_modules_dir or Path(config.data_dir) / "motion_modules", config.max_frames,
+        config.max_frames * 512 * 512,
+    )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -141,6 +146,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(a1111.router)
     app.include_router(adapters_routes.router)
     app.include_router(jobs_api.router)
+    app.include_router(animate_api.router)
     app.include_router(presets.router)
     app.include_router(model_info.router)
     app.include_router(store_api.router)

@@ -48,6 +48,8 @@ class ServerConfig:
     loras_dir: Path | None = None  # <lora:NAME:W> files (default: DATA/loras); train_lora jobs write here
     embeddings_dir: Path | None = None  # textual-inversion files used by name (default: DATA/embeddings)
     datasets_dir: Path | None = None  # folders train_lora jobs may name (default: DATA/datasets)
+    motion_modules_dir: Path | None = None  # AnimateDiff modules by name (default: <data_dir>/motion_modules)
+    max_frames: int = 240  # frames of one animate job (and frames x width x height <= max_frames x 512^2)
 
     def __post_init__(self):
         if not self.auth and not is_loopback(self.host):
@@ -58,5 +60,7 @@ class ServerConfig:
             )
         if not 1 <= self.batch_max <= 64:
             raise ConfigError(f"batch={self.batch_max} is out of range; valid: 1..64 (1 = no batching)")
+        if not 1 <= self.max_frames <= 10_000:
+            raise ConfigError(f"max-frames={self.max_frames} is out of range; valid: 1..10000")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers={self.workers} is out of range; valid: 1..64")

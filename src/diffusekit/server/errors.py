@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..jobs.queue import QueueFull
+from .schemas import JOB_TAGS
 
 
 class FieldError(ValueError):
@@ -28,6 +29,8 @@ class ApiError(Exception):
 
 
 def _loc(loc: tuple) -> str:
+    if len(loc) > 1 and loc[0] == "body" and loc[1] in JOB_TAGS:  # the POST /v1/jobs union's tag
+        loc = (loc[0], *loc[2:])
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 

@@ -15,12 +15,13 @@ from fastapi.responses import StreamingResponse
 from ..diffusion.samplers import SAMPLERS
 from ..jobs.model import Job, JobState
 from .adapters_routes import check_adapters, prepare_train
+from .animate_api import animate_out, prepare_animate
 from .auth import Principal, authenticate, check_quota
 from .errors import ApiError, FieldError
 from .families import check_family
 from .inputs import decode_b64_image
 from .model_info import model_rows
-from .schemas import JobCreate, JobCreated, JobList, JobOut
+from .schemas import JobCreated, JobList, JobOut, JobRequest
 from .submit import check_generation, resolve_model
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -42,6 +43,10 @@ def job_out(request: Request, job: Job) -> JobOut:
         loss = live.loss if live is not None else None
         progress["loss"] = loss if loss is not None else (result or {}).get("final_loss")
     params = {k: v for k, v in job.params.items()}
+    video = None
+    if job.kind == "animate":  # frame i of N and the frames written; the video once it succeeded
+        extra, video = animate_out(request.app.state, job, live)
+        progress.update(extra)
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -65,6 +70,7 @@ def job_out(request: Request, job: Job) -> JobOut:
         finished_at=job.finished_at,
         timings={"queue_wait_s": job.queue_wait_s, "run_s": job.run_s},
         result=result,
+        video=video,
     )
 
 
@@ -83,7 +89,9 @@ def _input_image(app, p: Principal, value: str, field: str, mode: str):
     return None, img
 
 
-def _prepare(app, p: Principal, body: JobCreate) -> tuple[dict[str, Any], str, list]:
+def _prepare(app, p: Principal, body: JobRequest) -> tuple[dict[str, Any], str, list]:
+    if body.kind == "animate":
+        return prepare_animate(app, p, body, _input_image)
     params = body.params.model_dump()
     model = resolve_model(app.runner.catalog, params.pop("model") or "default", "params.model")
     init, mask = params.pop("init_image"), params.pop("mask")
@@ -125,7 +133,7 @@ def _prepare(app, p: Principal, body: JobCreate) -> tuple[dict[str, Any], str, l
 
 @router.post("/jobs", status_code=202, response_model=JobCreated)
 def create_job(
-    body: JobCreate,
+    body: JobRequest,
     request: Request,
     response: Response,
     idempotency_key: str | None = Header(None, max_length=200),

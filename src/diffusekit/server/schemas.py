@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from ..params import INPAINT_FILLS, MAX_BATCH, MAX_SIDE, MAX_STEPS, PROMPT_MODES
 from .a1111_schemas import MAX_PROMPT, SEED_MAX
+from .animate_schemas import AnimateJobCreate
 from .train_schemas import TrainLoraParams
 
 
@@ -71,6 +72,28 @@ class JobCreate(BaseModel):
 PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"train_lora": TrainLoraParams}
 
 
+def _job_kind(body: Any) -> str | None:
+    """Which body model a POST /v1/jobs is: "animate", "generation", or None for an unknown kind."""
+    kind = body.get("kind") if isinstance(body, dict) else getattr(body, "kind", None)
+    if kind == "animate":
+        return "animate"
+    known = get_args(JobCreate.model_fields["kind"].annotation)
+    return "generation" if not isinstance(body, dict) or kind is None or kind in known else None
+
+
+# The body of POST /v1/jobs: its model is picked by `kind` (the tags are dropped from error locations).
+JOB_TAGS = ("generation", "animate")
+JobRequest = Annotated[
+    Annotated[JobCreate, Tag("generation")] | Annotated[AnimateJobCreate, Tag("animate")],
+    Discriminator(
+        _job_kind,
+        custom_error_type="invalid_kind",
+        custom_error_message="kind: not a job kind; valid: "
+        + ", ".join((*get_args(JobCreate.model_fields["kind"].annotation), "animate")),
+    ),
+]
+
+
 class JobCreated(BaseModel):
     id: str
     state: str
@@ -105,6 +128,7 @@ class JobOut(BaseModel):
     finished_at: float | None
     timings: dict[str, float | None]
     result: dict[str, Any] | None = None  # train_lora: the LoRA written, steps, losses
+    video: dict[str, Any] | None = None  # animate jobs: url, media_type, format, frames, fps, size, bytes
 
 
 class JobList(BaseModel):

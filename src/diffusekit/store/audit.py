@@ -12,7 +12,7 @@ from ..checkpoints.inspect import disk_bytes
 from ..checkpoints.load import validate_state_dict
 from ..models.sd import StableDiffusion
 from .blobs import StoreError
-from .manifest import assemble, export_single_file, relative_change
+from .manifest import assemble, export_single_file, layout_blobs, relative_change
 from .store import ModelStore
 
 EXPORT_FORMATS = ("single-file", "diffusers")
@@ -91,9 +91,7 @@ def du(store: ModelStore) -> dict:
         ref = f"{row['name']}@{row['version']}"
         m = json.loads(row["manifest"])
         tensor_blobs = {comp["blob"] for comp in m["components"]}
-        other = set()
-        if m.get("layout", {}).get("header_blob"):
-            other.add(m["layout"]["header_blob"])
+        other = set(layout_blobs(m))
         other |= {i["png_blob"] for i in goldens.get((row["name"], row["version"]), {"images": []})["images"]}
         blobs = tensor_blobs | other
         size = sum(sizes.get(b, 0) for b in blobs)
@@ -168,7 +166,14 @@ def export(store: ModelStore, ref: str, out: str | Path, *, fmt: str = "single-f
     original = v.manifest["source_file"]
     result = {"ref": v.ref, "out": str(out), "format": fmt, "original_autov2": original.get("autov2"),
               "original_sha256": original.get("sha256")}  # fmt: skip
-    if fmt == "single-file":
+    if v.manifest["family"] == "sd3":
+        from .sd3 import export_sd3
+
+        result.update(export_sd3(store, v, out, fmt))
+        sha = result["sha256"]
+        same = sha is not None and sha == original.get("sha256")
+        result.update(autov2=sha and sha[:AUTOV2_LEN], identical_file=same)
+    elif fmt == "single-file":
         sha = export_single_file(v.manifest, store.blobs, out)
         result.update(sha256=sha, autov2=sha[:AUTOV2_LEN], identical_file=sha == original.get("sha256"))
     else:

@@ -18,7 +18,7 @@ import torch
 from ..checkpoints.load import read_checkpoint
 from ..checkpoints.single_file import cast_floats, detect_format
 from .blobs import StoreError, tensors_digest
-from .manifest import read_raw_header, split_components
+from .manifest import layout_blobs, read_raw_header, split_components
 
 if TYPE_CHECKING:
     from .store import ModelStore
@@ -30,9 +30,7 @@ def referenced(c: sqlite3.Connection) -> dict[str, set[str]]:
     for row in c.execute("SELECT name, version, manifest FROM versions"):
         m = json.loads(row["manifest"])
         ref = f"{row['name']}@{row['version']}"
-        digests = [comp["blob"] for comp in m["components"]]
-        if m.get("layout", {}).get("header_blob"):
-            digests.append(m["layout"]["header_blob"])
+        digests = [comp["blob"] for comp in m["components"]] + layout_blobs(m)
         for d in digests:
             refs.setdefault(d, set()).add(ref)
     for row in c.execute("SELECT name, version, record FROM goldens"):
@@ -56,7 +54,14 @@ def repair(
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such file or folder; repair reads a copy of a file that was added")
-    sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction, prune_training=prune)
+    from ..checkpoints.sd3 import is_sd3_file, read_sd3
+    from ..pipeline_sd3 import find_t5_tokenizer
+
+    sd3 = is_sd3_file(path)
+    if sd3:
+        sd, cfg, _ = read_sd3(path)
+    else:
+        sd, cfg, _, _, _ = read_checkpoint(path, prediction=prediction, prune_training=prune)
     if fp16:
         sd = cast_floats(sd, torch.float16)
     with store._lock():
@@ -67,10 +72,12 @@ def repair(
             digest, _ = tensors_digest(tensors)
             if digest in refs and store.blobs.put_tensors(tensors, recheck=True)[2]:
                 restored.append(digest)
-        if path.is_file() and detect_format(path) == "safetensors":
-            header = read_raw_header(path)
-            digest = hashlib.sha256(header).hexdigest()
-            if digest in refs and store.blobs.put_bytes(header, recheck=True)[2]:
+        raw = [read_raw_header(path)] if path.is_file() and detect_format(path) == "safetensors" else []
+        spiece = find_t5_tokenizer(path) if sd3 else None
+        raw += [spiece.read_bytes()] if spiece is not None else []
+        for data in raw:  # the original header, an SD3 model's T5 tokenizer
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in refs and store.blobs.put_bytes(data, recheck=True)[2]:
                 restored.append(digest)
     matched = sorted({v for d in restored for v in refs[d]})
     return {"restored_blobs": restored, "versions": matched}

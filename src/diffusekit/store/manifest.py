@@ -21,14 +21,27 @@ from ..checkpoints.atomic import write_stream
 from ..checkpoints.inspect import dtype_name
 from ..checkpoints.single_file import save_state_dict, split_by_prefixes
 from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
+from ..models.sd3_configs import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, SD3_VAE_PREFIX, T5_PREFIX
 from .blobs import BlobStore, StoreError, tensor_bytes
 
 MANIFEST_FORMAT = 1
 EXTRA = "extra"  # the component holding every tensor outside the networks
+SD3_COMPONENTS = {"mmdit": MMDIT_PREFIX, "vae": SD3_VAE_PREFIX, "clip_l": CLIP_L_PREFIX,
+                  "clip_g": CLIP_G_PREFIX, "t5xxl": T5_PREFIX}  # fmt: skip
+LAYOUT_BLOBS = ("header_blob", "t5_tokenizer_blob")  # manifest["layout"] keys that name (non-tensor) blobs
+
+
+def layout_blobs(manifest: Mapping) -> list[str]:
+    """Digests of a version's non-tensor blobs: the original header, the kept T5 tokenizer."""
+    layout = manifest.get("layout", {})
+    return [layout[k] for k in LAYOUT_BLOBS if layout.get(k)]
 
 
 def component_prefixes(cfg: ModelConfig) -> dict[str, str]:
-    """{'unet': 'model.diffusion_model.', 'vae': ..., 'text_encoder': ..., 'text_encoder_2': ...}."""
+    """{'unet': 'model.diffusion_model.', 'vae': ..., 'text_encoder': ..., 'text_encoder_2': ...}
+    (SD3: {'mmdit', 'vae', 'clip_l', 'clip_g', 't5xxl'})."""
+    if cfg.family == "sd3":
+        return dict(SD3_COMPONENTS)
     out = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
     for i, p in enumerate(cfg.text_prefixes):
         out["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = p
@@ -40,6 +53,8 @@ def split_components(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     prefixes = component_prefixes(cfg)
     parts, leftover = split_by_prefixes(sd, prefixes)
     out = {name: (prefixes[name], parts[name]) for name in prefixes}
+    if cfg.family == "sd3":  # SD3 files come with or without each text encoder
+        out = {name: part for name, part in out.items() if part[1]}
     if leftover:
         out[EXTRA] = ("", leftover)
     return out

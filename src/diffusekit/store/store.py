@@ -34,7 +34,7 @@ from ..models.sd import StableDiffusion
 from ..models.tokenizer import CLIPTokenizer
 from ..params import ModelDefaults
 from . import golden as gold
-from . import maintenance
+from . import maintenance, sd3
 from .blobs import BlobStore, StoreError
 from .db import connect, store_lock, transaction
 from .manifest import (
@@ -186,22 +186,24 @@ class ModelStore:
         golden: bool = True,
         command: str = "python: ModelStore.add",
         actor: str | None = None,
+        text_encoders: tuple = (),
     ) -> Version:
-        """Add a checkpoint file or diffusers folder as the next version of `name`."""
+        """Add a checkpoint file or diffusers folder (SD1/SD2/SDXL/SD3) as the next version of `name`."""
         check_name(name)
         path = Path(path)
         if not path.exists():
             raise StoreError(
                 f"{path}: no such file or folder; add takes a .safetensors/.ckpt file or a diffusers folder"
             )
-        if is_sd3_file(path):
-            raise StoreError(
-                f"{path}: an SD3/SD3.5 model; the store holds SD1/SD2/SDXL models for now (serve it with "
-                "`diffusekit serve --models DIR`, generate with --model PATH)"
-            )
         parent_ref = Ref.parse(parent) if parent else None
         if parent_ref is not None:
             self.get(parent_ref)  # a clear error now rather than after hashing
+        if is_sd3_file(path):
+            return sd3.add_sd3(self, path, name, text_encoders=text_encoders, fp16=fp16, prune=prune,
+                               prediction=prediction, golden=golden, parent_ref=parent_ref, note=note,
+                               source=source, license=license, command=command, actor=actor)  # fmt: skip
+        if text_encoders:
+            raise StoreError(f"{path}: --text-encoder adds SD3 text encoders; this is not an SD3 model")
         sd, cfg, _, metadata, notes = read_checkpoint(path, prediction=prediction, prune_training=prune)
         with torch.device("meta"):
             validate_state_dict(sd, StableDiffusion(cfg), path.name)  # a broken file fails before any write
@@ -342,7 +344,9 @@ class ModelStore:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
-    ) -> LoadedModel:
+    ) -> LoadedModel | sd3.StoredSD3:
+        if sd3.is_sd3_manifest(manifest):
+            return sd3.load_manifest(self, manifest, label, device=device, dtype=dtype)
         sd = assemble(manifest, self.blobs)
         cfg = config_from_dict(manifest["config"])
         model, notes = build_model(sd, cfg, name=label, device=device, dtype=dtype)
@@ -360,19 +364,23 @@ class ModelStore:
 
     def load(
         self, ref: str | Ref, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-    ) -> LoadedModel:
+    ) -> LoadedModel | sd3.StoredSD3:
         """A version as a LoadedModel (named NAME@VERSION, hashed as its original file)."""
         v = self.get(ref)
         return self._load_manifest(v.manifest, v.ref, device=device, dtype=dtype)
 
     def pipeline(self, ref: str | Ref, **kw):
-        """A Pipeline over a version (kw: device, dtype, accel as Pipeline; precision as from_file)."""
+        """A Pipeline over a version (kw: device, dtype, accel as Pipeline; precision as from_file); an
+        SD3Pipeline for SD3 versions (kw: device, dtype, precision, options: SD3Options)."""
         from ..pipeline import Pipeline
         from ..runtime import resolve_precision
 
         precision = kw.pop("precision", "auto")
         device = kw.get("device", "cpu")
         loaded = self.load(ref)
+        if isinstance(loaded, sd3.StoredSD3):
+            kw.pop("accel", None)  # the U-Net accelerators do not apply to the MMDiT
+            return sd3.sd3_pipeline(loaded, precision=precision, **kw)
         if kw.get("dtype") is None:
             kw["dtype"] = resolve_precision(
                 precision, device, sum(p.numel() for p in loaded.model.unet.parameters())
@@ -383,6 +391,9 @@ class ModelStore:
     def _pipeline(loaded: LoadedModel):
         """The golden renderer: fp32 on the CPU, no accelerators."""
         from ..pipeline import Pipeline
+
+        if isinstance(loaded, sd3.StoredSD3):
+            return sd3.golden_pipeline(loaded)
 
         return Pipeline(loaded, device="cpu", dtype=torch.float32)
 
@@ -412,10 +423,8 @@ class ModelStore:
     ) -> gold.GoldenRecord:
         """Render and store (replacing any earlier set) a version's golden images with the current code."""
         v = self.get(ref)
-        loaded = self._load_manifest(v.manifest, v.ref)
-        specs = (
-            [g.spec for g in v.golden.images] if v.golden else gold.default_specs(v.config, loaded.defaults)
-        )
+        pipe = self._pipeline(self._load_manifest(v.manifest, v.ref))
+        specs = [g.spec for g in v.golden.images] if v.golden else gold.default_specs(v.config, pipe.defaults)
         pngs: dict[str, bytes] = {}
 
         def put(data: bytes) -> str:
@@ -423,7 +432,7 @@ class ModelStore:
             pngs[digest] = data
             return digest
 
-        record = gold.record(self._pipeline(loaded), specs, put)
+        record = gold.record(pipe, specs, put)
         with self._lock():
             for digest, data in pngs.items():
                 if not self.blobs.exists(digest):

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.configs import ModelConfig, config_from_dict
+from ..models.sd3_configs import SD3Config, sd3_config_from_dict
 from ..params import ModelDefaults
 from . import golden as gold
+from .sd3 import card as sd3_card
 
 
 def default_root() -> Path:
@@ -51,7 +53,9 @@ class Version:
         return f"{self.name}@{self.version}"
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self) -> ModelConfig | SD3Config:
+        if self.manifest["family"] == "sd3":
+            return sd3_config_from_dict(self.manifest["config"])
         return config_from_dict(self.manifest["config"])
 
     @property
@@ -63,6 +67,7 @@ class Version:
         m = self.manifest
         meta = m.get("metadata", {})
         recipe = meta.get("diffusekit.recipe")
+
         return {
             "ref": self.ref,
             "current": self.current,
@@ -84,4 +89,5 @@ class Version:
             "recommended": ModelDefaults.from_metadata(meta, self.ref).overrides(),
             "recipe": json.loads(recipe) if recipe else None,
             "golden": self.golden.to_dict() if self.golden else None,
+            "sd3": sd3_card(m) if m["family"] == "sd3" else None,
         }

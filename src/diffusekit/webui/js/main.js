@@ -1,5 +1,6 @@
 // Start-up and wiring: tabs, server lists, keyboard, paste and drop, auth.
 
+import { initAnimate, refreshAnimateLists } from "./animate.js";
 import * as api from "./api.js";
 import * as editor from "./editor.js";
 import { applyParams, clearErrors, highlightPrompt, mode, setMode, showError, syncSizePreset } from "./form.js";
@@ -12,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 // --- tabs ---------------------------------------------------------------------------------------
 
-const TABS = ["generate", "queue", "models"];
+const TABS = ["generate", "queue", "models", "animate"];
 
 function selectTab(name, focus = false) {
   for (const t of TABS) {
@@ -25,6 +26,7 @@ function selectTab(name, focus = false) {
   }
   if (name === "queue") refreshQueue();
   if (name === "models") refreshModels({ onSwitched: (n) => { $("model").value = n; } });
+  if (name === "animate") refreshAnimateLists();
 }
 
 function initTabs() {
@@ -198,6 +200,7 @@ async function main() {
   initAuth();
   initForm();
   initRun();
+  initAnimate();
   initViews({ reopen: async (id) => { selectTab("generate"); await reopen(id); } });
   editor.initEditor({
     changed: (w, h) => {
