@@ -24,14 +24,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default = default_model_path()
     except FileNotFoundError:
         default = None
-    if args.models and not Path(args.models).is_dir():
-        raise ValueError(f"--models {args.models}: no such folder")
+    for flag in ("models", "loras", "embeddings", "datasets"):  # the defaults under --data are created
+        folder = getattr(args, flag)
+        if folder and not Path(folder).is_dir():
+            raise ValueError(f"--{flag} {folder}: no such folder")
     store_dir, seed = _store_dir(args)
     config = ServerConfig(
         data_dir=_data(args), models_dir=Path(args.models) if args.models else None, default_model=default,
         store_dir=store_dir, seed_store=seed,
         host=args.host, port=args.port, workers=args.workers, auth=not args.no_auth, device=args.device,
         precision=args.precision, max_queued=args.max_queued, batch_max=args.batch,
+        loras_dir=Path(args.loras) if args.loras else None,
+        embeddings_dir=Path(args.embeddings) if args.embeddings else None,
+        datasets_dir=Path(args.datasets) if args.datasets else None,
         motion_modules_dir=Path(args.motion_modules) if args.motion_modules else None,
         max_frames=args.max_frames,
     )  # fmt: skip
@@ -119,6 +124,9 @@ def add_serve_commands(sub) -> None:
         help="run up to N queued txt2img jobs with the same model, size, steps and sampler (and fixed "
         "seeds) as one batch (1 = off; images equal to solo runs within 1/255, as batch_size is)",
     )
+    p.add_argument("--loras", metavar="DIR", help="LoRA files for <lora:NAME:W> (default: DATA/loras)")
+    p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files (default: DATA/embeddings)")
+    p.add_argument("--datasets", metavar="DIR", help="image folders train_lora jobs may use (DATA/datasets)")
     p.add_argument("--motion-modules", metavar="DIR", help="AnimateDiff motion modules that animate jobs "
                    "name (default: motion_modules in the data folder)")  # fmt: skip
     p.add_argument("--max-frames", type=int, default=240, metavar="N",

@@ -14,6 +14,7 @@ CLIP-L or bigG half for SDXL), so nothing else of the prompt changes.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -263,13 +264,18 @@ def active_embeddings(
 
 def _hook(emb: nn.Embedding, table: Tensor) -> list:
     state: dict[str, Tensor] = {}
+    owner = threading.get_ident()  # another thread's forward through the same encoder is left alone
 
-    def pre(module: nn.Module, args: tuple) -> tuple:
+    def pre(module: nn.Module, args: tuple) -> tuple | None:
+        if threading.get_ident() != owner:
+            return None
         ids = args[0]
         state["ids"] = ids
         return (ids.clamp(min=0),)  # placeholders look up row 0, replaced below
 
-    def post(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    def post(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        if threading.get_ident() != owner:
+            return None
         ids = state.pop("ids")
         mask = ids < 0  # (B, T)
         if not bool(mask.any()):

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..params import GenerationParams
+from .adapters import session
 from .cache import ModelCache
 from .catalog import ModelCatalog
 from .files import ImageStore
@@ -61,6 +62,7 @@ class Live:
     fraction: float = 0.0  # overall 0..1
     preview: bytes | None = None  # small PNG
     preview_step: int = 0
+    loss: float | None = None  # training jobs: the last step's loss
     cancel: threading.Event = field(default_factory=threading.Event)
     last_step_at: float = 0.0
     preview_at: float = 0.0
@@ -107,6 +109,8 @@ class JobRunner:
         self._threads: list[threading.Thread] = []
         self.recovered = 0
         self.done_version = 0
+        self.adapters = None  # jobs.adapters.Adapters: the LoRA / embedding folders (set by the server)
+        self.datasets_dir: Path | None = None  # where train_lora jobs find dataset folders
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -227,11 +231,23 @@ class JobRunner:
         live = self._start(job)
         state, error, records, model_hash = JobState.FAILED, None, [], None
         try:
-            state, records, model_hash = self._generate(job, live)
+            if job.kind == "train_lora":
+                from .train_job import Suspended, run_train_lora
+
+                try:
+                    state, records, model_hash = run_train_lora(self, job, live)
+                except Suspended:  # left running: the next start re-queues it and it resumes
+                    state = None
+            else:
+                state, records, model_hash = self._generate(job, live)
         except Exception as e:  # noqa: BLE001 - a failing job is recorded, the server keeps serving
             state, error = _failure(e)
         finally:
-            self._end(job, state, error, records, model_hash)
+            if state is not None:
+                self._end(job, state, error, records, model_hash)
+            else:
+                with self._live_lock:
+                    self.live.pop(job.id, None)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Jobs that share a sampler run (see jobs.batch); each still ends on its own."""
@@ -244,7 +260,8 @@ class JobRunner:
                 lv.model_version = entry.version
             pipe = self.cache.get(entry)
             params = [params_from_job(j.params) for j in jobs]
-            conds = batchable(pipe, params)
+            solo = self.adapters is not None and any(self.adapters.uses_adapters(pipe, p) for p in params)
+            conds = None if solo else batchable(pipe, params)  # LoRA / TI jobs take the solo path
         except Exception as e:  # noqa: BLE001
             for j in jobs:
                 self._end(j, *_failure(e))
@@ -259,8 +276,9 @@ class JobRunner:
             self._progress_hook(j, lv, pipe, i) for i, (j, lv) in enumerate(zip(jobs, lives, strict=True))
         ]
         try:
-            results = generate_batch(pipe, params, conds, callback=lambda p: [h(p) for h in hooks],
-                                     cancels=[lv.cancel for lv in lives])  # fmt: skip
+            with session(self.adapters, pipe, params):
+                results = generate_batch(pipe, params, conds, callback=lambda p: [h(p) for h in hooks],
+                                         cancels=[lv.cancel for lv in lives])  # fmt: skip
         except Exception as e:  # noqa: BLE001
             for j in jobs:
                 self._end(j, *_failure(e))
@@ -315,13 +333,14 @@ class JobRunner:
                 inputs[key] = self.store.open(rec).convert(mode)
         if job.params.get("mask_invert") and "mask" in inputs:
             inputs["mask"] = inputs["mask"].point(lambda v: 255 - v)
-        result = pipe.generate(
-            params,
-            init_image=inputs.get("init_image"),
-            mask=inputs.get("mask"),
-            callback=self._progress_hook(job, live, pipe),
-            cancel=live.cancel,
-        )
+        with session(self.adapters, pipe, [params]):  # the server's LoRA / embedding folders
+            result = pipe.generate(
+                params,
+                init_image=inputs.get("init_image"),
+                mask=inputs.get("mask"),
+                callback=self._progress_hook(job, live, pipe),
+                cancel=live.cancel,
+            )
         records = [
             self.store.write(img, text, owner=job.owner, seed=seed)
             for img, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True)

@@ -21,6 +21,7 @@ from .a1111_schemas import (
     ProgressResponse,
     Txt2ImgRequest,
 )
+from .adapters_routes import check_adapters
 from .auth import Principal, authenticate, check_quota, require_admin
 from .errors import ApiError, FieldError
 from .families import check_family
@@ -183,6 +184,7 @@ async def _generate(request: Request, p: Principal, req: Txt2ImgRequest, kind: s
     names = {"sampler": "sampler_name", "schedule": "scheduler"}
     check_generation(params, names)
     check_family(app.runner.catalog, model, "inpaint" if getattr(req, "mask", None) else kind, params, names)
+    check_adapters(app.runner, params, model=model)
     inputs = []
     if kind != "txt2img":
         inputs = await run_in_threadpool(_store_inputs, app, p, req, params)
@@ -345,6 +347,8 @@ def progress(request: Request, skip_current_image: bool = False, p: Principal = 
 def _stop_running(request: Request, p: Principal) -> int:
     runner = request.app.state.runner
     ids = [lv.job_id for lv in _visible(request, p)]
+    # a training job is stopped only by DELETE /v1/jobs/{id}, never by an A1111 client's interrupt button
+    ids = [i for i in ids if (job := runner.queue.get(i)) is not None and job.kind != "train_lora"]
     for job_id in ids:
         runner.cancel(job_id, p.owner_filter)
     return len(ids)
@@ -442,11 +446,6 @@ def latent_upscale_modes(p: Principal = Depends(authenticate)):
     return [{"name": "Latent"}, {"name": "Latent (nearest)"}]
 
 
-@router.get("/embeddings")
-def embeddings(p: Principal = Depends(authenticate)):
-    return {"loaded": {}, "skipped": {}}
-
-
 @router.get("/scripts")
 def scripts(p: Principal = Depends(authenticate)):
     return {"txt2img": [], "img2img": []}
@@ -458,7 +457,6 @@ def _empty(p: Principal = Depends(authenticate)) -> list:
 
 for _path in (
     "/sd-vae",
-    "/loras",
     "/hypernetworks",
     "/face-restorers",
     "/realesrgan-models",

@@ -12,10 +12,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..jobs.adapters import Adapters
 from ..jobs.animate_job import AnimateLimits
 from ..jobs.catalog import ModelCatalog
 from ..jobs.worker import JobRunner
-from . import a1111, animate_api, errors, jobs_api, model_info, presets, store_api
+from . import a1111, adapters_routes, animate_api, errors, jobs_api, model_info, presets, store_api
 from .auth import Principal, RateLimiter, authenticate
 from .config import ServerConfig
 from .keys import KeyStore
@@ -42,6 +43,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         observer=metrics,
     )
     metrics.attach(runner)
+    data = Path(config.data_dir)
+    runner.adapters = Adapters(
+        config.loras_dir or data / "loras", config.embeddings_dir or data / "embeddings"
+    )
+    runner.datasets_dir = Path(config.datasets_dir or data / "datasets")
+    runner.datasets_dir.mkdir(parents=True, exist_ok=True)
     runner.animate_limits = AnimateLimits(
         config.motion_modules_dir or Path(config.data_dir) / "motion_modules", config.max_frames,
         config.max_frames * 512 * 512,
@@ -137,6 +144,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(a1111.router)
+    app.include_router(adapters_routes.router)
     app.include_router(jobs_api.router)
     app.include_router(animate_api.router)
     app.include_router(presets.router)

@@ -45,6 +45,9 @@ class ServerConfig:
     max_image_pixels: int = MAX_SIDE * MAX_SIDE
     max_prompt_chars: int = 10_000
     a1111_timeout_s: float = 3600.0
+    loras_dir: Path | None = None  # <lora:NAME:W> files (default: DATA/loras); train_lora jobs write here
+    embeddings_dir: Path | None = None  # textual-inversion files used by name (default: DATA/embeddings)
+    datasets_dir: Path | None = None  # folders train_lora jobs may name (default: DATA/datasets)
     motion_modules_dir: Path | None = None  # AnimateDiff modules by name (default: <data_dir>/motion_modules)
     max_frames: int = 240  # frames of one animate job (and frames x width x height <= max_frames x 512^2)
 

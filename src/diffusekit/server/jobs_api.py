@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from ..diffusion.samplers import SAMPLERS
 from ..jobs.model import Job, JobState
+from .adapters_routes import check_adapters, prepare_train
 from .animate_api import animate_out, prepare_animate
 from .auth import Principal, authenticate, check_quota
 from .errors import ApiError, FieldError
@@ -33,8 +34,15 @@ def job_out(request: Request, job: Job) -> JobOut:
     step, total, fraction, eta = job.step, job.total, 1.0 if job.state == JobState.SUCCEEDED else 0.0, None
     if live is not None and job.state == JobState.RUNNING:
         step, total, fraction, eta = live.step, live.total, live.fraction, live.eta_s
-    params = {k: v for k, v in job.params.items()}
     progress = {"step": step, "total": total, "fraction": round(fraction, 4)}
+    result = None
+    if job.kind == "train_lora":
+        from ..jobs.train_job import read_result
+
+        result = read_result(runner.data_dir, job.id) if job.state == JobState.SUCCEEDED else None
+        loss = live.loss if live is not None else None
+        progress["loss"] = loss if loss is not None else (result or {}).get("final_loss")
+    params = {k: v for k, v in job.params.items()}
     video = None
     if job.kind == "animate":  # frame i of N and the frames written; the video once it succeeded
         extra, video = animate_out(request.app.state, job, live)
@@ -61,6 +69,7 @@ def job_out(request: Request, job: Job) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         timings={"queue_wait_s": job.queue_wait_s, "run_s": job.run_s},
+        result=result,
         video=video,
     )
 
@@ -89,6 +98,7 @@ def _prepare(app, p: Principal, body: JobRequest) -> tuple[dict[str, Any], str, 
     gen = {k: v for k, v in params.items() if k != "mask_invert"}
     check_generation(gen, {k: f"params.{k}" for k in gen})
     check_family(app.runner.catalog, model, body.kind, gen, {k: f"params.{k}" for k in (*gen, "mask")})
+    check_adapters(app.runner, gen, "params.prompt", model)
     if body.kind == "txt2img" and (init or mask):
         raise FieldError(
             "params.init_image", "txt2img takes no init_image or mask; use kind img2img or inpaint"
@@ -135,7 +145,10 @@ def create_job(
         if existing is not None:
             return JobCreated(id=existing.id, state=existing.state.value)
     check_quota(request, p)
-    params, model, inputs = _prepare(app, p, body)
+    if body.kind == "train_lora":
+        params, model, inputs = prepare_train(app, p, body.params)
+    else:
+        params, model, inputs = _prepare(app, p, body)
     job, _ = app.runner.submit(
         body.kind,
         params,

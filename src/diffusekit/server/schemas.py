@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
 from ..params import INPAINT_FILLS, MAX_BATCH, MAX_SIDE, MAX_STEPS, PROMPT_MODES
 from .a1111_schemas import MAX_PROMPT, SEED_MAX
 from .animate_schemas import AnimateJobCreate
+from .train_schemas import TrainLoraParams
 
 
 class JobParams(BaseModel):
@@ -56,9 +57,19 @@ class JobParams(BaseModel):
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["txt2img", "img2img", "inpaint"]
-    params: JobParams = Field(default_factory=JobParams)
+    kind: Literal["txt2img", "img2img", "inpaint", "train_lora"]
+    params: JobParams | TrainLoraParams = Field(default_factory=JobParams, validate_default=True)
     priority: int = Field(0, ge=-100, le=100, description="higher runs first; FIFO within a priority")
+
+    @field_validator("params", mode="wrap")
+    @classmethod
+    def _params_of_kind(cls, value, handler, info: ValidationInfo):
+        """The params model of the job's kind (errors then name only its fields)."""
+        model = PARAMS_BY_KIND.get(info.data.get("kind"), JobParams)
+        return model.model_validate(value.model_dump() if isinstance(value, BaseModel) else value)
+
+
+PARAMS_BY_KIND: dict[str, type[BaseModel]] = {"train_lora": TrainLoraParams}
 
 
 def _job_kind(body: Any) -> str | None:
@@ -116,6 +127,7 @@ class JobOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     timings: dict[str, float | None]
+    result: dict[str, Any] | None = None  # train_lora: the LoRA written, steps, losses
     video: dict[str, Any] | None = None  # animate jobs: url, media_type, format, frames, fps, size, bytes
 
 

@@ -14,7 +14,10 @@ from ..params import GenerationParams, ParamError
 from .errors import FieldError
 
 # Failures a job reports that were caused by what the client asked for (answered 422, not 500).
-CLIENT_ERRORS = ("ParamError", "MemoryBudgetError", "ImageError", "UnknownModel", "ValueError")
+CLIENT_ERRORS = (
+    "ParamError", "MemoryBudgetError", "ImageError", "UnknownModel", "ValueError", "LoraError",
+    "AdapterNameError", "EmbeddingError",
+)  # fmt: skip
 
 
 def check_generation(params: dict[str, Any], names: dict[str, str] | None = None) -> None:
