@@ -143,7 +143,7 @@ def add_animate_commands(sub) -> None:
     g.add_argument("--init-image", help="start the motion from this image instead of a txt2img frame")
     g = p.add_argument_group("animatediff mode")
     g.add_argument("--motion-module", help="AnimateDiff motion module: mm_sd_v15*.ckpt/.safetensors or a "
-                   "diffusers MotionAdapter folder (SD1.x models)")  # fmt: skip
+                   "diffusers MotionAdapter folder (SD1.x models; mm_sdxl* for SDXL)")  # fmt: skip
     g.add_argument("--motion-lora", action="append", metavar="PATH[:WEIGHT]",
                    help="MotionLoRA (v2_lora_*.ckpt or a diffusers folder) merged into the motion module "
                    "with WEIGHT (default 1.0); repeatable")  # fmt: skip
