@@ -60,6 +60,26 @@ def test_original_sdxl_layout_round_trips_through_diffusers_converter(setup):
     assert all(torch.equal(converted[k], want[k]) for k in want)
 
 
+def test_full_size_sdxl_module_has_diffusers_layout():
+    """mm_sdxl_v10_beta's shape (diffusers' animatediff-motion-adapter-sdxl-beta config), built on meta."""
+    from diffusers import MotionAdapter as RefAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    from diffusekit.animation.motion_module import MotionAdapter, MotionConfig
+
+    with torch.device("meta"):
+        ref = RefAdapter(block_out_channels=(320, 640, 1280), motion_layers_per_block=2,
+                         motion_max_seq_length=32, use_motion_mid_block=False)  # fmt: skip
+        ours = MotionAdapter(MotionConfig(channels=(320, 640, 1280), mid_block=False))
+    converted = convert_animatediff_checkpoint_to_diffusers(dict(ours.state_dict()))
+    want = {k: v for k, v in ref.state_dict().items() if not k.endswith("pos_embed.pe")}
+    assert sorted(converted) == sorted(want)
+    assert all(converted[k].shape == want[k].shape for k in want)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in ref.parameters())
+    print(f"SDXL motion module parameters: {n:,}")
+
+
 def test_inflated_sdxl_unet_matches_unet_motion_model(setup):
     from diffusers import UNet2DConditionModel, UNetMotionModel
 

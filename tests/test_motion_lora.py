@@ -100,6 +100,22 @@ def test_merged_weights_equal_a_direct_computation(setup):
     assert changed == len(zoom) // 2 and changed > 0
 
 
+def test_peft_layout_reads_as_the_same_lora(setup, tmp_path):
+    """What diffusers' save_lora_weights writes (PEFT names: `attn1.to_q.lora_A`, `to_out.0.lora_B`)."""
+    cfg, sd, path, ref_adapter, tmp, zoom, pan = setup
+    peft = {}
+    for k, v in _to_hub_layout(zoom).items():
+        stem, proj, side = k.removesuffix(".weight").rsplit(".", 2)  # (..attn1.processor, to_q_lora, down)
+        proj = proj.removesuffix("_lora") + (".0" if proj == "to_out_lora" else "")
+        ab = "lora_A" if side == "down" else "lora_B"
+        peft[f"{stem.removesuffix('.processor')}.{proj}.{ab}.weight"] = v
+    (tmp_path / "peft").mkdir()
+    save_file(peft, tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+    a, b = load_motion_lora(tmp / "v2_lora_ZoomIn.ckpt"), load_motion_lora(tmp_path / "peft")
+    assert sorted(a.pairs) == sorted(b.pairs)
+    assert all(torch.equal(x, y) for k in a.pairs for x, y in zip(a.pairs[k], b.pairs[k], strict=True))
+
+
 def test_animatediff_pipeline_with_motion_loras(setup):
     from diffusers import AnimateDiffPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
 
