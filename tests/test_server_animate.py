@@ -284,8 +284,9 @@ def test_bad_params_are_4xx_naming_the_field(server):
 
 
 def test_animatediff_motion_module_by_name(server):
-    listed = _get(server, "/v1/motion-modules").json()["motion_modules"]
-    assert listed == [{"name": "mm_tiny", "kind": "file"}]
+    listed = _get(server, "/v1/motion-modules").json()
+    assert listed["motion_modules"] == [{"name": "mm_tiny", "kind": "file"}]
+    assert listed["motion_loras"] == [{"name": "v2_lora_ZoomIn", "kind": "file"}]
     params = {**GEN, "model": "tiny_sd1", "mode": "animatediff", "motion_module": "mm_tiny", "frames": 4,
               "context": 4, "overlap": 1, "steps": 2, "format": "webp"}  # fmt: skip
     job = _wait(server, _submit(server, params))

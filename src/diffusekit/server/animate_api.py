@@ -15,6 +15,7 @@ from ..jobs.animate_job import (
     SCHEDULES,
     MotionModuleError,
     limits_of,
+    motion_loras,
     motion_modules,
     resolve_motion_lora,
     resolve_motion_module,
@@ -176,7 +177,10 @@ def get_video(job_id: str, request: Request, p: Principal = Depends(authenticate
 
 @router.get("/motion-modules")
 def list_motion_modules(request: Request, p: Principal = Depends(authenticate)):
-    """The AnimateDiff motion modules an animatediff job may name (files and diffusers folders)."""
-    found = motion_modules(limits_of(request.app.state.runner).motion_modules_dir)
-    kinds = {n: "folder" if v.is_dir() else "file" for n, v in found.items()}
-    return {"motion_modules": [{"name": n, "kind": k} for n, k in kinds.items()]}
+    """The AnimateDiff motion modules and MotionLoRAs an animatediff job may name (files and folders)."""
+    limits = limits_of(request.app.state.runner)
+    out = {}
+    for key, found in (("motion_modules", motion_modules(limits.motion_modules_dir)),
+                       ("motion_loras", motion_loras(limits.motion_loras_dir))):  # fmt: skip
+        out[key] = [{"name": n, "kind": "folder" if v.is_dir() else "file"} for n, v in found.items()]
+    return out
