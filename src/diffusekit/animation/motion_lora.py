@@ -58,6 +58,8 @@ def parse_motion_lora(text: str) -> tuple[str, float]:
         try:
             weight = float(tail)
         except ValueError:
+            if Path(text).exists():  # a ':' inside the file name
+                return text, 1.0
             raise MotionLoraError(
                 f"--motion-lora {text!r}: the weight after ':' must be a number, e.g. zoom_in.ckpt:0.8"
             ) from None

@@ -22,6 +22,7 @@ from ..models.unet import FeedForward
 @dataclass(frozen=True)
 class MotionConfig:
     """A motion adapter's shape: one entry of `channels` per U-Net level (SD1.5: 320, 640, 1280, 1280)."""
+
     # SDXL (mm_sdxl_v10_beta): channels (320, 640, 1280), no mid-block module
 
     channels: tuple[int, ...] = (320, 640, 1280, 1280)
