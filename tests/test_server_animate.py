@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -39,6 +40,16 @@ def server(tmp_path_factory):
     adapter = MotionAdapter(MotionConfig(channels=widths, layers_per_block=cfg.unet.num_res_blocks))
     save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, mm / "mm_tiny.safetensors")
     (tmp / "outside.safetensors").write_bytes(b"not reachable by name")
+    (tmp / "motion_loras").mkdir()  # MotionLoRAs: the folder beside the motion modules
+    lora = {}
+    for name, p in adapter.named_parameters():
+        if ".attention_blocks." in name and name.endswith(("to_q.weight", "to_v.weight")):
+            stem = name.removesuffix(".weight").replace(".to_", ".processor.to_") + "_lora"
+            lora[f"{stem}.down.weight"], lora[f"{stem}.up.weight"] = (
+                torch.randn(2, p.shape[1]),
+                torch.randn(p.shape[0], 2),
+            )
+    save_file(lora, tmp / "motion_loras" / "v2_lora_ZoomIn.safetensors")
     keys = {"alice": make_key(data, "alice"), "bob": make_key(data, "bob")}
     srv = ServerProcess(data, "--models", str(models), "--motion-modules", str(mm), "--max-frames", "48")
     srv.start()
@@ -231,6 +242,23 @@ BAD = [
     ({"mode": "animatediff", "motion_module": "nope"}, "params.motion_module"),
     ({"mode": "animatediff", "motion_module": "mm_tiny", "cadence": 2}, "params.cadence"),
     ({"mode": "animatediff", "motion_module": "mm_tiny", "context": 4, "overlap": 4}, "params.overlap"),
+    (
+        {"mode": "animatediff", "motion_module": "mm_tiny", "motion_loras": [{"name": "../mm/mm_tiny"}]},
+        "params.motion_loras[0].name",
+    ),
+    (
+        {"mode": "animatediff", "motion_module": "mm_tiny", "motion_loras": [{"name": "nope"}]},
+        "v2_lora_ZoomIn",
+    ),  # the valid names are listed
+    (
+        {
+            "mode": "animatediff",
+            "motion_module": "mm_tiny",
+            "motion_loras": [{"name": "v2_lora_ZoomIn", "weight": 9}],
+        },
+        "weight",
+    ),
+    ({"motion_loras": [{"name": "v2_lora_ZoomIn"}]}, "params.motion_loras"),  # not animatediff mode
     ({"model": "../default"}, "params.model"),
     ({"frames": 4, "bogus": 1}, "params.bogus"),
 ]
@@ -256,8 +284,9 @@ def test_bad_params_are_4xx_naming_the_field(server):
 
 
 def test_animatediff_motion_module_by_name(server):
-    listed = _get(server, "/v1/motion-modules").json()["motion_modules"]
-    assert listed == [{"name": "mm_tiny", "kind": "file"}]
+    listed = _get(server, "/v1/motion-modules").json()
+    assert listed["motion_modules"] == [{"name": "mm_tiny", "kind": "file"}]
+    assert listed["motion_loras"] == [{"name": "v2_lora_ZoomIn", "kind": "file"}]
     params = {**GEN, "model": "tiny_sd1", "mode": "animatediff", "motion_module": "mm_tiny", "frames": 4,
               "context": 4, "overlap": 1, "steps": 2, "format": "webp"}  # fmt: skip
     job = _wait(server, _submit(server, params))
@@ -265,6 +294,11 @@ def test_animatediff_motion_module_by_name(server):
     assert len(job["images"]) == 4 and "Motion module: mm_tiny.safetensors" in job["images"][0]["infotext"]
     with Image.open(io.BytesIO(_get(server, job["video"]["url"]).content)) as im:
         assert im.n_frames == 4
+    lora = {**params, "motion_loras": [{"name": "v2_lora_ZoomIn.safetensors", "weight": 0.5}]}
+    with_lora = _wait(server, _submit(server, lora))
+    assert with_lora["state"] == "succeeded", with_lora["error"]
+    assert 'Motion LoRA: "v2_lora_ZoomIn.safetensors:0.5"' in with_lora["images"][0]["infotext"]
+    assert not np.array_equal(_frame(server, with_lora["images"][1]), _frame(server, job["images"][1]))
 
 
 def test_video_route_of_other_kinds_and_running_jobs(server):

@@ -54,6 +54,7 @@ def _seeds(text: str | None) -> tuple[int, ...]:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
+    from .animation.motion_lora import parse_motion_lora
     from .animation.render import AnimationError, AnimationSpec, MotionSettings, Renderer
     from .animation.video import check_output, frame_path, write_video
     from .images import load_image
@@ -71,6 +72,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         mode=args.mode, frames=args.frames, fps=args.fps, prompts=_prompts(args), seeds=_seeds(args.seeds),
         curve=args.curve, cadence=args.cadence, interpolation=args.interpolation, motion=motion,
         motion_module=args.motion_module or "", context=args.context, overlap=args.overlap,
+        motion_loras=tuple(parse_motion_lora(t) for t in args.motion_lora or ()),
     ).check()  # fmt: skip
     init = load_image(args.init_image) if args.init_image else None
     params = _params(args)
@@ -141,7 +143,10 @@ def add_animate_commands(sub) -> None:
     g.add_argument("--init-image", help="start the motion from this image instead of a txt2img frame")
     g = p.add_argument_group("animatediff mode")
     g.add_argument("--motion-module", help="AnimateDiff motion module: mm_sd_v15*.ckpt/.safetensors or a "
-                   "diffusers MotionAdapter folder (SD1.x models)")  # fmt: skip
+                   "diffusers MotionAdapter folder (SD1.x models; mm_sdxl* for SDXL)")  # fmt: skip
+    g.add_argument("--motion-lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="MotionLoRA (v2_lora_*.ckpt or a diffusers folder) merged into the motion module "
+                   "with WEIGHT (default 1.0); repeatable")  # fmt: skip
     g.add_argument("--context", type=int, default=16, help="frames per motion-module window")
     g.add_argument("--overlap", type=int, default=4, help="frames shared by consecutive windows")
     p.add_argument(

@@ -1,5 +1,5 @@
-"""AnimateDiff: load motion modules, insert them into a loaded SD1.x U-Net for one render, and run the
-U-Net over sliding, overlapping frame windows when a video is longer than the module's context.
+"""AnimateDiff: load motion modules, insert them into a loaded SD1.x or SDXL U-Net for one render, and run
+the U-Net over sliding, overlapping frame windows when a video is longer than the module's context.
 
 The base U-Net is not changed: ``inflate`` inserts the modules into its stages and removes them again on
 exit, so the same Pipeline keeps making still images bit for bit as before.
@@ -112,7 +112,7 @@ def load_motion_adapter(path: str | Path) -> MotionAdapter:
     unknown = sorted(k for k in sd if k not in own)
     if missing or unknown:
         raise CheckpointError(
-            f"{path}: not an SD1.x AnimateDiff motion module of the expected layout "
+            f"{path}: not an AnimateDiff motion module (SD1.x or SDXL) of the expected layout "
             f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(unknown)} unknown, e.g. {unknown[:2]})"
         )
     for key, value in sd.items():
@@ -132,7 +132,8 @@ def _places(unet: nn.Module, adapter: MotionAdapter) -> list[tuple[nn.Sequential
     if widths != cfg.channels or n != cfg.layers_per_block:
         raise ValueError(
             f"the motion module fits a U-Net with level widths {cfg.channels} and {cfg.layers_per_block} "
-            f"res blocks per level; this model has {widths} and {n} (AnimateDiff modules are for SD1.x)"
+            f"res blocks per level; this model has {widths} and {n} (AnimateDiff modules are for SD1.x: "
+            "mm_sd_v14/v15*, or SDXL: mm_sdxl*)"
         )
     places = []
     for i in range(levels):

@@ -1,5 +1,5 @@
 """AnimateDiff motion modules (Guo et al. 2023): temporal self-attention over the frames of a batch,
-inserted after each spatial block of a frozen SD1.x U-Net.
+inserted after each spatial block of a frozen SD1.x or SDXL U-Net.
 
 Module names mirror the original motion-module files (``down_blocks.{i}.motion_modules.{j}.
 temporal_transformer.transformer_blocks.{k}.attention_blocks.{a}.to_q.weight``, ``mid_block.*``,
@@ -22,6 +22,8 @@ from ..models.unet import FeedForward
 @dataclass(frozen=True)
 class MotionConfig:
     """A motion adapter's shape: one entry of `channels` per U-Net level (SD1.5: 320, 640, 1280, 1280)."""
+
+    # SDXL (mm_sdxl_v10_beta): channels (320, 640, 1280), no mid-block module
 
     channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2  # the U-Net's num_res_blocks; up blocks have one more

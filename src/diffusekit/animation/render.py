@@ -32,6 +32,7 @@ INTERPOLATIONS = ("slerp", "blend")
 COLOR_COHERENCE = ("lab", "none")
 STATE_FILE = "animation.json"
 MAX_FRAMES = 10_000
+MAX_MOTION_LORAS = 8
 
 
 class AnimationError(ValueError):
@@ -76,6 +77,7 @@ class AnimationSpec:
     motion_module: str = ""  # animatediff: the motion module file or diffusers folder
     context: int = 16  # animatediff: frames per window of the motion module
     overlap: int = 4  # animatediff: frames shared by consecutive windows
+    motion_loras: tuple[tuple[str, float], ...] = ()  # animatediff: (MotionLoRA path, weight) pairs
 
     def check(self) -> AnimationSpec:
         if self.mode not in MODES:
@@ -108,6 +110,10 @@ class AnimationSpec:
                 )
             if not 2 <= self.context <= 32 or not 0 <= self.overlap < self.context:
                 raise AnimationError("--context must be 2..32 frames and --overlap 0..context-1")
+        if self.motion_loras and self.mode != "animatediff":
+            raise AnimationError("--motion-lora applies to --mode animatediff only")
+        if len(self.motion_loras) > MAX_MOTION_LORAS:
+            raise AnimationError(f"at most {MAX_MOTION_LORAS} motion LoRAs; got {len(self.motion_loras)}")
         return self
 
     def key_frames(self) -> list[int]:
@@ -144,6 +150,11 @@ class Renderer:
             from .animatediff import load_motion_adapter
 
             adapter = load_motion_adapter(spec.motion_module)
+            if spec.motion_loras:
+                from .motion_lora import apply_motion_loras, load_motion_lora
+
+                loras = [(load_motion_lora(p), float(w)) for p, w in spec.motion_loras]
+                apply_motion_loras(adapter, loras)
         self.adapter = adapter  # animatediff: a motion_module.MotionAdapter
         if params.seed < 0:
             params = params.replace(seed=random.randrange(2**32))
@@ -270,7 +281,7 @@ class Renderer:
         conds = tuple({k: torch.cat([c[i][k] for c in per_frame]) for k in per_frame[0][i]} for i in range(2))
         params = self.params.replace(
             batch_size=frames, n_iter=1, extras={**self.params.extras, "Animation": "animatediff",
-            "Motion module": Path(self.spec.motion_module).name},
+            "Motion module": Path(self.spec.motion_module).name, **self._lora_extras()},
         )  # fmt: skip
 
         def report(p) -> None:
@@ -285,6 +296,12 @@ class Renderer:
             if callback is not None:
                 callback(FrameProgress(i, frames))
         return paths
+
+    def _lora_extras(self) -> dict[str, str]:
+        loras = self.spec.motion_loras
+        if not loras:
+            return {}
+        return {"Motion LoRA": " ".join(f"{Path(p).name}:{float(w):g}" for p, w in loras)}
 
     def key_frame(self, f, prev, first, init_image, report, cancel) -> tuple[torch.Tensor, Image.Image, str]:
         """Diffuse key frame `f`: (latent (1, C, h, w), image, infotext)."""

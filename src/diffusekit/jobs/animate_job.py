@@ -49,6 +49,11 @@ class AnimateLimits:
     max_frames: int = 240
     max_frame_pixels: int = 240 * 512 * 512  # frames x width x height
 
+    @property
+    def motion_loras_dir(self) -> Path:
+        """MotionLoRAs live in `motion_loras`, a sibling of the motion-module folder."""
+        return Path(self.motion_modules_dir).parent / "motion_loras"
+
     def check_size(self, frames: int, width: int, height: int) -> None:
         """Raise ValueError when `frames` frames of width x height exceed the limits."""
         if frames > self.max_frames:
@@ -98,6 +103,35 @@ def resolve_motion_module(folder: Path, name: str) -> Path:
     return path
 
 
+def motion_loras(folder: Path) -> dict[str, Path]:
+    """name -> path of the MotionLoRAs in `folder`: files by stem, diffusers LoRA folders by name."""
+    from ..animation.motion_lora import LORA_FILES
+
+    out: dict[str, Path] = {}
+    if not folder.is_dir():
+        return out
+    root = folder.resolve()
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.resolve().is_relative_to(root):
+            continue  # hidden, or a symlink leading out of the folder: not offered
+        if p.is_file() and p.suffix.lower() in MOTION_SUFFIXES:
+            out.setdefault(p.stem, p)
+        elif p.is_dir() and any((p / n).is_file() for n in LORA_FILES):
+            out.setdefault(p.name, p)
+    return out
+
+
+def resolve_motion_lora(folder: Path, name: str) -> Path:
+    """The MotionLoRA called `name` (a stem, a file name or a folder name) in `folder`; never a path."""
+    found = motion_loras(folder)
+    by_file = {p.name: p for p in found.values()}
+    path = None if "/" in name or "\\" in name else found.get(name) or by_file.get(name)
+    if path is None:
+        valid = ", ".join(found) or f"none installed (put them in {folder.name}/ beside the motion modules)"
+        raise MotionModuleError(f"motion LoRA {name!r} not found; valid: {valid}")
+    return path
+
+
 # --- the job ------------------------------------------------------------------------------------
 
 
@@ -130,8 +164,10 @@ def video_info(data_dir: Path, job: Job) -> dict[str, Any] | None:
         return None
 
 
-def spec_from_params(params: dict[str, Any], motion_module: str = ""):
-    """The AnimationSpec an animate job's params describe (`motion_module`: the resolved path)."""
+def spec_from_params(
+    params: dict[str, Any], motion_module: str = "", motion_loras: tuple[tuple[str, float], ...] = ()
+):
+    """The AnimationSpec an animate job's params describe (module and LoRAs: resolved paths)."""
     from ..animation.render import AnimationSpec, MotionSettings
 
     motion = MotionSettings(
@@ -146,6 +182,7 @@ def spec_from_params(params: dict[str, Any], motion_module: str = ""):
         curve=params.get("curve", "linear"), cadence=int(params.get("cadence", 1)),
         interpolation=params.get("interpolation", "slerp"), motion=motion, motion_module=motion_module,
         context=int(params.get("context", 16)), overlap=int(params.get("overlap", 4)),
+        motion_loras=motion_loras,
     )  # fmt: skip
 
 
@@ -185,10 +222,14 @@ def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str
 
     limits = limits_of(runner)
     p = job.params
-    module = ""
+    module, loras = "", ()
     if p.get("mode") == "animatediff":
         module = str(resolve_motion_module(limits.motion_modules_dir, p.get("motion_module") or ""))
-    spec = spec_from_params(p, module)
+        loras = tuple(
+            (str(resolve_motion_lora(limits.motion_loras_dir, d["name"])), float(d.get("weight", 1.0)))
+            for d in p.get("motion_loras") or ()
+        )
+    spec = spec_from_params(p, module, loras)
     pipe = runner.cache.get(runner.catalog.get(job.model))
     folder = work_dir(runner.data_dir, job.id)
     renderer = Renderer(pipe, params_from_job(p), spec, folder)

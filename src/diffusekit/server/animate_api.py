@@ -15,7 +15,9 @@ from ..jobs.animate_job import (
     SCHEDULES,
     MotionModuleError,
     limits_of,
+    motion_loras,
     motion_modules,
+    resolve_motion_lora,
     resolve_motion_module,
     spec_from_params,
     video_info,
@@ -35,7 +37,8 @@ GENERATION_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "c
 # fields that only one mode reads (the CLI ignores them elsewhere; the API says so instead)
 MODE_FIELDS = {
     "seeds": "seed", "init_image": "motion", "color_coherence": "motion", "motion_module": "animatediff",
-    "context": "animatediff", "overlap": "animatediff", **dict.fromkeys(SCHEDULES, "motion"),
+    "motion_loras": "animatediff", "context": "animatediff", "overlap": "animatediff",
+    **dict.fromkeys(SCHEDULES, "motion"),
 }  # fmt: skip
 # (lowest, highest) values of each motion schedule's keyframes
 SCHEDULE_RANGES = {"zoom": (0.1, 10.0), "angle": (-360.0, 360.0), "translation_x": (-4096.0, 4096.0),
@@ -119,6 +122,13 @@ def _check_animatediff(app, a) -> None:
         resolve_motion_module(limits_of(app.runner).motion_modules_dir, a.motion_module)
     except MotionModuleError as e:
         raise FieldError("params.motion_module", str(e)) from None
+    for i, lora in enumerate(a.motion_loras or ()):
+        if "/" in lora.name or "\\" in lora.name or lora.name.startswith("."):
+            raise FieldError(f"params.motion_loras[{i}].name", "a MotionLoRA name, not a path")
+        try:
+            resolve_motion_lora(limits_of(app.runner).motion_loras_dir, lora.name)
+        except MotionModuleError as e:
+            raise FieldError(f"params.motion_loras[{i}].name", str(e)) from None
     if a.frames > MAX_BATCH:
         raise FieldError("params.frames", f"animatediff renders all frames at once; valid: 1..{MAX_BATCH}")
     if a.cadence != 1:
@@ -167,7 +177,10 @@ def get_video(job_id: str, request: Request, p: Principal = Depends(authenticate
 
 @router.get("/motion-modules")
 def list_motion_modules(request: Request, p: Principal = Depends(authenticate)):
-    """The AnimateDiff motion modules an animatediff job may name (files and diffusers folders)."""
-    found = motion_modules(limits_of(request.app.state.runner).motion_modules_dir)
-    kinds = {n: "folder" if v.is_dir() else "file" for n, v in found.items()}
-    return {"motion_modules": [{"name": n, "kind": k} for n, k in kinds.items()]}
+    """The AnimateDiff motion modules and MotionLoRAs an animatediff job may name (files and folders)."""
+    limits = limits_of(request.app.state.runner)
+    out = {}
+    for key, found in (("motion_modules", motion_modules(limits.motion_modules_dir)),
+                       ("motion_loras", motion_loras(limits.motion_loras_dir))):  # fmt: skip
+        out[key] = [{"name": n, "kind": "folder" if v.is_dir() else "file"} for n, v in found.items()]
+    return out

@@ -22,6 +22,15 @@ Prompt = Annotated[str, Field(max_length=MAX_PROMPT)]
 ScheduleText = Annotated[str | float, Field(description=SCHEDULE_DOC)]
 
 
+class MotionLoraRef(BaseModel):
+    """One MotionLoRA by name (from the `motion_loras` folder beside the motion modules) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="file stem, file name or folder name")
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
 class AnimateParams(BaseModel):
     """`diffusekit animate` options as job params (None: the model's recommendation)."""
 
@@ -66,6 +75,9 @@ class AnimateParams(BaseModel):
     init_image: str | None = Field(None, description="motion: base64 image or the id of an earlier image")
     motion_module: str | None = Field(
         None, max_length=200, description="animatediff: a name from GET /v1/motion-modules"
+    )
+    motion_loras: list[MotionLoraRef] | None = Field(
+        None, max_length=8, description="animatediff: MotionLoRAs (camera motions) merged into the module"
     )
     context: int = Field(16, ge=2, le=32, description="animatediff: frames per motion-module window")
     overlap: int = Field(4, ge=0, le=31, description="animatediff: frames shared by consecutive windows")
