@@ -62,6 +62,7 @@ class Live:
     preview: bytes | None = None  # small PNG
     preview_step: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+    skip: threading.Event = field(default_factory=threading.Event)  # A1111 skip: end the current image
     last_step_at: float = 0.0
     preview_at: float = 0.0
     heartbeat_at: float = 0.0
@@ -87,7 +88,7 @@ class JobRunner:
         precision: str = "auto",
         max_queued: int = 1000,
         observer: Observer | None = None,
-        batch_max: int = 1,
+        batch_max: int = 8,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,8 @@ class JobRunner:
         self._done = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._busy: set[str] = set()  # models a worker is running jobs on now
+        self._busy_lock = threading.Lock()
         self.recovered = 0
         self.done_version = 0
 
@@ -148,6 +151,16 @@ class JobRunner:
         """Store an uploaded image durably (before the job that uses it is committed)."""
         return self.store.write(image, "", owner=owner, role="input")
 
+    def skip(self, job_id: str) -> bool:
+        """A1111's skip for a running job: its current image ends now (at its latest x0 estimate) and the
+        job goes on with its next batch of n_iter; False when the job is not running here."""
+        with self._live_lock:
+            live = self.live.get(job_id)
+        if live is None:
+            return False
+        live.skip.set()
+        return True
+
     def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         job = self.queue.cancel(job_id, owner)
         if job is None:
@@ -181,22 +194,41 @@ class JobRunner:
 
     # --- the workers -----------------------------------------------------------------------------
 
+    def _claim(self) -> list[Job]:
+        """The next job (with the compatible ones that join its batch) on a model no other worker is on.
+
+        A Pipeline is not safe for two concurrent runs (a LoRA merges into its weights for one call, an
+        embedding hooks its text encoder), so with several workers each model is used by one at a time;
+        workers run jobs on different models side by side.
+        """
+        with self._busy_lock:
+            job = self.queue.claim(exclude_models=sorted(self._busy))
+            if job is None:
+                return []
+            self._busy.add(job.model)
+        group = [job]
+        if self.batch_max > 1 and batch_key(job) is not None:
+            group += self.queue.claim_compatible(job, self.batch_max - 1)
+        return group
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.queue.claim()
-            if job is None:
+            group = self._claim()
+            if not group:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            group = [job]
-            if self.batch_max > 1 and batch_key(job) is not None:
-                group += self.queue.claim_compatible(job, self.batch_max - 1)
-            for j in group:
-                self.observer.job_state(j)
-            if len(group) == 1:
-                self._run(job)
-            else:
-                self._run_batch(group)
+            try:
+                for j in group:
+                    self.observer.job_state(j)
+                if len(group) == 1:
+                    self._run(group[0])
+                else:
+                    self._run_batch(group)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(group[0].model)
+                self.notify()  # another worker may be waiting for this model
 
     def _start(self, job: Job) -> Live:
         live = Live(job.id, job.owner, started=time.time(), n_iter=int(job.params.get("n_iter", 1)))
@@ -247,7 +279,8 @@ class JobRunner:
         ]
         try:
             results = generate_batch(pipe, params, conds, callback=lambda p: [h(p) for h in hooks],
-                                     cancels=[lv.cancel for lv in lives])  # fmt: skip
+                                     cancels=[lv.cancel for lv in lives],
+                                     skips=[lv.skip for lv in lives])  # fmt: skip
         except Exception as e:  # noqa: BLE001
             for j in jobs:
                 self._end(j, *_failure(e))
@@ -307,6 +340,7 @@ class JobRunner:
             mask=inputs.get("mask"),
             callback=self._progress_hook(job, live, pipe),
             cancel=live.cancel,
+            skip=live.skip,
         )
         records = [
             self.store.write(img, text, owner=job.owner, seed=seed)
