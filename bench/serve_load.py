@@ -87,6 +87,7 @@ def measure(
     data = Path(tempfile.mkdtemp(prefix="serve_load-")) / "data"
     data.mkdir()
     srv = ServerProcess(data, "--no-auth", "--batch", str(batch)).start()
+    load_before = os.getloadavg()
     try:
         s = requests.Session()
         run_job(s, srv.url, 0, steps, SEQ_POLL_S)  # warm-up (first-call overheads)
@@ -133,6 +134,7 @@ def measure(
             "sequential_jobs_s": round(seq_jobs / seq_s, 3),
             "sequential_latency_s": round(statistics.median(r[1] for r in seq), 3),
             "peak_rss_mib": round(peak_rss_mib(srv.proc.pid), 1),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         }
     finally:
         srv.stop()
@@ -168,13 +170,14 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     print(f"\nCPU: {report['cpu']}; {args.clients} clients x {args.jobs} jobs, {args.steps} steps, 64x64")
-    print("batch | jobs | lost/dup | p50 s | p95 s | jobs/s | seq jobs/s | ratio | peak RSS MiB")
+    print("batch | jobs | lost/dup | p50 s | p95 s | jobs/s | seq jobs/s | ratio | peak RSS MiB | load")
     for r in rows:
         bad = (r["expected_server_jobs"] - r["server_jobs"], r["jobs"] - r["unique_ids"])
         ratio = r["throughput_jobs_s"] / r["sequential_jobs_s"]
         print(
             f"{r['batch']:>5} | {r['jobs']:>4} | {bad[0]}/{bad[1]} | {r['p50_s']:>5} | {r['p95_s']:>5} | "
-            f"{r['throughput_jobs_s']:>6} | {r['sequential_jobs_s']:>10} | {ratio:.2f}x | {r['peak_rss_mib']}"
+            f"{r['throughput_jobs_s']:>6} | {r['sequential_jobs_s']:>10} | {ratio:.2f}x | "
+            f"{r['peak_rss_mib']} | {r['load_average_before_after']}"
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

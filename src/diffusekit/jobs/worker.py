@@ -8,7 +8,9 @@ import dataclasses
 import io
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +61,40 @@ class Live:
     batch: int = 0
     n_iter: int = 1
     fraction: float = 0.0  # overall 0..1
-    preview: bytes | None = None  # small PNG
     preview_step: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)  # A1111 skip: end the current image
     last_step_at: float = 0.0
     preview_at: float = 0.0
     heartbeat_at: float = 0.0
+
+    _png: bytes | None = field(default=None, init=False, repr=False)
+    _source: Callable[[], bytes | None] | None = field(default=None, init=False, repr=False)
+    _render_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def preview(self) -> bytes | None:
+        """A small PNG of the newest x0 estimate, rendered when first asked for (most are never looked
+        at: rendering each one in the worker cost a VAE decode per job every PREVIEW_S)."""
+        with self._render_lock:
+            source, self._source = self._source, None
+            if source is not None:
+                self._png = source()
+            return self._png
+
+    @preview.setter
+    def preview(self, png: bytes | None) -> None:
+        with self._render_lock:
+            self._png, self._source = png, None
+
+    @property
+    def preview_pending(self) -> bool:
+        """A newer preview waits to be rendered (reading `preview` will run a small VAE decode)."""
+        return self._source is not None
+
+    def set_preview_source(self, render: Callable[[], bytes | None]) -> None:
+        """The newest preview, as a function that renders it (called at most once, by a reader)."""
+        self._source = render
 
     @property
     def eta_s(self) -> float | None:
@@ -311,7 +340,7 @@ class JobRunner:
             live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
             if p.denoised is not None and now - live.preview_at >= PREVIEW_S:
                 live.preview_at = now
-                live.preview = _preview(pipe, p.denoised[index : index + 1])
+                live.set_preview_source(partial(_preview, pipe, p.denoised[index : index + 1].clone()))
                 live.preview_step = p.step
             if now - live.heartbeat_at >= HEARTBEAT_S or p.step == p.total:
                 live.heartbeat_at = now

@@ -196,9 +196,16 @@ async def job_events(job_id: str, request: Request, p: Principal = Depends(authe
                 "eta_s": out.eta_s,
                 "queue_position": out.queue_position,
             }
-            if live is not None and live.preview is not None and live.preview is not last_preview:
-                last_preview = live.preview
-                data["preview"] = "data:image/png;base64," + base64.b64encode(live.preview).decode()
+            preview = None
+            if live is not None:  # rendering (when a new one waits) runs off the event loop
+                preview = (
+                    await run_in_threadpool(lambda lv=live: lv.preview)
+                    if live.preview_pending
+                    else live.preview
+                )
+            if preview is not None and preview is not last_preview:
+                last_preview = preview
+                data["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
             key = json.dumps({k: v for k, v in data.items() if k != "eta_s"}, sort_keys=True)
             if key != last:
                 last = key
