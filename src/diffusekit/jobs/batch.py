@@ -9,10 +9,11 @@ Bit-identity with solo runs: elementwise ops, 3x3 convolutions, group/layer norm
 each sample on its own, so a larger batch leaves their results unchanged. Dense GEMMs do not in fp32:
 MKL/oneDNN pick other kernels (another summation order) for another row count, which moved the time
 embedding, the MLPs and the 1x1 convolutions (proj_in/out, skip connections) in the last bit. Measured per
-module on the default model at 1 and 2 threads: 24 of 129 `nn.Linear` differed from 2 jobs up, 33 of 73
-`nn.Conv2d` (all the 1x1 ones) from 8 jobs up; no 3x3 convolution, norm or attention up to 32 jobs, and
-nothing at all in bf16. So during a batched run every U-Net `nn.Linear` and 1x1 `nn.Conv2d` runs once
-per job on exactly the rows its solo run has (`per_job_gemms`); the rest of the network stays batched.
+module on the default model (fp32, 1 thread; 3 jobs also at 2 threads): 24 of 129 `nn.Linear` differed at
+every batch tried (3, 4, 6, 7, 8, 16, 32 jobs), the 33 1x1 `nn.Conv2d` of 73 from 8 jobs up; no 3x3
+convolution, norm or attention up to 32 jobs, and nothing at all in bf16 (8 and 16 jobs). So during a
+batched run every U-Net `nn.Linear` and 1x1 `nn.Conv2d` runs once per job on exactly the rows its solo
+run has (`per_job_gemms`); the rest of the network stays batched.
 """
 
 from __future__ import annotations
