@@ -11,7 +11,7 @@ MKL/oneDNN pick other kernels (another summation order) for another row count, w
 embedding, the MLPs and the 1x1 convolutions (proj_in/out, skip connections) in the last bit. Measured per
 module on the default model (fp32, 1 thread; 3 jobs also at 2 threads): 24 of 129 `nn.Linear` differed at
 every batch tried (3, 4, 6, 7, 8, 16, 32 jobs), the 33 1x1 `nn.Conv2d` of 73 from 8 jobs up; no 3x3
-convolution, norm or attention up to 32 jobs, and nothing at all in bf16 (8 and 16 jobs). So during a
+convolution, norm or attention up to 32 jobs, and nothing at all in bf16 (3, 8, 16 jobs). So during a
 batched run every U-Net `nn.Linear` and 1x1 `nn.Conv2d` runs once per job on exactly the rows its solo
 run has (`per_job_gemms`); the rest of the network stays batched.
 """
