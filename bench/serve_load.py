@@ -68,7 +68,10 @@ def run_job(session: requests.Session, url: str, n: int, steps: int, poll: float
     r.raise_for_status()
     job_id = r.json()["id"]
     while True:
-        job = session.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+        if poll > 0:
+            job = session.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+        else:  # long polling: the server answers when the job is done (or after 30 s)
+            job = session.get(f"{url}/v1/jobs/{job_id}?wait=30", timeout=90).json()
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return job_id, time.perf_counter() - t0, job
         time.sleep(poll)
@@ -150,7 +153,8 @@ def main() -> int:
     ap.add_argument(
         "--polls",
         default=str(CONC_POLL_S),
-        help="concurrent clients' polling intervals to compare, in seconds (each with every batch limit)",
+        help="concurrent clients' polling intervals to compare, in seconds (each with every batch limit; "
+        "0: long polling with GET /v1/jobs/{id}?wait=30)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()

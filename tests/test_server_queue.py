@@ -93,6 +93,10 @@ def test_two_workers_run_two_models_side_by_side_each_job_once(server):
     # the same jobs on two models with the same weights, one worker on each: equal pixels, run once each
     params = [dict(GEN, steps=12, seed=40 + i, prompt=f"shape {i}") for i in range(3)]
     ids = {m: [_submit(server, p, m).json()["id"] for p in params] for m in ("default", "other")}
+    # long polling: one request answers when the job is done
+    first = requests.get(f"{server.url}/v1/jobs/{ids['other'][0]}?wait=60", timeout=90).json()
+    assert first["state"] == "succeeded"
+    assert requests.get(f"{server.url}/v1/jobs/{ids['other'][0]}?wait=61", timeout=10).status_code == 422
     jobs = {m: [_wait(server, j) for j in ids[m]] for m in ids}
     for m in jobs:
         assert all(

@@ -18,7 +18,7 @@ from .auth import Principal, authenticate, check_quota
 from .errors import ApiError, FieldError
 from .inputs import decode_b64_image
 from .schemas import JobCreate, JobCreated, JobList, JobOut
-from .submit import check_generation, resolve_model
+from .submit import check_generation, resolve_model, wait_done
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -145,8 +145,19 @@ def _get(request: Request, p: Principal, job_id: str) -> Job:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, p: Principal = Depends(authenticate)):
-    return job_out(request, _get(request, p, job_id))
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: float = Query(
+        0, ge=0, le=60, description="long polling: answer once the job is done or after this many seconds"
+    ),
+    p: Principal = Depends(authenticate),
+):
+    job = await run_in_threadpool(_get, request, p, job_id)
+    if wait > 0 and not job.state.done:  # one request per job instead of one per polling interval
+        await wait_done(request.app.state.runner, job_id, wait)
+        job = await run_in_threadpool(_get, request, p, job_id)
+    return await run_in_threadpool(job_out, request, job)
 
 
 @router.get("/jobs", response_model=JobList)
