@@ -35,7 +35,10 @@ WORKER_FRAMES = {
     "heartbeats": "heartbeat",
     "image writes": "ImageStore.write",
 }
-REQUEST_FRAMES = {"GET /v1/jobs/{id}": "get_job", "of which SQLite": "SQLiteQueue.get"}
+REQUEST_FRAMES = {
+    "job status (GET /v1/jobs/{id})": "server/jobs_api.py",
+    "of which SQLite": "SQLiteQueue.get (",
+}
 
 
 def split(raw: Path) -> dict:
