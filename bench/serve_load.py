@@ -6,7 +6,7 @@ succeeded exactly once with one intact PNG, and the server holds exactly the job
 none duplicated). Reported: client latency p50/p95, throughput (jobs/s) against one sequential client,
 peak server RSS (VmHWM). Default model, 64x64, fixed seeds (so jobs can be batched).
 
-    PYTHONPATH=src python bench/serve_load.py --clients 50 --jobs 4 --steps 8
+    PYTHONPATH=src python bench/serve_load.py --clients 50 --jobs 4 --steps 8 --batches 1,8 --polls 0.25,1
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def run_job(session: requests.Session, url: str, n: int, steps: int, poll: float
     r.raise_for_status()
     job_id = r.json()["id"]
     while True:
-        job = session.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+        if poll > 0:
+            job = session.get(f"{url}/v1/jobs/{job_id}", timeout=60).json()
+        else:  # long polling: the server answers when the job is done (or after 30 s)
+            job = session.get(f"{url}/v1/jobs/{job_id}?wait=30", timeout=90).json()
         if job["state"] in ("succeeded", "failed", "cancelled"):
             return job_id, time.perf_counter() - t0, job
         time.sleep(poll)
@@ -87,6 +90,7 @@ def measure(
     data = Path(tempfile.mkdtemp(prefix="serve_load-")) / "data"
     data.mkdir()
     srv = ServerProcess(data, "--no-auth", "--batch", str(batch)).start()
+    load_before = os.getloadavg()
     try:
         s = requests.Session()
         run_job(s, srv.url, 0, steps, SEQ_POLL_S)  # warm-up (first-call overheads)
@@ -133,6 +137,7 @@ def measure(
             "sequential_jobs_s": round(seq_jobs / seq_s, 3),
             "sequential_latency_s": round(statistics.median(r[1] for r in seq), 3),
             "peak_rss_mib": round(peak_rss_mib(srv.proc.pid), 1),
+            "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         }
     finally:
         srv.stop()
@@ -146,13 +151,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batches", default="1,8", help="batch limits to compare (1 = no batching)")
     ap.add_argument(
-        "--poll", type=float, default=CONC_POLL_S, help="concurrent clients' polling interval (s)"
+        "--polls",
+        default=str(CONC_POLL_S),
+        help="concurrent clients' polling intervals to compare, in seconds (each with every batch limit; "
+        "0: long polling with GET /v1/jobs/{id}?wait=30)",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows = [
-        measure(int(b), args.clients, args.jobs, args.seq_jobs, args.steps, args.poll)
+        {**measure(int(b), args.clients, args.jobs, args.seq_jobs, args.steps, float(p)), "poll_s": float(p)}
+        for p in args.polls.split(",")
         for b in args.batches.split(",")
     ]
     report = {
@@ -160,7 +169,7 @@ def main() -> int:
         "omp_threads": os.environ["OMP_NUM_THREADS"],
         "clients": args.clients,
         "jobs_per_client": args.jobs,
-        "poll_s": args.poll,
+        "polls_s": [float(p) for p in args.polls.split(",")],
         "steps": args.steps,
         "size": "64x64",
         "model": "default",
@@ -168,13 +177,17 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     print(f"\nCPU: {report['cpu']}; {args.clients} clients x {args.jobs} jobs, {args.steps} steps, 64x64")
-    print("batch | jobs | lost/dup | p50 s | p95 s | jobs/s | seq jobs/s | ratio | peak RSS MiB")
+    print(
+        "poll s | batch | jobs | lost/dup | p50 s | p95 s | jobs/s | seq jobs/s | ratio | peak RSS MiB | load"
+    )
     for r in rows:
         bad = (r["expected_server_jobs"] - r["server_jobs"], r["jobs"] - r["unique_ids"])
         ratio = r["throughput_jobs_s"] / r["sequential_jobs_s"]
         print(
-            f"{r['batch']:>5} | {r['jobs']:>4} | {bad[0]}/{bad[1]} | {r['p50_s']:>5} | {r['p95_s']:>5} | "
-            f"{r['throughput_jobs_s']:>6} | {r['sequential_jobs_s']:>10} | {ratio:.2f}x | {r['peak_rss_mib']}"
+            f"{r['poll_s']:>6} | {r['batch']:>5} | {r['jobs']:>4} | {bad[0]}/{bad[1]} | "
+            f"{r['p50_s']:>5} | {r['p95_s']:>5} | "
+            f"{r['throughput_jobs_s']:>6} | {r['sequential_jobs_s']:>10} | {ratio:.2f}x | "
+            f"{r['peak_rss_mib']} | {r['load_average_before_after']}"
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -119,10 +119,10 @@ def add_serve_commands(sub) -> None:
     p.add_argument(
         "--batch",
         type=int,
-        default=1,
+        default=8,
         metavar="N",
         help="run up to N queued txt2img jobs with the same model, size, steps and sampler (and fixed "
-        "seeds) as one batch (1 = off; images equal to solo runs within 1/255, as batch_size is)",
+        "seeds) as one batch, each image bit-identical to its solo run (default 8; 1 = off)",
     )
     p.add_argument("--loras", metavar="DIR", help="LoRA files for <lora:NAME:W> (default: DATA/loras)")
     p.add_argument("--embeddings", metavar="DIR", help="textual-inversion files (default: DATA/embeddings)")

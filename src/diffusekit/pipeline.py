@@ -43,6 +43,15 @@ class Cancelled(Exception):
     """Raised between steps when the caller's cancel flag is set."""
 
 
+class Skipped(Exception):
+    """Raised between steps when the caller's skip flag is set: A1111's skip, which ends the current batch
+    of n_iter with its latest x0 estimate (`denoised`, (B, C, h, w)) and goes on with the next."""
+
+    def __init__(self, denoised: torch.Tensor):
+        super().__init__("image skipped")
+        self.denoised = denoised
+
+
 class NonFiniteError(ValueError):
     """A component produced NaN/inf values (A1111's NansException): names the component and the fix."""
 
@@ -418,12 +427,14 @@ class Pipeline:
         mask: Image.Image | None = None,
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        skip: threading.Event | None = None,
         conds: tuple[dict, dict] | None = None,
     ) -> GenerationResult:
         """Run n_iter batches of batch_size images; txt2img, img2img (init_image) or inpainting (+ mask).
 
         `conds` replaces the encoded prompts with ready (cond, uncond) conditioning from `encode` (prompt
-        travel interpolates them); the infotext still records `params.prompt`.
+        travel interpolates them); the infotext still records `params.prompt`. `skip` set during a batch
+        ends that batch at its current x0 estimate (A1111's skip; cleared as each batch starts, as there).
         """
         params = params.validate(self.cfg.resolution, self.defaults)
         self.resolve_sampler(params)  # unknown names fail before any work
@@ -470,12 +481,19 @@ class Pipeline:
                     raise Cancelled("generation cancelled")
                 if callback is not None:
                     callback(Progress(step, total, pass_index, passes, _it, denoised))
+                if skip is not None and skip.is_set() and denoised is not None:
+                    raise Skipped(denoised)
 
             run = _Batch(params, conds, seeds, subseeds, width, height, report, hires_conds)
-            if init_image is None:
-                latents = self._txt2img(run)
-            else:
-                latents = self._img2img(run, init_image, mask, region)
+            if skip is not None:
+                skip.clear()
+            try:
+                if init_image is None:
+                    latents = self._txt2img(run)
+                else:
+                    latents = self._img2img(run, init_image, mask, region)
+            except Skipped as skipped:
+                latents = skipped.denoised.float()
             check_finite(latents, "U-Net", self.dtype)
             imgs = self.decode(latents)
             if region is not None:  # "only masked": paste the inpainted crop back through the mask

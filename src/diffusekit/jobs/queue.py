@@ -198,10 +198,13 @@ class SQLiteQueue(JobQueue):
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._job(c, row), True
 
-    def claim(self) -> Job | None:
+    def claim(self, exclude_models: Sequence[str] = ()) -> Job | None:
+        """The next queued job (see JobQueue.claim), skipping jobs on `exclude_models` (busy elsewhere)."""
+        skip = " AND model NOT IN (" + ", ".join("?" * len(exclude_models)) + ")" if exclude_models else ""
         with self._tx() as c:
             row = c.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1"
+                f"SELECT * FROM jobs WHERE state = 'queued'{skip} ORDER BY priority DESC, seq LIMIT 1",
+                tuple(exclude_models),
             ).fetchone()
             if row is None:
                 return None

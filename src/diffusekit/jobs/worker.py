@@ -8,7 +8,9 @@ import dataclasses
 import io
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +62,42 @@ class Live:
     batch: int = 0
     n_iter: int = 1
     fraction: float = 0.0  # overall 0..1
-    preview: bytes | None = None  # small PNG
     preview_step: int = 0
     loss: float | None = None  # training jobs: the last step's loss
     cancel: threading.Event = field(default_factory=threading.Event)
+    skip: threading.Event = field(default_factory=threading.Event)  # A1111 skip: end the current image
     last_step_at: float = 0.0
     preview_at: float = 0.0
     heartbeat_at: float = 0.0
     model_version: str | None = None  # the store version (NAME@V) the job runs on, once resolved
+
+    _png: bytes | None = field(default=None, init=False, repr=False)
+    _source: Callable[[], bytes | None] | None = field(default=None, init=False, repr=False)
+    _render_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def preview(self) -> bytes | None:
+        """A small PNG of the newest x0 estimate, rendered when first asked for (most are never looked
+        at: rendering each one in the worker cost a VAE decode per job every PREVIEW_S)."""
+        with self._render_lock:
+            source, self._source = self._source, None
+            if source is not None:
+                self._png = source()
+            return self._png
+
+    @preview.setter
+    def preview(self, png: bytes | None) -> None:
+        with self._render_lock:
+            self._png, self._source = png, None
+
+    @property
+    def preview_pending(self) -> bool:
+        """A newer preview waits to be rendered (reading `preview` will run a small VAE decode)."""
+        return self._source is not None
+
+    def set_preview_source(self, render: Callable[[], bytes | None]) -> None:
+        """The newest preview, as a function that renders it (called at most once, by a reader)."""
+        self._source = render
 
     @property
     def eta_s(self) -> float | None:
@@ -90,7 +120,7 @@ class JobRunner:
         precision: str = "auto",
         max_queued: int = 1000,
         observer: Observer | None = None,
-        batch_max: int = 1,
+        batch_max: int = 8,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +137,8 @@ class JobRunner:
         self._done = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._busy: set[str] = set()  # models a worker is running jobs on now
+        self._busy_lock = threading.Lock()
         self.recovered = 0
         self.done_version = 0
         self.adapters = None  # jobs.adapters.Adapters: the LoRA / embedding folders (set by the server)
@@ -153,6 +185,16 @@ class JobRunner:
         """Store an uploaded image durably (before the job that uses it is committed)."""
         return self.store.write(image, "", owner=owner, role="input")
 
+    def skip(self, job_id: str) -> bool:
+        """A1111's skip for a running job: its current image ends now (at its latest x0 estimate) and the
+        job goes on with its next batch of n_iter; False when the job is not running here."""
+        with self._live_lock:
+            live = self.live.get(job_id)
+        if live is None:
+            return False
+        live.skip.set()
+        return True
+
     def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         job = self.queue.cancel(job_id, owner)
         if job is None:
@@ -186,22 +228,41 @@ class JobRunner:
 
     # --- the workers -----------------------------------------------------------------------------
 
+    def _claim(self) -> list[Job]:
+        """The next job (with the compatible ones that join its batch) on a model no other worker is on.
+
+        A Pipeline is not safe for two concurrent runs (a LoRA merges into its weights for one call, an
+        embedding hooks its text encoder), so with several workers each model is used by one at a time;
+        workers run jobs on different models side by side.
+        """
+        with self._busy_lock:
+            job = self.queue.claim(exclude_models=sorted(self._busy))
+            if job is None:
+                return []
+            self._busy.add(job.model)
+        group = [job]
+        if self.batch_max > 1 and batch_key(job) is not None:
+            group += self.queue.claim_compatible(job, self.batch_max - 1)
+        return group
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.queue.claim()
-            if job is None:
+            group = self._claim()
+            if not group:
                 with self._wake:
                     self._wake.wait(0.5)
                 continue
-            group = [job]
-            if self.batch_max > 1 and batch_key(job) is not None:
-                group += self.queue.claim_compatible(job, self.batch_max - 1)
-            for j in group:
-                self.observer.job_state(j)
-            if len(group) == 1:
-                self._run(job)
-            else:
-                self._run_batch(group)
+            try:
+                for j in group:
+                    self.observer.job_state(j)
+                if len(group) == 1:
+                    self._run(group[0])
+                else:
+                    self._run_batch(group)
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(group[0].model)
+                self.notify()  # another worker may be waiting for this model
 
     def _start(self, job: Job) -> Live:
         live = Live(job.id, job.owner, started=time.time(), n_iter=int(job.params.get("n_iter", 1)))
@@ -278,7 +339,8 @@ class JobRunner:
         try:
             with session(self.adapters, pipe, params):
                 results = generate_batch(pipe, params, conds, callback=lambda p: [h(p) for h in hooks],
-                                         cancels=[lv.cancel for lv in lives])  # fmt: skip
+                                         cancels=[lv.cancel for lv in lives],
+                                         skips=[lv.skip for lv in lives])  # fmt: skip
         except Exception as e:  # noqa: BLE001
             for j in jobs:
                 self._end(j, *_failure(e))
@@ -309,7 +371,7 @@ class JobRunner:
             live.fraction = min(1.0, done_runs / (live.n_iter * p.passes))
             if p.denoised is not None and now - live.preview_at >= PREVIEW_S:
                 live.preview_at = now
-                live.preview = _preview(pipe, p.denoised[index : index + 1])
+                live.set_preview_source(partial(_preview, pipe, p.denoised[index : index + 1].clone()))
                 live.preview_step = p.step
             if now - live.heartbeat_at >= HEARTBEAT_S or p.step == p.total:
                 live.heartbeat_at = now
@@ -319,6 +381,8 @@ class JobRunner:
         return on_progress
 
     def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
+        from ..pipeline import Pipeline
+
         entry = self.catalog.get(job.model)  # a store NAME resolves to its current version now
         live.model_version = entry.version
         pipe = self.cache.get(entry)
@@ -340,6 +404,7 @@ class JobRunner:
                 mask=inputs.get("mask"),
                 callback=self._progress_hook(job, live, pipe),
                 cancel=live.cancel,
+                **({"skip": live.skip} if isinstance(pipe, Pipeline) else {}),  # SD3 has no skip yet
             )
         records = [
             self.store.write(img, text, owner=job.owner, seed=seed)

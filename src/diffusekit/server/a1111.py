@@ -329,6 +329,7 @@ def progress(request: Request, skip_current_image: bool = False, p: Principal = 
         job=f"task({lv.job_id})",
         job_no=lv.batch,
         interrupted=lv.cancel.is_set(),
+        skipped=lv.skip.is_set(),
         sampling_step=lv.step,
         sampling_steps=lv.total,
         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(lv.started)),
@@ -362,8 +363,11 @@ def interrupt(request: Request, p: Principal = Depends(authenticate)):
 
 @router.post("/skip")
 def skip(request: Request, p: Principal = Depends(authenticate)):
-    """Stops the current job, as interrupt does (diffusekit does not skip single images of a batch)."""
-    _stop_running(request, p)
+    """A1111's skip: the caller's running jobs end their current image now (decoded from its latest x0
+    estimate, as A1111 keeps it) and go on with their next batch of n_iter; the job itself succeeds."""
+    runner = request.app.state.runner
+    for lv in _visible(request, p):
+        runner.skip(lv.job_id)
     return None
 
 

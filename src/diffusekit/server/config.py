@@ -40,7 +40,7 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "auto"
     max_queued: int = 1000
-    batch_max: int = 1  # > 1: up to this many compatible queued txt2img jobs share one sampler run
+    batch_max: int = 8  # > 1: up to this many compatible queued txt2img jobs share one sampler run
     max_image_bytes: int = 20 * 2**20
     max_image_pixels: int = MAX_SIDE * MAX_SIDE
     max_prompt_chars: int = 10_000

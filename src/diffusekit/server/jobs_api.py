@@ -22,7 +22,7 @@ from .families import check_family
 from .inputs import decode_b64_image
 from .model_info import model_rows
 from .schemas import JobCreated, JobList, JobOut, JobRequest
-from .submit import check_generation, resolve_model
+from .submit import check_generation, resolve_model, wait_done
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -171,8 +171,19 @@ def _get(request: Request, p: Principal, job_id: str) -> Job:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, p: Principal = Depends(authenticate)):
-    return job_out(request, _get(request, p, job_id))
+async def get_job(
+    job_id: str,
+    request: Request,
+    wait: float = Query(
+        0, ge=0, le=60, description="long polling: answer once the job is done or after this many seconds"
+    ),
+    p: Principal = Depends(authenticate),
+):
+    job = await run_in_threadpool(_get, request, p, job_id)
+    if wait > 0 and not job.state.done:  # one request per job instead of one per polling interval
+        await wait_done(request.app.state.runner, job_id, wait)
+        job = await run_in_threadpool(_get, request, p, job_id)
+    return await run_in_threadpool(job_out, request, job)
 
 
 @router.get("/jobs", response_model=JobList)
@@ -222,9 +233,16 @@ async def job_events(job_id: str, request: Request, p: Principal = Depends(authe
                 "eta_s": out.eta_s,
                 "queue_position": out.queue_position,
             }
-            if live is not None and live.preview is not None and live.preview is not last_preview:
-                last_preview = live.preview
-                data["preview"] = "data:image/png;base64," + base64.b64encode(live.preview).decode()
+            preview = None
+            if live is not None:  # rendering (when a new one waits) runs off the event loop
+                preview = (
+                    await run_in_threadpool(lambda lv=live: lv.preview)
+                    if live.preview_pending
+                    else live.preview
+                )
+            if preview is not None and preview is not last_preview:
+                last_preview = preview
+                data["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
             key = json.dumps({k: v for k, v in data.items() if k != "eta_s"}, sort_keys=True)
             if key != last:
                 last = key
