@@ -1,0 +1,165 @@
+"""The web UI's LoRA/embedding picker and the queue's views of non-generation jobs, in a real browser
+(Debian's Chromium via Playwright) against `diffusekit serve` with a LoRA folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import pytest
+import requests
+import torch
+from PIL import Image, ImageDraw
+
+from server_helpers import ServerProcess
+from test_webui import CHROMIUM, Page, shot, sync_api  # skips this module too when Chromium is absent
+
+STEPS = "3"
+
+
+def _make_lora(path) -> None:
+    """A kohya LoRA over the default model's attention layers with random (non-zero) up weights."""
+    from diffusekit.adapters.train_lora import LoraTrainConfig, new_network
+    from diffusekit.checkpoints.load import load_model
+    from diffusekit.cli_generate import default_model_path
+
+    loaded = load_model(default_model_path())
+    net = new_network(loaded.model, path.stem, LoraTrainConfig(rank=2, alpha=2.0), 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules.values():
+            m.up.copy_(torch.randn(m.up.shape, generator=g) * 0.5)
+    net.save(path, loaded.cfg, metadata={"ss_network_dim": "2"})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("ui-lora")
+    data, loras, embs = root / "data", root / "loras", root / "embeddings"
+    for d in (data, loras, embs):
+        d.mkdir()
+    _make_lora(loras / "inkwash.safetensors")
+    g = torch.Generator().manual_seed(1)
+    torch.save({"string_to_param": {"*": torch.randn(1, 128, generator=g)}}, embs / "glimmer.pt")
+    srv = ServerProcess(data, "--no-auth", "--loras", str(loras), "--embeddings", str(embs)).start()
+    srv.base, srv.loras = srv.url, loras
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def ui(browser, server):
+    pg = Page(browser, server.base)
+    yield pg
+    pg.close()
+
+
+def _wait_job(server, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = requests.get(f"{server.url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def test_picker_inserts_lora_and_embedding_and_the_job_uses_them(ui):
+    page = ui.open()
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a red circle on grass")
+    prompt.evaluate("el => el.setSelectionRange(5, 5)")  # the cursor after "a red"
+    page.get_by_text("LoRAs and embeddings", exact=True).click()
+    page.get_by_role("button", name="Insert LoRA inkwash").click()
+    assert prompt.input_value() == "a red <lora:inkwash:1> circle on grass"
+    # the search narrows the list; the embedding goes in at the (moved) cursor
+    page.get_by_label("Search LoRAs and embeddings").fill("glim")
+    sync_api.expect(page.get_by_role("button", name="Insert LoRA inkwash")).to_have_count(0)
+    page.get_by_role("button", name="Insert embedding glimmer").click()
+    assert prompt.input_value() == "a red <lora:inkwash:1> glimmer circle on grass"
+    shot(page, "lora-picker")
+    page.get_by_label("Steps", exact=True).fill(STEPS)
+    page.get_by_label("Seed", exact=True).fill("3")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length > 0", timeout=120_000)
+    page.locator("#gallery button").first.click()
+    info = page.get_by_label("Infotext").input_value()
+    assert 'Lora hashes: "inkwash: ' in info and 'TI hashes: "glimmer: ' in info, info
+    page.get_by_role("button", name="Close", exact=True).click()
+    # reopening that job from the queue (twice) shows its image once
+    row = page.get_by_role("row").filter(has_text="inkwash").first
+    for _ in range(2):
+        page.get_by_role("tab", name="Queue").click()
+        row.get_by_role("button", name="Open").click()
+        page.get_by_label("Infotext").wait_for()
+        page.get_by_role("button", name="Close", exact=True).click()
+    assert page.locator("#gallery img").count() == 1
+    assert ui.errors == []
+
+
+def test_refresh_shows_a_new_lora(ui, server):
+    page = ui.open()
+    page.get_by_text("LoRAs and embeddings", exact=True).click()
+    page.get_by_role("button", name="Insert LoRA inkwash").wait_for()
+    (server.loras / "second.safetensors").write_bytes((server.loras / "inkwash.safetensors").read_bytes())
+    page.get_by_role("button", name="Refresh LoRA list").click()
+    page.get_by_role("button", name="Insert LoRA second").wait_for()
+    assert ui.errors == []
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
+    images = []
+    for i in range(2):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).ellipse((8 + 6 * i, 10, 44 + 6 * i, 46), fill=(200, 30, 160))
+        images.append({"image": _png_b64(img), "caption": "a zorblat shape"})
+    params = {"name": "zorblat", "images": images, "steps": 4, "rank": 2, "lr": 0.01, "save_every": 2}
+    r = requests.post(f"{server.url}/v1/jobs", json={"kind": "train_lora", "params": params}, timeout=30)
+    assert r.status_code == 202, r.text
+    train = _wait_job(server, r.json()["id"])
+    assert train["state"] == "succeeded", train
+    anim = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "frames": 2, "fps": 4,
+            "format": "gif", "seed": 5}  # fmt: skip
+    r = requests.post(f"{server.url}/v1/jobs", json={"kind": "animate", "params": anim}, timeout=30)
+    assert r.status_code == 202, r.text
+    assert _wait_job(server, r.json()["id"])["state"] == "succeeded"
+
+    page = ui.open()
+    page.get_by_role("tab", name="Queue").click()
+    row = page.get_by_role("row").filter(has_text="LoRA zorblat").first
+    row.get_by_role("button", name="Open").click()
+    dialog = page.get_by_role("dialog", name=f"Training job {train['id'][:8]}: zorblat")
+    dialog.wait_for()
+    text = dialog.inner_text()
+    assert "<lora:zorblat:1>" in text and "Final loss" in text
+    assert f"{train['result']['final_loss']:.4g}" in text
+    sync_api.expect(dialog.get_by_role("img", name="Loss curve")).to_be_visible()
+    shot(page, "train-job")
+    page.get_by_role("button", name="Use this LoRA in the prompt").click()
+    sync_api.expect(page.locator("#view-generate")).to_be_visible()
+    assert "<lora:zorblat:1>" in page.get_by_label("Prompt", exact=True).input_value()
+    assert page.locator("#gallery img").count() == 0  # no generation form result was made up
+
+    page.get_by_role("tab", name="Queue").click()
+    page.get_by_role("row").filter(has=page.get_by_role("cell", name="animate", exact=True)).first.get_by_role(
+        "button", name="Open"
+    ).click()
+    sync_api.expect(page.locator("#view-animate")).to_be_visible()
+    sync_api.expect(page.locator("#an-image")).to_be_visible()
+    assert page.get_by_label("Animation prompt").input_value() == "a red circle"
+    assert ui.errors == []
