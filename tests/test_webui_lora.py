@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import requests
 import torch
 from PIL import Image, ImageDraw
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, make_key
 from test_webui import CHROMIUM, Page, shot, sync_api  # skips this module too when Chromium is absent
 
 STEPS = "3"
@@ -163,3 +164,87 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
     sync_api.expect(page.locator("#an-image")).to_be_visible()
     assert page.get_by_label("Animation prompt").input_value() == "a red circle"
     assert ui.errors == []
+
+
+def _training_pngs(folder, n: int = 2) -> list:
+    paths = []
+    for i in range(n):
+        img = Image.new("RGB", (64, 64), "white")
+        ImageDraw.Draw(img).rectangle((6 + 8 * i, 12, 40 + 8 * i, 50), fill=(20, 90, 200))
+        paths.append(folder / f"shape{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+def test_train_tab_trains_a_lora_that_the_picker_then_offers(ui, tmp_path):
+    page = ui.open()
+    page.get_by_role("tab", name="Train").click()
+    sync_api.expect(page.locator("#view-train")).to_be_visible()
+    page.get_by_role("button", name="Start training").click()  # nothing filled in: told what is missing
+    sync_api.expect(page.locator("#tr-error")).to_contain_text("name")
+    page.get_by_label("LoRA name").fill("bluebox")
+    page.get_by_label("Caption for new images").fill("a bluebox shape")
+    page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path)])
+    sync_api.expect(page.get_by_label("Caption for shape1.png")).to_have_value("a bluebox shape")
+    page.get_by_label("Caption for shape1.png").fill("a bluebox shape, shifted")
+    page.get_by_label("Training steps").fill("6")
+    page.get_by_label("LoRA rank").fill("2")
+    page.get_by_label("Learning rate").fill("0.01")
+    page.evaluate(
+        """() => { window.__texts = [];
+        const t = document.getElementById('tr-progress-text');
+        new MutationObserver(() => window.__texts.push(t.textContent)).observe(t, {childList: true}); }"""
+    )
+    page.get_by_role("button", name="Start training").click()
+    sync_api.expect(page.locator("#tr-progress-text")).to_contain_text("Done", timeout=180_000)
+    texts = page.evaluate("window.__texts")
+    assert any(re.match(r"Step \d+/6, loss \d", t) for t in texts), texts  # progress showed the loss
+    sync_api.expect(page.locator("#tr-result-text")).to_contain_text("<lora:bluebox:1>")
+    sync_api.expect(page.get_by_role("img", name="Training loss curve")).to_be_visible()
+    shot(page, "train")
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_text("LoRAs and embeddings", exact=True).click()
+    page.get_by_role("button", name="Insert LoRA bluebox").wait_for()
+    assert ui.errors == []
+
+
+def test_train_tab_cancel(ui, server, tmp_path):
+    page = ui.open()
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA name").fill("never_written")
+    page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path, 1)])
+    page.get_by_label("Training steps").fill("5000")
+    page.get_by_role("button", name="Start training").click()
+    sync_api.expect(page.locator("#tr-progress-text")).to_contain_text("Step", timeout=120_000)
+    page.get_by_role("button", name="Cancel training").click()
+    sync_api.expect(page.locator("#tr-progress-text")).to_have_text("Training cancelled", timeout=60_000)
+    sync_api.expect(page.get_by_role("button", name="Start training")).to_be_enabled()
+    assert not (server.loras / "never_written.safetensors").exists()
+    assert ui.errors == []
+
+
+def test_train_tab_refuses_a_user_key_with_a_message(browser, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    key = make_key(data, "alice")
+    srv = ServerProcess(data).start()
+    pg = Page(browser, srv.url)
+    try:
+        page = pg.page
+        page.goto(srv.url + "/")
+        page.get_by_role("dialog", name="API key needed").wait_for()
+        page.get_by_label("API key", exact=True).fill(key)
+        page.get_by_role("button", name="Use key").click()
+        sync_api.expect(page.locator("#server-status")).to_have_text("Connected")
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_label("LoRA name").fill("nope")
+        page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path, 1)])
+        page.get_by_role("button", name="Start training").click()
+        sync_api.expect(page.locator("#tr-error")).to_contain_text("Only an admin key can train a LoRA")
+        sync_api.expect(page.get_by_role("button", name="Start training")).to_be_disabled()
+        # the 401s before the key and the 403 are the expected answers, logged by the browser as failed loads
+        expected = re.compile(r"Failed to load resource: .* status of (401|403) ")
+        assert [e for e in pg.errors if not expected.match(e)] == []
+    finally:
+        pg.close()
+        srv.stop()

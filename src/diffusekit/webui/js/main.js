@@ -4,18 +4,19 @@ import { initAnimate, refreshAnimateLists, showAnimateJob } from "./animate.js";
 import * as api from "./api.js";
 import * as editor from "./editor.js";
 import { applyParams, clearErrors, highlightPrompt, mode, setMode, showError, syncSizePreset } from "./form.js";
-import { initNetworks } from "./networks.js";
 import { initJobView, showTrainJob } from "./jobview.js";
+import { initNetworks } from "./networks.js";
 import { paramsFromPng } from "./pnginfo.js";
 import { initPresets, reloadPresets } from "./presets.js";
 import { generate, initRun, lastImageSeed, reopen } from "./run.js";
+import { initTrain, refreshTrainLists } from "./train.js";
 import { initViews, refreshModels, refreshQueue } from "./views.js";
 
 const $ = (id) => document.getElementById(id);
 
 // --- tabs ---------------------------------------------------------------------------------------
 
-const TABS = ["generate", "queue", "models", "animate"];
+const TABS = ["generate", "queue", "models", "animate", "train"];
 
 function selectTab(name, focus = false) {
   for (const t of TABS) {
@@ -29,6 +30,7 @@ function selectTab(name, focus = false) {
   if (name === "queue") refreshQueue();
   if (name === "models") refreshModels({ onSwitched: (n) => { $("model").value = n; } });
   if (name === "animate") refreshAnimateLists();
+  if (name === "train") refreshTrainLists();
 }
 
 function initTabs() {
@@ -219,6 +221,7 @@ async function main() {
   initRun();
   initAnimate();
   initNetworks();
+  initTrain();
   initJobView({ toGenerate: () => selectTab("generate") });
   initViews({ reopen: openJob });
   editor.initEditor({
