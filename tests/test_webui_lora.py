@@ -157,9 +157,8 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
     assert page.locator("#gallery img").count() == 0  # no generation form result was made up
 
     page.get_by_role("tab", name="Queue").click()
-    page.get_by_role("row").filter(has=page.get_by_role("cell", name="animate", exact=True)).first.get_by_role(
-        "button", name="Open"
-    ).click()
+    anim_row = page.get_by_role("row").filter(has=page.get_by_role("cell", name="animate", exact=True)).first
+    anim_row.get_by_role("button", name="Open").click()
     sync_api.expect(page.locator("#view-animate")).to_be_visible()
     sync_api.expect(page.locator("#an-image")).to_be_visible()
     assert page.get_by_label("Animation prompt").input_value() == "a red circle"
@@ -238,7 +237,8 @@ def test_train_tab_refuses_a_user_key_with_a_message(browser, tmp_path):
         sync_api.expect(page.locator("#server-status")).to_have_text("Connected")
         page.get_by_role("tab", name="Train").click()
         page.get_by_label("LoRA name").fill("nope")
-        page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path, 1)])
+        files = [str(p) for p in _training_pngs(tmp_path, 1)]
+        page.get_by_label("Choose training images").set_input_files(files)
         page.get_by_role("button", name="Start training").click()
         sync_api.expect(page.locator("#tr-error")).to_contain_text("Only an admin key can train a LoRA")
         sync_api.expect(page.get_by_role("button", name="Start training")).to_be_disabled()
