@@ -213,6 +213,9 @@ def test_train_tab_cancel(ui, server, tmp_path):
     page.get_by_label("LoRA name").fill("never_written")
     page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path, 1)])
     page.get_by_label("Training steps").fill("5000")
+    page.set_viewport_size({"width": 390, "height": 844})  # the tab fits a phone's width too
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the Train tab scrolls sideways at phone width ({width} px)"
     page.get_by_role("button", name="Start training").click()
     sync_api.expect(page.locator("#tr-progress-text")).to_contain_text("Step", timeout=120_000)
     page.get_by_role("button", name="Cancel training").click()
