@@ -224,3 +224,14 @@ export function initAnimate() {
   $("an-mode").addEventListener("change", onModeChange);
   onModeChange();
 }
+
+/** Show a finished animate job (opened from the queue): its video or animated image and its summary. */
+export async function showAnimateJob(job) {
+  clearErrors();
+  if (current) { // an animation is running here: show the opened one without touching that run's state
+    if (job.video) await showVideo(job);
+    return;
+  }
+  if (job.params?.prompt !== undefined) $("an-prompt").value = job.params.prompt;
+  await finish(job);
+}

@@ -1,19 +1,22 @@
 // Start-up and wiring: tabs, server lists, keyboard, paste and drop, auth.
 
-import { initAnimate, refreshAnimateLists } from "./animate.js";
+import { initAnimate, refreshAnimateLists, showAnimateJob } from "./animate.js";
 import * as api from "./api.js";
 import * as editor from "./editor.js";
 import { applyParams, clearErrors, highlightPrompt, mode, setMode, showError, syncSizePreset } from "./form.js";
+import { initJobView, showTrainJob } from "./jobview.js";
+import { initNetworks } from "./networks.js";
 import { paramsFromPng } from "./pnginfo.js";
 import { initPresets, reloadPresets } from "./presets.js";
 import { generate, initRun, lastImageSeed, reopen } from "./run.js";
+import { initTrain, refreshTrainLists } from "./train.js";
 import { initViews, refreshModels, refreshQueue } from "./views.js";
 
 const $ = (id) => document.getElementById(id);
 
 // --- tabs ---------------------------------------------------------------------------------------
 
-const TABS = ["generate", "queue", "models", "animate"];
+const TABS = ["generate", "queue", "models", "animate", "train"];
 
 function selectTab(name, focus = false) {
   for (const t of TABS) {
@@ -27,6 +30,7 @@ function selectTab(name, focus = false) {
   if (name === "queue") refreshQueue();
   if (name === "models") refreshModels({ onSwitched: (n) => { $("model").value = n; } });
   if (name === "animate") refreshAnimateLists();
+  if (name === "train") refreshTrainLists();
 }
 
 function initTabs() {
@@ -195,13 +199,31 @@ function initForm() {
   onModeChange();
 }
 
+/** Open a finished job from the queue in its own view: generations in the gallery, animations in the
+Animate tab, training runs in the job dialog. */
+async function openJob(id) {
+  const job = await api.getJob(id);
+  if (job.kind === "animate") {
+    selectTab("animate");
+    await showAnimateJob(job);
+  } else if (job.kind === "train_lora") {
+    await showTrainJob(job);
+  } else {
+    selectTab("generate");
+    await reopen(job);
+  }
+}
+
 async function main() {
   initTabs();
   initAuth();
   initForm();
   initRun();
   initAnimate();
-  initViews({ reopen: async (id) => { selectTab("generate"); await reopen(id); } });
+  initNetworks();
+  initTrain();
+  initJobView({ toGenerate: () => selectTab("generate") });
+  initViews({ reopen: openJob });
   editor.initEditor({
     changed: (w, h) => {
       // work at the image's own size (rounded down to a multiple of 8)

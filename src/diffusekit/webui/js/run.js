@@ -13,6 +13,7 @@ let lastSeed = null;
 const gallery = []; // newest job first: {n, url, blob, infotext, seed, jobId}
 let counter = 0; // results numbered in the order they arrived
 let shown = null; // the gallery item in the viewer
+const opening = new Map(); // job id -> the addImages() promise of a reopen in flight
 
 export const lastImageSeed = () => lastSeed;
 
@@ -237,9 +238,14 @@ export function initRun() {
 }
 
 /** Show a finished job (from the queue view) in the gallery and open its first image. */
-export async function reopen(jobId) {
-  const job = await api.getJob(jobId);
-  const items = await addImages(job);
+export async function reopen(jobOrId) {
+  const job = typeof jobOrId === "string" ? await api.getJob(jobOrId) : jobOrId;
+  // a job already in the gallery (just generated, or opened before, or still being opened) is shown, not added again
+  let items = gallery.filter((it) => it.jobId === job.id);
+  if (!items.length) {
+    if (!opening.has(job.id)) opening.set(job.id, addImages(job).finally(() => opening.delete(job.id)));
+    items = await opening.get(job.id);
+  }
   if (job.params) applyParams(job.params);
   if (items.length) openViewer(items[0]);
 }

@@ -29,7 +29,7 @@ function jobRow(job) {
   const tr = document.createElement("tr");
   const p = job.progress || {};
   const short = String(job.id).slice(0, 8);
-  const prompt = job.params?.prompt ?? job.prompt ?? "";
+  const prompt = job.params?.prompt ?? job.prompt ?? (job.kind === "train_lora" && job.params?.name ? `LoRA ${job.params.name}` : "");
   tr.append(
     cell(short),
     cell(job.kind || ""),
@@ -49,7 +49,13 @@ function jobRow(job) {
       }
     }));
   } else if (job.state === "succeeded") {
-    actions.append(button("Open", `Open job ${short}`, () => reopenJob(job.id)));
+    actions.append(button("Open", `Open job ${short}`, async () => {
+      try {
+        await reopenJob(job.id);
+      } catch (e) {
+        showQueueError(e.message);
+      }
+    }));
   } else if (job.error) {
     const why = document.createElement("span");
     why.className = "err";
