@@ -35,7 +35,7 @@ from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
 from .params import GenerationParams, seed_at
 from .prompts import encode_prompt, pad_to_same_length
-from .runtime import ComputePath, choose_path, prepare
+from .runtime import ComputePath, load_path, prepare
 
 
 class Cancelled(Exception):
@@ -187,14 +187,11 @@ class Pipeline:
 
         quantized = is_int8_checkpoint(path)
         loaded = load_int8_model(path, **load_kw) if quantized else load_model(path, **load_kw)
-        chosen = None
-        if dtype is None:
-            unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
-            chosen = choose_path(precision, device, unet_params, quantized=quantized)
-            dtype = chosen.dtype
-        elif quantized and dtype != torch.float32:
+        unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
+        chosen = load_path(precision, device, unet_params, dtype=dtype, quantized=quantized)
+        if quantized and chosen.dtype != torch.float32:
             raise ValueError(f"{Path(path).name} is int8-quantized; it runs in fp32 around its int8 layers")
-        return cls(loaded, device=device, dtype=dtype, accel=accel, path=chosen)
+        return cls(loaded, device=device, dtype=chosen.dtype, accel=accel, path=chosen)
 
     def _path_infotext(self) -> dict[str, str]:
         """The infotext field of a quantized compute path (none for the float paths)."""

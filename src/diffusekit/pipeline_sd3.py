@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, images, inpainting
-from .checkpoints.sd3 import LoadedSD3, load_sd3
+from .checkpoints.sd3 import LoadedSD3, assemble_sd3, read_sd3
 from .diffusion.denoiser import CFGDenoiser, HookedDenoiser
 from .diffusion.flow import FlowDenoiser, SkipLayerGuidance, flow_noise, flow_sampler, flow_sigmas
 from .diffusion.schedules import img2img_sigmas
@@ -39,7 +39,7 @@ from .models.vae_chunked import decode_peak_bytes
 from .params import GenerationParams, ModelDefaults, seed_at
 from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, slerp
 from .prompts import PromptEmbedding, encode_prompt, pad_to_same_length
-from .runtime import ComputePath, resolve_precision
+from .runtime import ComputePath, PrecisionError, load_path
 
 # Stability's recommended settings (sd3_infer.py CONFIGS) by preset name; detected files get SD3_DEFAULT.
 SD3_DEFAULTS = {
@@ -82,6 +82,13 @@ class SD3Options:
     extras: dict = field(default_factory=dict, compare=False)
 
 
+def mmdit_parameters(cfg) -> int:
+    """Parameters of an MMDiT config (built on the meta device: no memory)."""
+    from .models.mmdit import MMDiT
+
+    return sum(p.numel() for p in MMDiT(cfg, device="meta").parameters())
+
+
 def find_t5_tokenizer(checkpoint: Path) -> Path | None:
     """A SentencePiece model next to the checkpoint: <stem>.spiece.model, spiece.model or tokenizer_3/."""
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # a diffusers folder: tokenizer_3/
@@ -100,6 +107,7 @@ class SD3Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         options: SD3Options | None = None,
+        path: ComputePath | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model.to(device=device, dtype=dtype)
@@ -107,7 +115,7 @@ class SD3Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         # what `generate --json` reports; the int8 and fp32-fast paths are U-Net pipeline paths only
-        self.path = ComputePath(str(dtype).removeprefix("torch."), dtype, "SD3: weights cast to this dtype")
+        self.path = path or ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
         self.options = options or SD3Options()
         self.defaults = ModelDefaults.from_metadata(loaded.metadata, loaded.name)
         if ModelDefaults.METADATA_KEY not in loaded.metadata:
@@ -135,13 +143,20 @@ class SD3Pipeline:
         device: torch.device | str = "cpu",
         options: SD3Options | None = None,
     ) -> SD3Pipeline:
-        """Load an SD3 single file (plus separate text encoder files) for generation."""
-        loaded = load_sd3(path, text_encoders=list(text_encoders))
-        if dtype is None:
-            dtype = resolve_precision(
-                precision, device, sum(p.numel() for p in loaded.model.mmdit.parameters())
+        """Load an SD3 single file or folder (plus separate text encoder files) for generation, in the
+        compute dtype `precision` picks for its MMDiT (see runtime.load_path); scaled-fp8 weights are
+        dequantized straight to it."""
+        if precision in ("int8", "fp32-fast"):
+            raise PrecisionError(
+                f"--precision {precision} is a U-Net path; SD3 models run in auto, fp32, bf16 or fp16"
             )
-        return cls(loaded, device=device, dtype=dtype, options=options)
+        path = Path(path)
+        sd, cfg, metadata = read_sd3(path, text_encoders=list(text_encoders), dequantize=False)
+        chosen = load_path(precision, device, mmdit_parameters(cfg.mmdit), dtype=dtype)
+        if chosen.name == "fp32-fast":  # auto on a CPU without bf16: plain fp32 for the MMDiT
+            chosen = ComputePath("fp32", torch.float32, chosen.reason)
+        loaded = assemble_sd3(path, sd, cfg, metadata, dtype=chosen.dtype)
+        return cls(loaded, device=device, dtype=chosen.dtype, options=options, path=chosen)
 
     def _t5_tokenizer(self) -> T5Tokenizer | None:
         if not self.options.use_t5 or self.model.t5 is None:
