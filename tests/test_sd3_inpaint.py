@@ -48,28 +48,37 @@ def _box_mask(w: int, h: int, box: tuple[int, int, int, int]) -> Image.Image:
     return mask
 
 
-@pytest.mark.parametrize("strength", [0.7, 1.0])
-def test_inpaint_matches_diffusers(tiny35: Path, pipe: SD3Pipeline, tmp_path: Path, strength: float) -> None:
-    """Binary mask, no blur, diffusers' step count: the same final latents as StableDiffusion3InpaintPipeline
-    with a 16-channel transformer (known region re-noised before each step, exact at the end)."""
+@pytest.fixture(scope="module")
+def ref_inpaint(tiny35: Path, tmp_path_factory):
+    """diffusers' StableDiffusion3InpaintPipeline on the same tiny weights (a folder written by us)."""
     from diffusekit.checkpoints.sd3_diffusers import write_sd3_diffusers_folder
 
     sd, _ = load_state_dict(tiny35)
     folder = write_sd3_diffusers_folder(
-        sd, TINY_SD35, tmp_path / "folder", t5_tokenizer=tiny35.with_suffix(".spiece.model")
+        sd,
+        TINY_SD35,
+        tmp_path_factory.mktemp("ref") / "folder",
+        t5_tokenizer=tiny35.with_suffix(".spiece.model"),
     )
     ref = diffusers.StableDiffusion3InpaintPipeline.from_pretrained(folder, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_inpaint_matches_diffusers(pipe: SD3Pipeline, ref_inpaint, strength: float) -> None:
+    """Binary mask, no blur, diffusers' step count: the same final latents as StableDiffusion3InpaintPipeline
+    with a 16-channel transformer (known region re-noised before each step, exact at the end)."""
     init, mask = _image(80, 64), _box_mask(80, 64, (16, 16, 64, 48))
     params = GenerationParams(prompt="a red barn", negative_prompt="fog", steps=8, cfg_scale=3.0, seed=9,
                               width=80, height=64, prompt_mode="plain", denoising_strength=strength,
                               img2img_steps="diffusers", mask_blur=0)  # fmt: skip
     result = pipe.generate(params, init_image=init, mask=mask)
     with torch.no_grad():
-        lat = ref(prompt="a red barn", negative_prompt="fog", image=init, mask_image=mask, strength=strength,
-                  num_inference_steps=8, guidance_scale=3.0, generator=torch.Generator().manual_seed(9),
-                  output_type="latent", width=80, height=64,
-                  max_sequence_length=TINY_SD35.t5_max_length).images  # fmt: skip
+        lat = ref_inpaint(prompt="a red barn", negative_prompt="fog", image=init, mask_image=mask,
+                          strength=strength, num_inference_steps=8, guidance_scale=3.0,
+                          generator=torch.Generator().manual_seed(9), output_type="latent", width=80,
+                          height=64, max_sequence_length=TINY_SD35.t5_max_length).images  # fmt: skip
     rel = ((result.latents - lat).abs().max() / lat.abs().max()).item()
     assert rel < 1e-5, rel
     # the pasted-back original: with no blur, every pixel outside the mask is the init image's
