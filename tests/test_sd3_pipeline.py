@@ -157,6 +157,8 @@ def test_separate_text_encoder_files(tiny35: Path, tmp_path: Path) -> None:
 
 
 def test_file_errors(tiny35: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
     sd, meta = load_state_dict(tiny35)
     broken = dict(sd)
     broken.pop("model.diffusion_model.final_layer.linear.weight")
@@ -170,8 +172,8 @@ def test_file_errors(tiny35: Path, tmp_path: Path) -> None:
         pipe.generate(GenerationParams(prompt="x", steps=1, width=72, height=64))
     with pytest.raises(ValueError, match="not available for SD3"):
         pipe.generate(GenerationParams(prompt="x", steps=1, sampler="Euler a"))
-    with pytest.raises(ValueError, match="hires fix"):
-        pipe.generate(GenerationParams(prompt="x", steps=1, enable_hr=True))
+    with pytest.raises(ValueError, match="mask needs an init image"):
+        pipe.generate(GenerationParams(prompt="x", steps=1), mask=Image.new("L", (64, 64), 255))
     with pytest.raises(ValueError, match="flow-matching schedule"):
         pipe.generate(GenerationParams(prompt="x", steps=1, schedule="karras"))
 

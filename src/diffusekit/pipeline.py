@@ -16,10 +16,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from . import __version__, images
+from . import __version__, images, inpainting
 from .accel import Accel, DeepCache, apply_accel
 from .adapters.embeddings import EmbeddingLibrary, active_embeddings, used_embeddings
 from .adapters.extra_networks import LoraLibrary, lora_hashes, prompt_loras, strip_extra_networks
@@ -34,9 +33,9 @@ from .metadata import GenerationInfo, format_infotext
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
-from .params import GenerationParams, ParamError, seed_at
+from .params import GenerationParams, seed_at
 from .prompts import encode_prompt, pad_to_same_length
-from .runtime import ComputePath, choose_path, prepare
+from .runtime import ComputePath, load_path, prepare
 
 
 class Cancelled(Exception):
@@ -135,6 +134,11 @@ class _Batch:
     hires_conds: tuple[dict, dict] | None = None  # conditioning at the hires size (SDXL's size ids differ)
 
 
+def _ve_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A U-Net family latent at noise level sigma (k-diffusion's VE form)."""
+    return x0 + noise * sigma
+
+
 # Above this estimated activation size a VAE decode/encode runs in exact row strips (same result, less
 # memory): from 512x512 up for SD-size VAEs, never for the 64x64 default model.
 VAE_CHUNK_BYTES = 256 * 2**20
@@ -192,14 +196,11 @@ class Pipeline:
 
         quantized = is_int8_checkpoint(path)
         loaded = load_int8_model(path, **load_kw) if quantized else load_model(path, **load_kw)
-        chosen = None
-        if dtype is None:
-            unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
-            chosen = choose_path(precision, device, unet_params, quantized=quantized)
-            dtype = chosen.dtype
-        elif quantized and dtype != torch.float32:
+        unet_params = sum(p.numel() for p in loaded.model.unet.parameters())
+        chosen = load_path(precision, device, unet_params, dtype=dtype, quantized=quantized)
+        if quantized and chosen.dtype != torch.float32:
             raise ValueError(f"{Path(path).name} is int8-quantized; it runs in fp32 around its int8 layers")
-        return cls(loaded, device=device, dtype=dtype, accel=accel, path=chosen)
+        return cls(loaded, device=device, dtype=chosen.dtype, accel=accel, path=chosen)
 
     def _path_infotext(self) -> dict[str, str]:
         """The infotext field of a quantized compute path (none for the float paths)."""
@@ -385,16 +386,8 @@ class Pipeline:
 
         The output size is the image plus the pads; a width/height in `params` other than that is an error.
         """
-        w, h = images.outpaint_size(image.size, left, right, top, bottom)  # validated before any pixels
-        for name, given, size in (("width", params.width, w), ("height", params.height, h)):
-            if given is not None and given != size:
-                raise ParamError(
-                    f"{name}={given!r} conflicts with outpainting, whose size is the image plus the pads "
-                    f"({w}x{h}); leave it out",
-                    name, given, f"{size} or unset",
-                )  # fmt: skip
-        canvas, mask = images.outpaint_canvas(image.convert("RGB"), left, right, top, bottom)
-        return self.generate(params.replace(width=w, height=h), init_image=canvas, mask=mask, **kw)
+        params, canvas, mask = inpainting.outpaint_request(params, image, left, right, top, bottom)
+        return self.generate(params, init_image=canvas, mask=mask, **kw)
 
     def generate(
         self,
@@ -440,21 +433,12 @@ class Pipeline:
         self.resolve_sampler(params)  # unknown names fail before any work
         if init_image is not None:
             params.check_img2img()
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
-        if mask is not None and mask.size != init_image.size:
-            raise images.ImageError(
-                f"mask size {mask.size[0]}x{mask.size[1]} differs from image size "
-                f"{init_image.size[0]}x{init_image.size[1]}; they must match"
-            )
-        if mask is not None and mask.convert("L").getbbox() is None:
-            raise images.ImageError("the mask is empty (all black): paint the area to repaint in white")
+        inpainting.check_mask(init_image, mask)
         width, height = params.size(self.cfg.resolution)
         final_w, final_h = self.output_size(params)
         check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
-        original = None  # inpainting: the init image at the output size, pasted back outside the mask
         passes = 2 if params.enable_hr and init_image is None else 1
         all_images, all_infos, all_seeds, all_latents = [], [], [], []
         if conds is None:  # the prompts are encoded once for all batches
@@ -463,13 +447,7 @@ class Pipeline:
         if params.enable_hr and init_image is None:  # only SDXL's conditioning depends on the size
             sdxl = self.cfg.unet.adm_in_channels is not None
             hires_conds = self.encode(params, final_w, final_h) if sdxl else conds
-        region = None
-        if mask is not None:
-            mask = images.blur_mask(mask, params.mask_blur)
-            if params.inpaint_full_res:
-                region = images.masked_region(mask, params.inpaint_full_res_padding, width, height)
-            else:
-                original = images.resize_image(init_image.convert("RGB"), width, height, "resize")
+        plan = None if mask is None else inpainting.plan_mask(params, init_image, mask, width, height)
         for it in range(params.n_iter):
             first = it * params.batch_size
             # image i: seed + i and subseed + i, wrapped into the valid range so every seed replays
@@ -491,17 +469,13 @@ class Pipeline:
                 if init_image is None:
                     latents = self._txt2img(run)
                 else:
-                    latents = self._img2img(run, init_image, mask, region)
+                    latents = self._img2img(run, init_image, plan)
             except Skipped as skipped:
                 latents = skipped.denoised.float()
             check_finite(latents, "U-Net", self.dtype)
             imgs = self.decode(latents)
-            if region is not None:  # "only masked": paste the inpainted crop back through the mask
-                base = init_image.convert("RGB")
-                imgs = [images.paste_region(base, im, region, mask) for im in imgs]
-            elif original is not None:  # A1111's overlay: unmasked pixels stay the original's
-                overlay = images.resize_image(mask, width, height, "resize")
-                imgs = [images.overlay_original(im, original, overlay) for im in imgs]
+            if plan is not None:  # unmasked pixels stay the original's
+                imgs = plan.finish(imgs, init_image)
             all_images += imgs
             all_latents.append(latents.cpu())
             all_seeds += seeds
@@ -542,13 +516,9 @@ class Pipeline:
         hr_w, hr_h = params.hires_size(self.cfg.resolution)
         noise2 = BatchNoise(seeds, self.device)
         if params.hr_upscaler.startswith("latent"):
-            mode = "nearest" if params.hr_upscaler == "latent-nearest" else "bilinear"
-            shape = self._latent_shape(hr_w, hr_h)
-            up = F.interpolate(latents, size=shape[1:], mode=mode, **({} if mode == "nearest" else
-                               {"align_corners": False}))  # fmt: skip
+            up = inpainting.upscale_latents(latents, self._latent_shape(hr_w, hr_h)[1:], params.hr_upscaler)
         else:
-            pil = [im.resize((hr_w, hr_h), Image.Resampling.LANCZOS) for im in self.decode(latents)]
-            up = self.encode_image(torch.cat([images.to_tensor(p) for p in pil]), noise2)
+            up = self.encode_image(inpainting.upscale_images(self.decode(latents), hr_w, hr_h), noise2)
         steps2 = params.hr_second_pass_steps or params.steps
         sigmas2 = self._img2img_sigmas(params, steps2, params.hr_denoising_strength)
         x2 = up + noise2.randn(up.shape[1:]) * sigmas2[0]
@@ -564,27 +534,12 @@ class Pipeline:
         mask = torch.ones(1, 1, *z.shape[2:])
         return torch.cat([mask, z], dim=1).expand(batch, -1, -1, -1).to(self.device)
 
-    def _prepare_init(self, params, init_image, mask, region, width, height):
-        """The init image and (blurred) mask at the working size; with a region, the crop around the mask."""
-        if region is not None:
-            box = (region.left, region.top, region.right, region.bottom)
-            init_image, mask = init_image.crop(box), mask.crop(box)
-        img = images.resize_image(
-            init_image, width, height, "resize" if mask is not None else params.resize_mode
-        )
-        if mask is not None:
-            mask = images.resize_image(mask.convert("L"), width, height, "resize")
-            if params.inpainting_fill == "fill":
-                blurred = img.filter(ImageFilter.GaussianBlur(max(width, height) / 8))
-                img = Image.composite(blurred, img, mask.point(lambda v: 255 if v > 127 else 0))
-        return img, mask
-
     def _img2img(
-        self, run: _Batch, init_image: Image.Image, mask: Image.Image | None, region: images.CropRegion | None
+        self, run: _Batch, init_image: Image.Image, plan: inpainting.MaskPlan | None
     ) -> torch.Tensor:
         params, conds, seeds = run.params, run.conds, run.seeds
         width, height, report = run.width, run.height, run.report
-        img, mask_img = self._prepare_init(params, init_image.convert("RGB"), mask, region, width, height)
+        img, mask_img = inpainting.prepare_init(params, init_image.convert("RGB"), plan, width, height)
         pixels = images.to_tensor(img).expand(len(seeds), -1, -1, -1)  # (B, 3, H, W)
         noise = BatchNoise(seeds, self.device)
         # An inpainting model at full strength starts from pure noise and never needs the init latent.
@@ -595,21 +550,15 @@ class Pipeline:
         blend = None
         if mask_img is not None:
             m = images.mask_to_tensor(mask_img)  # (1, 1, H, W), 1 = repaint
-            m_lat = F.interpolate(m, size=start_noise.shape[2:]).to(self.device)  # nearest, as diffusers
+            m_lat = inpainting.latent_mask(mask_img, start_noise.shape[2:], self.device)  # (1, 1, h, w)
             if self.cfg.is_inpaint:  # the model sees the mask and the masked image as extra channels
                 masked_lat = self.encode_image(pixels * (m < 0.5), noise)
                 concat = torch.cat([m_lat.expand(len(seeds), -1, -1, -1), masked_lat], dim=1)
                 conds = tuple({**c, "c_concat": concat} for c in conds)
             else:  # an ordinary model: keep re-imposing the (noised) known region before each step
-                keep = init.clone()
-
-                def blend(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-                    return (1 - m_lat) * (keep + start_noise * sigma.view(-1, 1, 1, 1)) + m_lat * x
-
-            if init is not None and params.inpainting_fill == "latent_nothing":
-                init = init * (1 - m_lat)
-            elif init is not None and params.inpainting_fill == "latent_noise":
-                init = init * (1 - m_lat) + noise.randn(init.shape[1:]) * m_lat
+                blend = inpainting.known_region_blend(m_lat, init.clone(), start_noise, _ve_noised)
+            if init is not None:
+                init = inpainting.fill_latent(init, m_lat, params.inpainting_fill, noise.randn)
         x = start_noise * sigmas[0] if init is None else init + start_noise * sigmas[0]
         return self._sample(
             params, x, sigmas, conds, noise, blend=blend, report=lambda s, t, d=None: report(s, t, 1, d)
@@ -637,19 +586,7 @@ class Pipeline:
         sampler_name, schedule_name = a1111_names(
             sampler_id, schedule_id, zero_terminal_snr=self.cfg.zero_terminal_snr
         )
-        extras: dict[str, object] = {}
-        if params.enable_hr and not img2img:
-            extras["Hires upscale"] = params.hr_scale
-            if params.hr_second_pass_steps:
-                extras["Hires steps"] = params.hr_second_pass_steps
-            extras["Hires upscaler"] = {"latent": "Latent", "latent-nearest": "Latent (nearest)"}.get(
-                params.hr_upscaler, "Lanczos"
-            )
-        if inpaint:
-            extras["Mask blur"] = params.mask_blur
-            if params.inpaint_full_res:
-                extras["Inpaint area"] = "Only masked"
-                extras["Masked area padding"] = params.inpaint_full_res_padding
+        extras = inpainting.infotext_extras(params, hires=params.enable_hr and not img2img, inpaint=inpaint)
         if params.cfg_rescale:
             extras["CFG Rescale phi"] = params.cfg_rescale
         return GenerationInfo(

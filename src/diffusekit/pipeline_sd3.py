@@ -1,4 +1,5 @@
-"""txt2img and img2img for SD3/SD3.5: three text encoders, the MMDiT, flow-matching sampling.
+"""txt2img, img2img, inpainting, outpainting and hires fix for SD3/SD3.5: three text encoders, the MMDiT,
+flow-matching sampling.
 
 Conditioning (Stability's ``sd3_infer.get_cond``, diffusers' ``encode_prompt``): the CLIP-L and CLIP-G
 penultimate hidden states, concatenated on features (768 + 1280), zero-padded to the T5 width (4096),
@@ -7,7 +8,11 @@ pooled = both CLIP pooled outputs (2048). The CLIP side takes A1111 prompt synta
 like the U-Net families ("plain" prompt mode: one truncated window, as diffusers).
 
 Random numbers follow the U-Net pipeline: image i of a run uses seed + i through its own CPU generator,
-and the initial latent is that generator's first standard-normal draw, as in diffusers.
+and the initial latent is that generator's first standard-normal draw, as in diffusers. An SD3 MMDiT has
+no mask input, so inpainting is the ordinary-model kind (as diffusers' ``StableDiffusion3InpaintPipeline``
+with a 16-channel transformer): before every step the area outside the mask is reset to the init latent
+noised to the step's level; the shared steps (mask blur, "only masked", paste-back, outpaint canvas,
+hires upscalers) come from ``inpainting``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import __version__, images
-from .checkpoints.sd3 import LoadedSD3, load_sd3
-from .diffusion.denoiser import CFGDenoiser
+from . import __version__, images, inpainting
+from .checkpoints.sd3 import LoadedSD3, assemble_sd3, read_sd3
+from .diffusion.denoiser import CFGDenoiser, HookedDenoiser
 from .diffusion.flow import FlowDenoiser, SkipLayerGuidance, flow_noise, flow_sampler, flow_sigmas
 from .diffusion.schedules import img2img_sigmas
 from .memory import MemoryEstimate, check_fits, resident_bytes
@@ -31,10 +36,10 @@ from .metadata import GenerationInfo
 from .models.t5_tokenizer import SPIECE_NAMES, T5Tokenizer
 from .models.tokenizer import CLIPTokenizer
 from .models.vae_chunked import decode_peak_bytes
-from .params import GenerationParams, ModelDefaults
+from .params import GenerationParams, ModelDefaults, seed_at
 from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, slerp
 from .prompts import PromptEmbedding, encode_prompt, pad_to_same_length
-from .runtime import ComputePath, resolve_precision
+from .runtime import ComputePath, PrecisionError, load_path
 
 # Stability's recommended settings (sd3_infer.py CONFIGS) by preset name; detected files get SD3_DEFAULT.
 SD3_DEFAULTS = {
@@ -77,6 +82,13 @@ class SD3Options:
     extras: dict = field(default_factory=dict, compare=False)
 
 
+def mmdit_parameters(cfg) -> int:
+    """Parameters of an MMDiT config (built on the meta device: no memory)."""
+    from .models.mmdit import MMDiT
+
+    return sum(p.numel() for p in MMDiT(cfg, device="meta").parameters())
+
+
 def find_t5_tokenizer(checkpoint: Path) -> Path | None:
     """A SentencePiece model next to the checkpoint: <stem>.spiece.model, spiece.model or tokenizer_3/."""
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent  # a diffusers folder: tokenizer_3/
@@ -95,6 +107,7 @@ class SD3Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         options: SD3Options | None = None,
+        path: ComputePath | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model.to(device=device, dtype=dtype)
@@ -102,7 +115,7 @@ class SD3Pipeline:
         self.device = torch.device(device)
         self.dtype = dtype
         # what `generate --json` reports; the int8 and fp32-fast paths are U-Net pipeline paths only
-        self.path = ComputePath(str(dtype).removeprefix("torch."), dtype, "SD3: weights cast to this dtype")
+        self.path = path or ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
         self.options = options or SD3Options()
         self.defaults = ModelDefaults.from_metadata(loaded.metadata, loaded.name)
         if ModelDefaults.METADATA_KEY not in loaded.metadata:
@@ -130,13 +143,20 @@ class SD3Pipeline:
         device: torch.device | str = "cpu",
         options: SD3Options | None = None,
     ) -> SD3Pipeline:
-        """Load an SD3 single file (plus separate text encoder files) for generation."""
-        loaded = load_sd3(path, text_encoders=list(text_encoders))
-        if dtype is None:
-            dtype = resolve_precision(
-                precision, device, sum(p.numel() for p in loaded.model.mmdit.parameters())
+        """Load an SD3 single file or folder (plus separate text encoder files) for generation, in the
+        compute dtype `precision` picks for its MMDiT (see runtime.load_path); scaled-fp8 weights are
+        dequantized straight to it."""
+        if precision in ("int8", "fp32-fast"):
+            raise PrecisionError(
+                f"--precision {precision} is a U-Net path; SD3 models run in auto, fp32, bf16 or fp16"
             )
-        return cls(loaded, device=device, dtype=dtype, options=options)
+        path = Path(path)
+        sd, cfg, metadata = read_sd3(path, text_encoders=list(text_encoders), dequantize=False)
+        chosen = load_path(precision, device, mmdit_parameters(cfg.mmdit), dtype=dtype)
+        if chosen.name == "fp32-fast":  # auto on a CPU without bf16: plain fp32 for the MMDiT
+            chosen = ComputePath("fp32", torch.float32, chosen.reason)
+        loaded = assemble_sd3(path, sd, cfg, metadata, dtype=chosen.dtype)
+        return cls(loaded, device=device, dtype=chosen.dtype, options=options, path=chosen)
 
     def _t5_tokenizer(self) -> T5Tokenizer | None:
         if not self.options.use_t5 or self.model.t5 is None:
@@ -221,13 +241,20 @@ class SD3Pipeline:
                                      layers=o.slg_layers, start=o.slg_start, end=o.slg_end)  # fmt: skip
         return CFGDenoiser(flow, params.cfg_scale)
 
-    def _sample(self, params, x, sigmas, conds, report) -> torch.Tensor:
+    def _sample(self, params, x, sigmas, conds, report, blend=None) -> torch.Tensor:
+        """Run the flow sampler from x (at sigmas[0]); `blend` keeps an inpainting known region."""
         fn = flow_sampler(params.sampler)
         batch = x.shape[0]
         cond, uncond = ({k: v.expand(batch, *v.shape[1:]) for k, v in c.items()} for c in conds)
+        model = self._denoiser(params, sigmas)
+        if blend is not None:
+            model = HookedDenoiser(model, pre=blend)
         with torch.inference_mode():
-            return fn(self._denoiser(params, sigmas), x, sigmas, extra_args={"cond": cond, "uncond": uncond},
-                      callback=lambda info: report(info.index + 1, info.total))  # fmt: skip
+            out = fn(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond},
+                     callback=lambda info: report(info.index + 1, info.total))  # fmt: skip
+            if blend is not None:  # the final latent keeps the known region exactly
+                out = blend(out, sigmas.new_zeros((batch,)))
+        return out
 
     # --- VAE ---------------------------------------------------------------------------------
 
@@ -267,7 +294,7 @@ class SD3Pipeline:
     def memory_estimate(self, params: GenerationParams) -> MemoryEstimate:
         """Predicted peak of `generate(params)`: resident now plus the larger of MMDiT and VAE activations."""
         params = params.validate(self.cfg.resolution, self.defaults)
-        width, height = params.size(self.cfg.resolution)
+        width, height = self.output_size(params)
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         nbytes = torch.finfo(self.dtype).bits // 8
         text = 77 + (self.options.t5_max_length or self.cfg.t5_max_length)
@@ -278,13 +305,15 @@ class SD3Pipeline:
         )
 
     def output_size(self, params: GenerationParams) -> tuple[int, int]:
-        """The size of the images `generate(params)` returns (no hires fix for SD3)."""
+        """The size of the images `generate(params)` returns: the hires size when hires fix is on."""
+        if params.enable_hr:
+            return params.hires_size(self.cfg.resolution)
         return params.size(self.cfg.resolution)
 
-    def _check_size(self, width: int, height: int) -> None:
+    def _check_size(self, width: int, height: int, what: str = "image") -> None:
         m = self.cfg.image_multiple
         if width % m or height % m:
-            raise ValueError(f"SD3 image sides must be multiples of {m}, got {width}x{height}")
+            raise ValueError(f"SD3 {what} sides must be multiples of {m}, got {width}x{height}")
         p = self.cfg.mmdit.pos_embed_max_size * m
         if width > p or height > p:
             raise ValueError(f"{width}x{height} exceeds this model's position table ({p}x{p} at most)")
@@ -298,75 +327,145 @@ class SD3Pipeline:
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        """txt2img, or img2img with init_image; n_iter runs of batch_size images."""
-        if mask is not None:
-            raise ValueError("inpainting is not supported for SD3 models yet")
-        if params.enable_hr:
-            raise ValueError("hires fix is not supported for SD3 models yet; generate at the final size")
+        """txt2img (with hires fix), img2img with init_image, inpainting with init_image and mask;
+        n_iter runs of batch_size images."""
         params = params.validate(self.cfg.resolution, self.defaults)
         flow_sampler(params.sampler)  # an unknown or unsupported sampler fails before any work
         if str(getattr(params.schedule, "value", params.schedule)).lower() != "automatic":
             raise ValueError(
                 f"SD3 uses its flow-matching schedule; schedule must be 'automatic', not {params.schedule!r}"
             )
+        if init_image is not None:
+            params.check_img2img()
+        inpainting.check_mask(init_image, mask)
+        hires = params.enable_hr and init_image is None
         width, height = params.size(self.cfg.resolution)
         self._check_size(width, height)
-        check_fits(self.memory_estimate(params), what=f"{width}x{height} x{params.batch_size}")
+        final_w, final_h = self.output_size(params)
+        if hires:
+            self._check_size(final_w, final_h, what=f"hires size (x{params.hr_scale:g})")
+        check_fits(self.memory_estimate(params), what=f"{final_w}x{final_h} x{params.batch_size}")
         seed = params.seed if params.seed >= 0 else random.randrange(2**32)
         subseed = params.subseed if params.subseed >= 0 else random.randrange(2**32)
         conds = self.encode(params)
-        init_img = None
-        if init_image is not None:
-            init_img = images.to_tensor(images.resize_image(init_image, width, height, params.resize_mode))
-        shape = (
-            self.cfg.mmdit.in_channels,
-            height // self.cfg.vae.downscale,
-            width // self.cfg.vae.downscale,
-        )
+        plan = None if mask is None else inpainting.plan_mask(params, init_image, mask, width, height)
+        passes = 2 if hires else 1
         all_images, infos, all_seeds, all_latents = [], [], [], []
         for it in range(params.n_iter):
-            seeds = [seed + it * params.batch_size + j for j in range(params.batch_size)]
-            subseeds = [subseed + it * params.batch_size + j for j in range(params.batch_size)]
+            first = it * params.batch_size  # image i: seed + i, wrapped into the valid range
+            seeds = [seed_at(seed, first + j) for j in range(params.batch_size)]
+            subseeds = [seed_at(subseed, first + j) for j in range(params.batch_size)]
 
-            def report(step: int, total: int, _it: int = it) -> None:
+            def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("generation cancelled")
                 if callback is not None:
-                    callback(Progress(step, total, 1, 1, _it))
+                    callback(Progress(step, total, pass_index, passes, _it))
 
-            gens = BatchNoise(seeds, self.device)
-            init = None if init_img is None else self.encode_image(init_img, gens)  # first draw: posterior
-            noise = gens.randn(shape)  # (B, 16, h, w)
-            if params.subseed_strength > 0:
-                subs = BatchNoise(subseeds, self.device).randn(shape)
-                noise = torch.stack(
-                    [slerp(params.subseed_strength, a, b) for a, b in zip(noise, subs, strict=True)]
-                )
-            if init is None:
-                sigmas = self.sigmas(params.steps)
-                x = noise * sigmas[0]
+            if init_image is None:
+                latents = self._txt2img(params, conds, seeds, subseeds, width, height, report)
             else:
-                sigmas = self.img2img_sigmas(params.steps, params.denoising_strength, params.img2img_steps)
-                x = flow_noise(init, noise, float(sigmas[0]))
-            latents = self._sample(params, x, sigmas.to(self.device), conds, report)
-            all_images += self.decode(latents)
+                latents = self._img2img(
+                    params, conds, seeds, subseeds, init_image, plan, width, height, report
+                )
+            imgs = self.decode(latents)
+            if plan is not None:  # unmasked pixels stay the original's
+                imgs = plan.finish(imgs, init_image)
+            all_images += imgs
             all_latents.append(latents.cpu())
             all_seeds += seeds
             infos += [
-                self.info(params, s, sub, img2img=init_img is not None)
+                self.info(params, s, sub, img2img=init_image is not None, inpaint=mask is not None)
                 for s, sub in zip(seeds, subseeds, strict=True)
             ]
         return GenerationResult(all_images, infos, all_seeds, torch.cat(all_latents))
 
-    def outpaint(self, *args, **kwargs) -> GenerationResult:
-        """Not available for SD3 yet (a clear error rather than a missing method)."""
-        raise ValueError("outpainting is not supported for SD3 models yet")
+    def _latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        d = self.cfg.vae.downscale
+        return (self.cfg.mmdit.in_channels, height // d, width // d)
 
-    def info(self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool) -> GenerationInfo:
+    def _initial_noise(self, gens: BatchNoise, subseeds: list[int], params, shape) -> torch.Tensor:
+        """(B, 16, h, w): each image's seed noise, slerped towards its variation-seed noise."""
+        noise = gens.randn(shape)
+        if params.subseed_strength > 0:
+            subs = BatchNoise(subseeds, self.device).randn(shape)
+            noise = torch.stack(
+                [slerp(params.subseed_strength, a, b) for a, b in zip(noise, subs, strict=True)]
+            )
+        return noise
+
+    def _txt2img(self, params, conds, seeds, subseeds, width, height, report) -> torch.Tensor:
+        """Pure noise through the whole schedule; with hires fix, then an upscale and an img2img pass at the
+        hires size with fresh draws from the same seeds (as the U-Net pipeline)."""
+        gens = BatchNoise(seeds, self.device)
+        sigmas = self.sigmas(params.steps)
+        x = self._initial_noise(gens, subseeds, params, self._latent_shape(width, height)) * sigmas[0]
+        latents = self._sample(params, x, sigmas.to(self.device), conds, lambda s, t: report(s, t, 1))
+        if not params.enable_hr:
+            return latents
+        hr_w, hr_h = params.hires_size(self.cfg.resolution)
+        gens2 = BatchNoise(seeds, self.device)
+        if params.hr_upscaler.startswith("latent"):
+            up = inpainting.upscale_latents(latents, self._latent_shape(hr_w, hr_h)[1:], params.hr_upscaler)
+        else:  # decode, Lanczos, encode (a posterior sample per image: the first draw of the second pass)
+            up = self.encode_image(inpainting.upscale_images(self.decode(latents), hr_w, hr_h), gens2)
+        steps2 = params.hr_second_pass_steps or params.steps
+        sigmas2 = self.img2img_sigmas(steps2, params.hr_denoising_strength, params.img2img_steps)
+        x2 = flow_noise(up, gens2.randn(tuple(up.shape[1:])), float(sigmas2[0]))
+        return self._sample(params, x2, sigmas2.to(self.device), conds, lambda s, t: report(s, t, 2))
+
+    def _img2img(
+        self, params, conds, seeds, subseeds, init_image, plan, width, height, report
+    ) -> torch.Tensor:
+        """The init image's latent noised to the strength's level; with a mask, only the masked area is
+        generated (the rest is re-imposed before every step and at the end)."""
+        img, mask_img = inpainting.prepare_init(params, init_image.convert("RGB"), plan, width, height)
+        gens = BatchNoise(seeds, self.device)
+        init = self.encode_image(images.to_tensor(img), gens)  # (B, 16, h, w); first draw: posterior
+        noise = self._initial_noise(gens, subseeds, params, self._latent_shape(width, height))
+        sigmas = self.img2img_sigmas(params.steps, params.denoising_strength, params.img2img_steps)
+        blend = None
+        if mask_img is not None:
+            m_lat = inpainting.latent_mask(mask_img, noise.shape[2:], self.device)  # (1, 1, h, w)
+            blend = inpainting.known_region_blend(m_lat, init.clone(), noise, flow_noise)
+            init = inpainting.fill_latent(init, m_lat, params.inpainting_fill, gens.randn)
+        x = flow_noise(init, noise, float(sigmas[0]))
+        return self._sample(params, x, sigmas.to(self.device), conds, lambda s, t: report(s, t, 1), blend)
+
+    def img2img(self, params: GenerationParams, image: Image.Image, **kw) -> GenerationResult:
+        return self.generate(params, init_image=image, **kw)
+
+    def inpaint(
+        self, params: GenerationParams, image: Image.Image, mask: Image.Image, **kw
+    ) -> GenerationResult:
+        return self.generate(params, init_image=image, mask=mask, **kw)
+
+    def outpaint(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        **kw,
+    ) -> GenerationResult:
+        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start);
+        the canvas sides must be multiples of 16 for SD3."""
+        params, canvas, mask = inpainting.outpaint_request(params, image, left, right, top, bottom)
+        self._check_size(*canvas.size, what="outpainted canvas (image plus pads)")
+        return self.generate(params, init_image=canvas, mask=mask, **kw)
+
+    def info(
+        self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool, inpaint: bool = False
+    ) -> GenerationInfo:
         """The A1111 infotext fields of one image (plus the SD3 settings as extras)."""
         width, height = params.size(self.cfg.resolution)
         shift = self.options.shift if self.options.shift is not None else self.cfg.shift
-        extras: dict[str, object] = {"Shift": shift}
+        hires = params.enable_hr and not img2img
+        extras: dict[str, object] = inpainting.infotext_extras(params, hires=hires, inpaint=inpaint)
+        extras["Shift"] = shift
         if not self.uses_t5:
             extras["T5"] = "off"
         elif self.options.t5_int8:
@@ -396,7 +495,9 @@ class SD3Pipeline:
             vae=None,
             variation_seed=subseed if params.subseed_strength > 0 else None,
             variation_seed_strength=params.subseed_strength or None,
-            denoising_strength=params.denoising_strength if img2img else None,
+            denoising_strength=params.denoising_strength
+            if img2img
+            else (params.hr_denoising_strength if hires else None),
             clip_skip=params.clip_skip,
             version=f"diffusekit {__version__}",
             extras=extras | dict(params.extras),

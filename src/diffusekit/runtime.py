@@ -176,6 +176,21 @@ def choose_path(
     )
 
 
+def load_path(
+    precision: str,
+    device: torch.device | str,
+    denoiser_params: int | None,
+    *,
+    dtype: torch.dtype | None = None,
+    quantized: bool = False,
+) -> ComputePath:
+    """The compute path a pipeline's ``from_file`` runs a model on: an explicit `dtype` wins, else
+    `choose_path` for `precision` and the size of the model's denoiser (U-Net or MMDiT)."""
+    if dtype is not None:
+        return ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
+    return choose_path(precision, device, denoiser_params, quantized=quantized)
+
+
 def resolve_precision(
     precision: str, device: torch.device | str, unet_params: int | None = None
 ) -> torch.dtype:

@@ -36,6 +36,7 @@ from ..models.sd3_configs import (
 )
 from ..models.t5 import TIED_EMBED_KEY
 from .detect import text_config_from_shapes
+from .scaled_fp8 import dequantize_scaled_fp8, without_quant_keys
 from .single_file import CheckpointError, cast_floats, load_state_dict
 
 SD3_CONFIG_METADATA_KEY = "diffusekit.sd3_config"
@@ -256,10 +257,15 @@ def build_sd3(
 
 
 def read_sd3(
-    path: str | Path, *, text_encoders: list[str | Path] | tuple = ()
+    path: str | Path,
+    *,
+    text_encoders: list[str | Path] | tuple = (),
+    dequantize: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], SD3Config, dict[str, str]]:
     """(single-file state dict, config, metadata) of an SD3 file or diffusers folder, with text encoders
-    from separate files added."""
+    from separate files added. Scaled-fp8 weights are dequantized to `dtype` (default: the file's own
+    float dtype), or kept with their scale entries when `dequantize` is False."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -274,7 +280,9 @@ def read_sd3(
     for extra in text_encoders:
         extra_sd, _ = load_state_dict(extra)
         sd.update(_as_text_encoder_keys(extra_sd, Path(extra).name))
-    cfg = detect_sd3_config(sd, metadata, path.name)
+    cfg = detect_sd3_config(without_quant_keys(sd), metadata, path.name)
+    if dequantize:
+        sd = dequantize_scaled_fp8(sd, dtype, name=path.name)
     return sd, cfg, dict(metadata)
 
 
@@ -287,7 +295,22 @@ def load_sd3(
 ) -> LoadedSD3:
     """Load an SD3/SD3.5 single file or diffusers folder, adding text encoders from separate files."""
     path = Path(path)
-    sd, cfg, metadata = read_sd3(path, text_encoders=text_encoders)
+    sd, cfg, metadata = read_sd3(path, text_encoders=text_encoders, dequantize=False)
+    return assemble_sd3(path, sd, cfg, metadata, device=device, dtype=dtype)
+
+
+def assemble_sd3(
+    path: Path,
+    sd: Mapping[str, torch.Tensor],
+    cfg: SD3Config,
+    metadata: dict[str, str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> LoadedSD3:
+    """Build the model of `read_sd3(..., dequantize=False)`'s result: scaled-fp8 weights dequantized
+    straight to `dtype` (the compute dtype, so no wider copy is made), then validated and cast."""
+    sd = dequantize_scaled_fp8(sd, dtype, name=path.name)
     model, notes = build_sd3(sd, cfg, name=path.name, device=device, dtype=dtype)
     return LoadedSD3(model=model, path=path, metadata=metadata, notes=notes)
 

@@ -14,6 +14,7 @@ from ..models.sd3_configs import SD3_PRESETS, SD3Config
 from ..params import ModelDefaults
 from .hashes import AUTOV2_LEN, autov1, sha256_file
 from .inspect import ComponentReport, InspectReport, disk_bytes, dtype_name
+from .scaled_fp8 import has_scaled_weights, is_quant_key
 from .sd3 import build_sd3, is_sd3_file, read_sd3, sd3_metadata
 from .single_file import CheckpointError, cast_floats, detect_format, save_state_dict
 
@@ -37,14 +38,14 @@ def _t5_tokenizer_of(path: Path) -> Path | None:
 def inspect_sd3(path: str | Path, *, hashes: bool = True) -> InspectReport:
     """Components, parameters, bytes and memory of an SD3 file or folder, without building the model."""
     path = Path(path)
-    sd, cfg, metadata = read_sd3(path)
+    sd, cfg, metadata = read_sd3(path, dequantize=False)  # the file as stored (fp8 + scales)
     components = []
     for name in COMPONENTS:
         prefix = PREFIXES[name]
         params = nbytes = 0
         dtypes: Counter[str] = Counter()
         for key, t in sd.items():
-            if key.startswith(prefix):
+            if key.startswith(prefix) and not is_quant_key(key):
                 params += t.numel()
                 nbytes += t.numel() * t.element_size()
                 dtypes[dtype_name(t.dtype)] += t.numel()
@@ -52,6 +53,8 @@ def inspect_sd3(path: str | Path, *, hashes: bool = True) -> InspectReport:
             components.append(ComponentReport(name, prefix, params, nbytes, dict(dtypes)))
     total = sum(c.parameters for c in components)
     notes = [f"flow matching, shift {cfg.shift}"]
+    if has_scaled_weights(sd):
+        notes.append("scaled fp8 weights (ComfyUI layout): dequantized to the compute dtype at load")
     if not any(c.name == "t5" for c in components):
         notes.append("no T5-XXL weights: runs with --no-t5, or add it with --text-encoder")
     elif _t5_tokenizer_of(path) is None:
@@ -95,7 +98,7 @@ def convert_sd3(
         raise CheckpointError(f"unknown output format {fmt!r}; valid: single-file, diffusers")
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: destination is the source; write to a new path")
-    sd, cfg, metadata = read_sd3(src)
+    sd, cfg, metadata = read_sd3(src, dtype=dtype)  # scaled fp8: dequantized, to dtype if given
     _, notes = build_sd3({k: v.to("meta") for k, v in sd.items()}, cfg, name=src.name, device="meta")
     if dtype is not None:
         sd = cast_floats(sd, dtype)
