@@ -183,20 +183,28 @@ def test_sd3_through_the_server_equals_generate(server):
     job, img = _job(server, "sd35dir")  # a diffusers folder
     assert np.array_equal(img, _cli(server, "sd35dir", "--model", str(server.models / "sd35dir")))
     # what the SD3 pipeline cannot do is refused before anything is queued, naming the field
-    r = requests.post(f"{server.url}/sdapi/v1/txt2img", headers=_h(user), timeout=10,
-                      json={**sd35, "enable_hr": True})  # fmt: skip
-    assert r.status_code == 422 and "enable_hr" in r.text and "SD3" in r.text
     body = {"kind": "txt2img", "params": {**GEN, "model": "sd35", "sampler": "Euler a"}}
     r = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(user), timeout=10)
     assert r.status_code == 422 and "params.sampler" in r.text and "Euler" in r.text
     white = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(white, format="PNG")
     b64 = base64.b64encode(white.getvalue()).decode()
-    body = {"kind": "inpaint", "params": {**GEN, "model": "sd35", "init_image": b64, "mask": b64}}
-    r = requests.post(f"{server.url}/v1/jobs", json=body, headers=_h(user), timeout=10)
-    assert r.status_code == 422 and "params.mask" in r.text and "inpainting" in r.text
     job, img = _job(server, "sd35", kind="img2img", init_image=b64, denoising_strength=0.5)  # img2img runs
     assert img.shape == (64, 64, 3) and "Denoising strength: 0.5" in job["images"][0]["infotext"]
+    # inpaint: the right half is masked; the left half, away from the blurred edge, stays the original
+    half = np.zeros((64, 64), np.uint8)
+    half[:, 32:] = 255
+    mask = io.BytesIO()
+    Image.fromarray(half).save(mask, format="PNG")
+    mask_b64 = base64.b64encode(mask.getvalue()).decode()
+    job, img = _job(server, "sd35", kind="inpaint", init_image=b64, mask=mask_b64, denoising_strength=1.0)
+    assert (img[:, :20] == 255).all() and not (img[:, 44:] == 255).all()
+    # hires fix: generated at 64, returned at twice the size
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", headers=_h(user), timeout=300,
+                      json={**sd35, "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2,
+                            "hr_upscaler": "Latent", "denoising_strength": 0.5})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert _png(base64.b64decode(r.json()["images"][0])).shape == (128, 128, 3)
 
 
 def test_sd3_store_version_is_listed_and_equals_its_file(server):

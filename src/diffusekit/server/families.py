@@ -1,5 +1,6 @@
 """What a model family can do through the server, checked before a job is queued: SD3/SD3.5 models run
-txt2img and img2img; what their pipeline does not do yet is a 422 naming the field, not a failed job."""
+txt2img, img2img, inpaint and hires fix; what their pipeline does not do yet is a 422 naming the field,
+not a failed job."""
 
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ def check_family(catalog, model: str, kind: str, params: dict[str, Any], names: 
     def refuse(field: str, what: str) -> FieldError:
         return FieldError(names.get(field, field), f"{what} is not supported for SD3 models yet ({model})")
 
-    if kind == "inpaint":
-        raise refuse("mask", "inpainting (a mask)")
-    if params.get("enable_hr"):
-        raise refuse("enable_hr", "hires fix; generate at the final size")
     if params.get("cfg_rescale"):
         raise refuse("cfg_rescale", "CFG rescale")
     schedule = params.get("schedule")
