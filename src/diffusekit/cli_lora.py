@@ -14,7 +14,6 @@ def _run_training(args: argparse.Namespace) -> dict:
 
     from .adapters.lora import LoraError
     from .adapters.train_lora import (
-        CaptionedImages,
         LoraParameters,
         LoraTrainConfig,
         LoraTraining,
@@ -40,7 +39,7 @@ def _run_training(args: argparse.Namespace) -> dict:
         train_text_encoder=args.train_text_encoder, resolution=res, min_snr_gamma=args.min_snr,
         seed=args.seed,
     )  # fmt: skip
-    data = CaptionedImages(args.data, res)
+    data = _training_data(args, res)
     net = new_network(model, out.stem, cfg, args.seed)
     params = LoraParameters(net)
     training = LoraTraining(model, loaded.tokenizer, data, cfg)
@@ -85,6 +84,20 @@ def _run_training(args: argparse.Namespace) -> dict:
         "loss_curve": str(curve) if curve else None,
         "samples": samples,
     }
+
+
+def _training_data(args: argparse.Namespace, resolution: int):
+    """A folder of captioned images, or the built-in shapes dataset with a new concept ("shapes:+heart")."""
+    from .adapters.train_lora import CaptionedImages
+    from .data.concepts import ConceptDataset, is_concept_name, parse_concept
+
+    if not is_concept_name(args.data):
+        return CaptionedImages(args.data, resolution)
+    concept = parse_concept(args.data)
+    ds = ConceptDataset(concept, args.seed, resolution, args.shapes_images, args.concept_share)
+    return CaptionedImages.from_pairs(
+        [(s.image, s.caption) for s in (ds[i] for i in range(len(ds)))], resolution
+    )
 
 
 def _sample(loaded, net, args: argparse.Namespace, path: Path) -> str:
@@ -197,13 +210,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def add_lora_commands(sub) -> None:
     p = sub.add_parser("train-lora", help="train a LoRA on a folder of images with .txt captions")
-    p.add_argument("data", help="folder of images, each with a same-named .txt caption (kohya layout)")
+    p.add_argument(
+        "data",
+        help="folder of images, each with a same-named .txt caption (kohya layout), or shapes:+heart: the "
+        "built-in shapes dataset with a shape the default model never saw",
+    )
+    p.add_argument("--shapes-images", type=int, default=2000, help="with shapes:+SHAPE: images rendered")
+    p.add_argument(
+        "--concept-share", type=float, default=0.5,
+        help="with shapes:+SHAPE: share of the images that show the new shape (the rest rehearse the old)",
+    )  # fmt: skip
     p.add_argument("--model", help="base checkpoint or diffusers folder (default: the bundled model)")
     p.add_argument("-o", "--out", required=True, help="the LoRA file to write (.safetensors)")
     p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya")
     p.add_argument("--rank", type=int, default=4, help="network dim (kohya --network_dim)")
     p.add_argument("--alpha", type=float, default=1.0, help="network alpha: scale = alpha / rank")
-    p.add_argument("--targets", choices=("attn", "attn+conv"), default="attn")
+    p.add_argument(
+        "--targets", choices=("attn", "attn+conv", "xattn-kv"), default="attn",
+        help="attn: transformer blocks; attn+conv: + ResBlock convs (LoCon); xattn-kv: cross-attention k/v only",
+    )  # fmt: skip
     p.add_argument("--conv-rank", type=int, help="rank of conv layers with attn+conv (default: --rank)")
     p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder(s)")
     p.add_argument("--steps", type=int, default=1000)

@@ -34,7 +34,7 @@ from .lora import LoraError, LoraModule, LoraNetwork, apply_loras
 __all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets", "new_network"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-TARGET_SETS = ("attn", "attn+conv")
+TARGET_SETS = ("attn", "attn+conv", "xattn-kv")
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -44,7 +44,9 @@ class LoraTrainConfig:
 
     rank: int = 4
     alpha: float = 1.0
-    targets: str = "attn"  # "attn": transformer blocks (+ text attention/MLP); "attn+conv": + ResBlock convs
+    # "attn": transformer blocks (+ text attention/MLP); "attn+conv": + ResBlock convs; "xattn-kv": only the
+    # U-Net cross-attention keys and values, which see nothing but the text (Kumari et al. 2023)
+    targets: str = "attn"
     conv_rank: int | None = None  # rank of conv layers (default: rank)
     train_text_encoder: bool = False
     resolution: int = 512
@@ -66,6 +68,9 @@ def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
     for target in preferred_names(cfg, "kohya"):
         if target.is_text:
             if text and ("self_attn" in _hf(target) or ".mlp." in _hf(target)):
+                out.append(target)
+        elif targets == "xattn-kv":
+            if target.path.endswith(("attn2.to_k", "attn2.to_v")):
                 out.append(target)
         elif ".transformer_blocks." in target.path or target.path.endswith(("proj_in", "proj_out")):
             out.append(target)
@@ -161,14 +166,29 @@ class CaptionedImages:
         paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise LoraError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        buckets = bucket_sizes(resolution)
-        self.items: list[tuple[Image.Image, str, tuple[int, int]]] = []
+        pairs = []
         for p in paths:
-            img = Image.open(p).convert("RGB")
             caption_file = p.with_suffix(".txt")
             caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            pairs.append((Image.open(p).convert("RGB"), caption))
+        self._index(pairs, resolution)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[Image.Image, str]], resolution: int) -> CaptionedImages:
+        """The same from (image, caption) pairs in memory (e.g. a rendered shapes dataset)."""
+        if not pairs:
+            raise LoraError("no training images given")
+        self = cls.__new__(cls)
+        self.folder = None
+        self._index(pairs, resolution)
+        return self
+
+    def _index(self, pairs: list[tuple[Image.Image, str]], resolution: int) -> None:
+        buckets = bucket_sizes(resolution)
+        self.items: list[tuple[Image.Image, str, tuple[int, int]]] = []
+        for img, caption in pairs:
             size = _bucket_for(img.size, buckets)
-            self.items.append((_fit(img, size), caption, size))
+            self.items.append((_fit(img.convert("RGB"), size), caption, size))
         self.by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, (_, _, size) in enumerate(self.items):
             self.by_bucket.setdefault(size, []).append(i)
@@ -198,11 +218,17 @@ class LoraTraining:
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
         model.requires_grad_(False)
         scale = model.cfg.vae.scaling_factor
-        with torch.no_grad():  # VAE posterior moments of every image, once
-            self.moments = []
-            for img, _, _ in data.items:
-                post = model.vae.encode(to_tensor(img))
-                self.moments.append((post.mean * scale, post.std * scale))  # (1, 4, h, w) each
+        self.moments: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(data.items)  # type: ignore[list-item]
+        with torch.no_grad():  # VAE posterior moments of every image, once, a bucket's images 32 at a time
+            for indices in data.by_bucket.values():
+                for start in range(0, len(indices), 32):
+                    chunk = indices[start : start + 32]
+                    post = model.vae.encode(torch.cat([to_tensor(data.items[i][0]) for i in chunk]))
+                    for j, i in enumerate(chunk):
+                        self.moments[i] = (
+                            post.mean[j : j + 1] * scale,
+                            post.std[j : j + 1] * scale,
+                        )  # (1, 4, h, w)
         self.alphas = sd_alphas_cumprod(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
