@@ -227,7 +227,8 @@ def add_lora_commands(sub) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="network alpha: scale = alpha / rank")
     p.add_argument(
         "--targets", choices=("attn", "attn+conv", "xattn-kv"), default="attn",
-        help="attn: transformer blocks; attn+conv: + ResBlock convs (LoCon); xattn-kv: cross-attention k/v only",
+        help="attn: transformer blocks; attn+conv: + ResBlock convs (LoCon); "
+        "xattn-kv: cross-attention keys and values only",
     )  # fmt: skip
     p.add_argument("--conv-rank", type=int, help="rank of conv layers with attn+conv (default: --rank)")
     p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder(s)")

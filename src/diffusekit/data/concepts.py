@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .shapes import (
+    BACKGROUNDS,
     COLORS,
     EXTRA_SHAPES,
     HELDOUT_PAIRS,
@@ -24,7 +25,6 @@ from .shapes import (
     RELATIONS,
     SHAPES,
     SIZES,
-    BACKGROUNDS,
     CaptionSpec,
     Group,
     Sample,
@@ -63,7 +63,8 @@ class Concept:
         bad = [c for c in self.heldout_colors if c not in COLORS]
         if bad or len(self.heldout_colors) >= len(COLORS):
             raise ConceptError(
-                f"held-out colors must be some (not all) of {', '.join(COLORS)}; got {list(self.heldout_colors)}"
+                f"held-out colors must be some (not all) of {', '.join(COLORS)}; "
+                f"got {list(self.heldout_colors)}"
             )
 
     @property

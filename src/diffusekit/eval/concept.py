@@ -5,13 +5,13 @@ to the outlines it fits, so a blob is called a heart only when a heart outline f
 known shape. The prompts use the new shape only in `Concept.heldout_colors`, which it is never drawn in
 during training (`diffusekit.data.concepts`), in five categories per color:
 
-| category    | per color | example                              | passes when                                   |
-|-------------|----------:|--------------------------------------|-----------------------------------------------|
-| single      | 1         | "a green heart"                      | exactly one green heart                       |
-| size        | 2         | "a large green heart"                | exactly one green heart, of that size         |
-| position    | 5         | "a green heart on the left"          | exactly one green heart, its center there     |
-| count       | 1         | "two green hearts"                   | exactly two green hearts                      |
-| two_objects | 1         | "a green heart and a pink square"    | exactly one green heart and one pink square   |
+| category    | per color | example                           | passes when                                 |
+|-------------|----------:|-----------------------------------|---------------------------------------------|
+| single      | 1         | "a green heart"                   | exactly one green heart                     |
+| size        | 2         | "a large green heart"             | exactly one green heart, of that size       |
+| position    | 5         | "a green heart on the left"       | exactly one green heart, its center there   |
+| count       | 1         | "two green hearts"                | exactly two green hearts                    |
+| two_objects | 1         | "a green heart and a pink square" | exactly one green heart and one pink square |
 
 As in GenEval, objects a prompt does not name are ignored. `prompt_set="train"` asks the same of the
 colors the new shape was trained in (for tuning; the held-out set is for reporting).
@@ -26,8 +26,18 @@ import numpy as np
 from PIL import Image
 
 from ..data.concepts import Concept
-from ..data.shapes import COLORS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, CaptionSpec, Group, color_distance
-from ..data.shapes import format_caption, region_holds
+from ..data.shapes import (
+    COLORS,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    CaptionSpec,
+    Group,
+    color_distance,
+    format_caption,
+    region_holds,
+)
 from .detector import DetectedObject, detect
 
 CONCEPT_CATEGORIES: tuple[str, ...] = ("single", "size", "position", "count", "two_objects")
