@@ -23,12 +23,15 @@ def _run_training(args: argparse.Namespace) -> dict:
     )
     from .checkpoints.load import load_model
     from .cli_generate import default_model_path
+    from .data.concepts import is_concept_name, parse_concept
     from .train.loop import TrainConfig, Trainer
     from .train.report import loss_curve_png
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise LoraError(f"--out must end in .safetensors, got {out.name!r}")
+    if is_concept_name(args.data):
+        parse_concept(args.data)  # a wrong name fails before the model loads
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
     model_path = Path(args.model) if args.model else default_model_path()
     loaded = load_model(model_path)
@@ -66,6 +69,7 @@ def _run_training(args: argparse.Namespace) -> dict:
     if args.ema:
         trainer.ema.copy_to(params)
     meta = training_metadata(cfg, loaded.cfg, out.stem, tcfg.steps, args.lr, len(data), model_path.name)
+    meta["ss_dataset_dir"] = str(args.data)
     with torch.no_grad():
         net.save(out, loaded.cfg, style=args.format, metadata=meta)
     curve = (
