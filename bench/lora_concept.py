@@ -92,8 +92,8 @@ def train(args: argparse.Namespace) -> tuple[Path, dict]:
     out = Path(args.out)
     argv = ["train-lora", args.dataset, "-o", str(out), "--rank", str(args.rank), "--alpha", str(args.alpha),
             "--targets", args.targets, "--steps", str(args.steps), "--batch", str(args.batch),
-            "--lr", str(args.lr), "--warmup", str(args.warmup), "--shapes-images", str(args.shapes_images), "--save-every", "50",
-            "--seed", str(args.train_seed), "--json"]  # fmt: skip
+            "--lr", str(args.lr), "--warmup", str(args.warmup), "--shapes-images", str(args.shapes_images),
+            "--save-every", "50", "--seed", str(args.train_seed), "--json"]  # fmt: skip
     from diffusekit.cli_lora import _run_training
 
     ns = build_parser().parse_args(argv)
@@ -292,8 +292,8 @@ def main() -> int:
     c, e = result["concept"], result["default_eval"]
     print(
         f"concept accuracy: base {c['base']['accuracy']:.3f}, LoRA {c['lora_w1']['accuracy']:.3f}; "
-        f"default eval max change at weight 1: {e['lora_w1']['max_abs_points']} points, weight 0 identical images: "
-        f"{e['lora_w0']['identical_images']}; wrote {args.json}"
+        f"default eval max change at weight 1: {e['lora_w1']['max_abs_points']} points, "
+        f"weight 0 identical images: {e['lora_w0']['identical_images']}; wrote {args.json}"
     )
     return 0
 
