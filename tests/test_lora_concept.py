@@ -13,7 +13,15 @@ from diffusekit.adapters.lora import load_lora
 from diffusekit.checkpoints.single_file import load_state_dict, read_safetensors_header
 from diffusekit.cli import main
 from diffusekit.data.concepts import Concept, ConceptDataset, ConceptError, parse_concept, split_violations
-from diffusekit.data.shapes import SHAPES, ShapesDataset, parse_caption, render_scene, scene_for_spec
+from diffusekit.data.shapes import (
+    SHAPES,
+    CaptionSpec,
+    Group,
+    ShapesDataset,
+    parse_caption,
+    render_scene,
+    scene_for_spec,
+)
 from diffusekit.eval.concept import check_concept, concept_prompts, detector_shapes, evaluate_concept
 from diffusekit.eval.detector import compare_to_scene, detect
 from diffusekit.eval.geneval import blank_generator
@@ -56,13 +64,13 @@ def test_dataset_is_deterministic_and_keeps_the_split():
 
 
 def test_detector_reads_hearts_and_is_unchanged_without_them():
-    ds = ConceptDataset(HEART, seed=0, length=60, share=1.0)
+    ds = ConceptDataset(HEART, seed=0, length=24, share=1.0)
     shapes = detector_shapes(HEART)
     for i in range(len(ds)):
         s = ds[i]
         assert compare_to_scene(detect(s.image, shapes), s.scene) == [], s.caption
         assert all(d.shape != "heart" for d in detect(s.image))  # default detector: the model's shapes only
-    plain = ShapesDataset(1, 64, 40)
+    plain = ShapesDataset(1, 64, 16)
     for i in range(len(plain)):  # adding the heart outline does not misread the known shapes
         assert compare_to_scene(detect(plain[i].image, shapes), plain[i].scene) == []
     with pytest.raises(ValueError, match="detector shapes"):
@@ -80,16 +88,26 @@ def test_heldout_prompts_are_unseen_and_gradeable():
     trained = {ConceptDataset(HEART, seed=0, length=400)[i].caption for i in range(400)}
     assert trained.isdisjoint(p.prompt for p in prompts)
     for p in prompts:  # a perfect generator passes every prompt, a blank one none
-        for seed in range(2):
-            img = render_scene(scene_for_spec(p.spec, np.random.default_rng(seed), 64, split=None))
-            assert check_concept(p, detect(img, detector_shapes(HEART)), 64), p.prompt
+        img = render_scene(scene_for_spec(p.spec, np.random.default_rng(len(p.prompt)), 64, split=None))
+        assert check_concept(p, detect(img, detector_shapes(HEART)), 64), p.prompt
     assert evaluate_concept(blank_generator(), HEART, images_per_prompt=1).accuracy == 0.0
+    wrong = {"size": {"small": "large", "large": "small"}, "position": {"left": "right", "top": "bottom"}}
+    for p in prompts[:8]:  # the wrong size or place fails
+        g = p.spec.groups[0]
+        if p.category == "size":
+            other = CaptionSpec((Group("heart", g.color, 1, wrong["size"][g.size]),))
+        elif p.category == "position" and g.position in wrong["position"]:
+            other = CaptionSpec((Group("heart", g.color, position=wrong["position"][g.position]),))
+        else:
+            continue
+        img = render_scene(scene_for_spec(other, np.random.default_rng(0), 64, split=None))
+        assert not check_concept(p, detect(img, detector_shapes(HEART)), 64), p.prompt
     train_set = concept_prompts(HEART, "train")
     assert all(g.color in HEART.train_colors for p in train_set for g in p.spec.groups if g.shape == "heart")
 
 
-@pytest.mark.parametrize("targets", ["attn", "xattn-kv"])
-def test_train_lora_on_the_concept(tmp_path, capsys, targets):
+def test_train_lora_on_the_concept(tmp_path, capsys):
+    targets = "xattn-kv"  # (the attn targets' training is tested in test_train_lora.py)
     _, _, model = make_checkpoint("tiny_sd1", tmp_path)
     out = tmp_path / f"heart-{targets}.safetensors"
     argv = ["train-lora", "shapes:+heart", "--model", str(model), "-o", str(out), "--steps", "2",
@@ -101,10 +119,7 @@ def test_train_lora_on_the_concept(tmp_path, capsys, targets):
     meta = read_safetensors_header(out)[1]
     assert meta["ss_num_train_images"] == "6"
     keys = load_state_dict(out)[0]
-    if targets == "xattn-kv":
-        assert keys and all("attn2_to_k" in k or "attn2_to_v" in k for k in keys)
-    else:
-        assert any("attn1_to_q" in k for k in keys)
+    assert keys and all("attn2_to_k" in k or "attn2_to_v" in k for k in keys)
     assert all(float(m.up.abs().max()) > 0 for m in load_lora(out).modules.values())
 
 
