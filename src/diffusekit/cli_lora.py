@@ -70,6 +70,8 @@ def _run_training(args: argparse.Namespace) -> dict:
         trainer.ema.copy_to(params)
     meta = training_metadata(cfg, loaded.cfg, out.stem, tcfg.steps, args.lr, len(data), model_path.name)
     meta["ss_dataset_dir"] = str(args.data)
+    if args.preserve:
+        meta["ss_preserve_base"] = "True"
     with torch.no_grad():
         net.save(out, loaded.cfg, style=args.format, metadata=meta)
     curve = (
@@ -99,9 +101,9 @@ def _training_data(args: argparse.Namespace, resolution: int):
         return CaptionedImages(args.data, resolution)
     concept = parse_concept(args.data)
     ds = ConceptDataset(concept, args.seed, resolution, args.shapes_images, args.concept_share)
-    return CaptionedImages.from_pairs(
-        [(s.image, s.caption) for s in (ds[i] for i in range(len(ds)))], resolution
-    )
+    samples = [ds[i] for i in range(len(ds))]
+    anchors = frozenset(i for i, s in enumerate(samples) if args.preserve and not ds.shows_concept(s))
+    return CaptionedImages.from_pairs([(s.image, s.caption) for s in samples], resolution, anchors)
 
 
 def _sample(loaded, net, args: argparse.Namespace, path: Path) -> str:
@@ -220,6 +222,11 @@ def add_lora_commands(sub) -> None:
         "built-in shapes dataset with a shape the default model never saw",
     )
     p.add_argument("--shapes-images", type=int, default=2000, help="with shapes:+SHAPE: images rendered")
+    p.add_argument(
+        "--preserve", action="store_true",
+        help="with shapes:+SHAPE: on the images without the new shape, train the LoRA to keep the base "
+        "model's own prediction (distillation) instead of to denoise them",
+    )  # fmt: skip
     p.add_argument(
         "--concept-share", type=float, default=0.5,
         help="with shapes:+SHAPE: share of the images that show the new shape (the rest rehearse the old)",

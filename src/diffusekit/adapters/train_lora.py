@@ -172,15 +172,20 @@ class CaptionedImages:
             caption = caption_file.read_text().strip() if caption_file.is_file() else ""
             pairs.append((Image.open(p).convert("RGB"), caption))
         self._index(pairs, resolution)
+        self.anchors: frozenset[int] = frozenset()
 
     @classmethod
-    def from_pairs(cls, pairs: list[tuple[Image.Image, str]], resolution: int) -> CaptionedImages:
-        """The same from (image, caption) pairs in memory (e.g. a rendered shapes dataset)."""
+    def from_pairs(
+        cls, pairs: list[tuple[Image.Image, str]], resolution: int, anchors: frozenset[int] = frozenset()
+    ) -> CaptionedImages:
+        """The same from (image, caption) pairs in memory (e.g. a rendered shapes dataset); `anchors`:
+        indices of images whose target is the frozen model's own prediction (see LoraTraining.loss)."""
         if not pairs:
             raise LoraError("no training images given")
         self = cls.__new__(cls)
         self.folder = None
         self._index(pairs, resolution)
+        self.anchors = frozenset(anchors)
         return self
 
     def _index(self, pairs: list[tuple[Image.Image, str]], resolution: int) -> None:
@@ -243,8 +248,9 @@ class LoraTraining:
             self._text_cache[caption] = out
         return out
 
-    def loss(self, step: int, batch: int) -> torch.Tensor:
-        """The training loss of step `step` (its images, timesteps and noise depend on (seed, step) only)."""
+    def _forward(self, step: int, batch: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, prediction, data target, timesteps) of step `step`'s batch, which depends on (seed,
+        step) only; the prediction is made with whatever LoRA is applied at the time."""
         model, cfg = self.model, self.cfg
         idx = self.data.batch_indices(cfg.seed, step, batch)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -266,10 +272,29 @@ class LoraTraining:
             )
         pred = model.unet(x_t, t.float(), context, y).float()
         target = noise if model.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z
+        return idx, pred, target, t
+
+    def base_prediction(self, step: int, batch: int) -> torch.Tensor | None:
+        """The frozen model's own prediction on step `step`'s batch (call it with no LoRA applied), the
+        target of its anchor images; None when the batch has none."""
+        idx = self.data.batch_indices(self.cfg.seed, step, batch)
+        if not any(i in self.data.anchors for i in idx):
+            return None
+        with torch.no_grad():
+            return self._forward(step, batch)[1]
+
+    def loss(self, step: int, batch: int, base_pred: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of step `step`: denoising MSE, except that anchor images (with `base_pred`)
+        are pulled toward the frozen model's prediction, so the LoRA learns to leave them as they were."""
+        cfg = self.cfg
+        idx, pred, target, t = self._forward(step, batch)
+        if base_pred is not None:
+            anchor = torch.tensor([i in self.data.anchors for i in idx]).view(-1, 1, 1, 1)
+            target = torch.where(anchor, base_pred, target)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.min_snr_gamma is not None:
             snr = self.alphas[t] / (1 - self.alphas[t])
-            base = snr + 1 if model.cfg.prediction == "v" else snr
+            base = snr + 1 if self.model.cfg.prediction == "v" else snr
             per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
         return per_sample.mean()
 
@@ -277,11 +302,13 @@ class LoraTraining:
 def make_loss_fn(
     training: LoraTraining, net: LoraNetwork, batch: int
 ) -> Callable[[nn.Module, int], torch.Tensor]:
-    """A Trainer loss function: the LoRA hooked in for the step's forward pass only."""
+    """A Trainer loss function: the LoRA hooked in for the step's forward pass only (the anchor images'
+    targets, if any, are predicted first without it)."""
 
     def loss_fn(_module: nn.Module, step: int) -> torch.Tensor:
+        base_pred = training.base_prediction(step, batch) if training.data.anchors else None
         with apply_loras(training.model, [(net, 1.0, 1.0)]):
-            return training.loss(step, batch)
+            return training.loss(step, batch, base_pred)
 
     return loss_fn
 
