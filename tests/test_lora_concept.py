@@ -126,3 +126,32 @@ def test_train_lora_on_the_concept(tmp_path, capsys):
 def test_train_lora_rejects_an_unknown_concept(tmp_path, capsys):
     assert main(["train-lora", "shapes:+star", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "not new" in capsys.readouterr().err
+
+
+def test_preserve_pulls_anchor_images_toward_the_frozen_model(tmp_path):
+    from diffusekit.adapters.train_lora import (
+        CaptionedImages,
+        LoraTrainConfig,
+        LoraTraining,
+        make_loss_fn,
+        new_network,
+    )
+    from diffusekit.checkpoints.load import load_model
+
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    loaded = load_model(path)
+    model = loaded.model.float()
+    ds = ConceptDataset(HEART, length=4)
+    pairs = [(ds[i].image, ds[i].caption) for i in range(4)]
+    cfg = LoraTrainConfig(resolution=64)
+    net = new_network(model, "h", cfg, seed=0)  # up = 0: the LoRA starts as the identity
+    anchored = LoraTraining(
+        model, loaded.tokenizer, CaptionedImages.from_pairs(pairs, 64, frozenset(range(4))), cfg
+    )
+    plain = LoraTraining(model, loaded.tokenizer, CaptionedImages.from_pairs(pairs, 64), cfg)
+    assert float(make_loss_fn(anchored, net, 2)(model, 0)) == 0.0  # the target is the model's own output
+    assert float(make_loss_fn(plain, net, 2)(model, 0)) > 0.0
+    half = LoraTraining(
+        model, loaded.tokenizer, CaptionedImages.from_pairs(pairs, 64, frozenset({0, 1})), cfg
+    )
+    assert 0.0 < float(make_loss_fn(half, net, 4)(model, 0)) < float(make_loss_fn(plain, net, 4)(model, 0))
