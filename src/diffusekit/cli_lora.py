@@ -14,7 +14,6 @@ def _run_training(args: argparse.Namespace) -> dict:
 
     from .adapters.lora import LoraError
     from .adapters.train_lora import (
-        CaptionedImages,
         LoraParameters,
         LoraTrainConfig,
         LoraTraining,
@@ -24,12 +23,15 @@ def _run_training(args: argparse.Namespace) -> dict:
     )
     from .checkpoints.load import load_model
     from .cli_generate import default_model_path
+    from .data.concepts import is_concept_name, parse_concept
     from .train.loop import TrainConfig, Trainer
     from .train.report import loss_curve_png
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise LoraError(f"--out must end in .safetensors, got {out.name!r}")
+    if is_concept_name(args.data):
+        parse_concept(args.data)  # a wrong name fails before the model loads
     work = Path(args.work_dir) if args.work_dir else out.with_name(out.stem + ".work")
     model_path = Path(args.model) if args.model else default_model_path()
     loaded = load_model(model_path)
@@ -40,7 +42,7 @@ def _run_training(args: argparse.Namespace) -> dict:
         train_text_encoder=args.train_text_encoder, resolution=res, min_snr_gamma=args.min_snr,
         seed=args.seed,
     )  # fmt: skip
-    data = CaptionedImages(args.data, res)
+    data = _training_data(args, res)
     net = new_network(model, out.stem, cfg, args.seed)
     params = LoraParameters(net)
     training = LoraTraining(model, loaded.tokenizer, data, cfg)
@@ -67,6 +69,9 @@ def _run_training(args: argparse.Namespace) -> dict:
     if args.ema:
         trainer.ema.copy_to(params)
     meta = training_metadata(cfg, loaded.cfg, out.stem, tcfg.steps, args.lr, len(data), model_path.name)
+    meta["ss_dataset_dir"] = str(args.data)
+    if args.preserve:
+        meta["ss_preserve_base"] = "True"
     with torch.no_grad():
         net.save(out, loaded.cfg, style=args.format, metadata=meta)
     curve = (
@@ -85,6 +90,20 @@ def _run_training(args: argparse.Namespace) -> dict:
         "loss_curve": str(curve) if curve else None,
         "samples": samples,
     }
+
+
+def _training_data(args: argparse.Namespace, resolution: int):
+    """A folder of captioned images, or the built-in shapes dataset with a new concept ("shapes:+heart")."""
+    from .adapters.train_lora import CaptionedImages
+    from .data.concepts import ConceptDataset, is_concept_name, parse_concept
+
+    if not is_concept_name(args.data):
+        return CaptionedImages(args.data, resolution)
+    concept = parse_concept(args.data)
+    ds = ConceptDataset(concept, args.seed, resolution, args.shapes_images, args.concept_share)
+    samples = [ds[i] for i in range(len(ds))]
+    anchors = frozenset(i for i, s in enumerate(samples) if args.preserve and not ds.shows_concept(s))
+    return CaptionedImages.from_pairs([(s.image, s.caption) for s in samples], resolution, anchors)
 
 
 def _sample(loaded, net, args: argparse.Namespace, path: Path) -> str:
@@ -197,13 +216,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def add_lora_commands(sub) -> None:
     p = sub.add_parser("train-lora", help="train a LoRA on a folder of images with .txt captions")
-    p.add_argument("data", help="folder of images, each with a same-named .txt caption (kohya layout)")
+    p.add_argument(
+        "data",
+        help="folder of images, each with a same-named .txt caption (kohya layout), or shapes:+heart: the "
+        "built-in shapes dataset with a shape the default model never saw",
+    )
+    p.add_argument("--shapes-images", type=int, default=2000, help="with shapes:+SHAPE: images rendered")
+    p.add_argument(
+        "--preserve", action="store_true",
+        help="with shapes:+SHAPE: on the images without the new shape, train the LoRA to keep the base "
+        "model's own prediction (distillation) instead of to denoise them",
+    )  # fmt: skip
+    p.add_argument(
+        "--concept-share", type=float, default=0.5,
+        help="with shapes:+SHAPE: share of the images that show the new shape (the rest rehearse the old)",
+    )  # fmt: skip
     p.add_argument("--model", help="base checkpoint or diffusers folder (default: the bundled model)")
     p.add_argument("-o", "--out", required=True, help="the LoRA file to write (.safetensors)")
     p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya")
     p.add_argument("--rank", type=int, default=4, help="network dim (kohya --network_dim)")
     p.add_argument("--alpha", type=float, default=1.0, help="network alpha: scale = alpha / rank")
-    p.add_argument("--targets", choices=("attn", "attn+conv"), default="attn")
+    p.add_argument(
+        "--targets", choices=("attn", "attn+conv", "xattn-kv"), default="attn",
+        help="attn: transformer blocks; attn+conv: + ResBlock convs (LoCon); "
+        "xattn-kv: cross-attention keys and values only",
+    )  # fmt: skip
     p.add_argument("--conv-rank", type=int, help="rank of conv layers with attn+conv (default: --rank)")
     p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder(s)")
     p.add_argument("--steps", type=int, default=1000)

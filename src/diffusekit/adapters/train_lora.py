@@ -34,7 +34,7 @@ from .lora import LoraError, LoraModule, LoraNetwork, apply_loras
 __all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets", "new_network"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-TARGET_SETS = ("attn", "attn+conv")
+TARGET_SETS = ("attn", "attn+conv", "xattn-kv")
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -44,7 +44,9 @@ class LoraTrainConfig:
 
     rank: int = 4
     alpha: float = 1.0
-    targets: str = "attn"  # "attn": transformer blocks (+ text attention/MLP); "attn+conv": + ResBlock convs
+    # "attn": transformer blocks (+ text attention/MLP); "attn+conv": + ResBlock convs; "xattn-kv": only the
+    # U-Net cross-attention keys and values, which see nothing but the text (Kumari et al. 2023)
+    targets: str = "attn"
     conv_rank: int | None = None  # rank of conv layers (default: rank)
     train_text_encoder: bool = False
     resolution: int = 512
@@ -66,6 +68,9 @@ def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
     for target in preferred_names(cfg, "kohya"):
         if target.is_text:
             if text and ("self_attn" in _hf(target) or ".mlp." in _hf(target)):
+                out.append(target)
+        elif targets == "xattn-kv":
+            if target.path.endswith(("attn2.to_k", "attn2.to_v")):
                 out.append(target)
         elif ".transformer_blocks." in target.path or target.path.endswith(("proj_in", "proj_out")):
             out.append(target)
@@ -161,14 +166,34 @@ class CaptionedImages:
         paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise LoraError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-        buckets = bucket_sizes(resolution)
-        self.items: list[tuple[Image.Image, str, tuple[int, int]]] = []
+        pairs = []
         for p in paths:
-            img = Image.open(p).convert("RGB")
             caption_file = p.with_suffix(".txt")
             caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            pairs.append((Image.open(p).convert("RGB"), caption))
+        self._index(pairs, resolution)
+        self.anchors: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_pairs(
+        cls, pairs: list[tuple[Image.Image, str]], resolution: int, anchors: frozenset[int] = frozenset()
+    ) -> CaptionedImages:
+        """The same from (image, caption) pairs in memory (e.g. a rendered shapes dataset); `anchors`:
+        indices of images whose target is the frozen model's own prediction (see LoraTraining.loss)."""
+        if not pairs:
+            raise LoraError("no training images given")
+        self = cls.__new__(cls)
+        self.folder = None
+        self._index(pairs, resolution)
+        self.anchors = frozenset(anchors)
+        return self
+
+    def _index(self, pairs: list[tuple[Image.Image, str]], resolution: int) -> None:
+        buckets = bucket_sizes(resolution)
+        self.items: list[tuple[Image.Image, str, tuple[int, int]]] = []
+        for img, caption in pairs:
             size = _bucket_for(img.size, buckets)
-            self.items.append((_fit(img, size), caption, size))
+            self.items.append((_fit(img.convert("RGB"), size), caption, size))
         self.by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, (_, _, size) in enumerate(self.items):
             self.by_bucket.setdefault(size, []).append(i)
@@ -198,11 +223,17 @@ class LoraTraining:
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
         model.requires_grad_(False)
         scale = model.cfg.vae.scaling_factor
-        with torch.no_grad():  # VAE posterior moments of every image, once
-            self.moments = []
-            for img, _, _ in data.items:
-                post = model.vae.encode(to_tensor(img))
-                self.moments.append((post.mean * scale, post.std * scale))  # (1, 4, h, w) each
+        self.moments: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(data.items)  # type: ignore[list-item]
+        with torch.no_grad():  # VAE posterior moments of every image, once, a bucket's images 32 at a time
+            for indices in data.by_bucket.values():
+                for start in range(0, len(indices), 32):
+                    chunk = indices[start : start + 32]
+                    post = model.vae.encode(torch.cat([to_tensor(data.items[i][0]) for i in chunk]))
+                    for j, i in enumerate(chunk):
+                        self.moments[i] = (
+                            post.mean[j : j + 1] * scale,
+                            post.std[j : j + 1] * scale,
+                        )  # (1, 4, h, w)
         self.alphas = sd_alphas_cumprod(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -217,8 +248,9 @@ class LoraTraining:
             self._text_cache[caption] = out
         return out
 
-    def loss(self, step: int, batch: int) -> torch.Tensor:
-        """The training loss of step `step` (its images, timesteps and noise depend on (seed, step) only)."""
+    def _forward(self, step: int, batch: int) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices, prediction, data target, timesteps) of step `step`'s batch, which depends on (seed,
+        step) only; the prediction is made with whatever LoRA is applied at the time."""
         model, cfg = self.model, self.cfg
         idx = self.data.batch_indices(cfg.seed, step, batch)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -240,10 +272,29 @@ class LoraTraining:
             )
         pred = model.unet(x_t, t.float(), context, y).float()
         target = noise if model.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * z
+        return idx, pred, target, t
+
+    def base_prediction(self, step: int, batch: int) -> torch.Tensor | None:
+        """The frozen model's own prediction on step `step`'s batch (call it with no LoRA applied), the
+        target of its anchor images; None when the batch has none."""
+        idx = self.data.batch_indices(self.cfg.seed, step, batch)
+        if not any(i in self.data.anchors for i in idx):
+            return None
+        with torch.no_grad():
+            return self._forward(step, batch)[1]
+
+    def loss(self, step: int, batch: int, base_pred: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of step `step`: denoising MSE, except that anchor images (with `base_pred`)
+        are pulled toward the frozen model's prediction, so the LoRA learns to leave them as they were."""
+        cfg = self.cfg
+        idx, pred, target, t = self._forward(step, batch)
+        if base_pred is not None:
+            anchor = torch.tensor([i in self.data.anchors for i in idx]).view(-1, 1, 1, 1)
+            target = torch.where(anchor, base_pred, target)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.min_snr_gamma is not None:
             snr = self.alphas[t] / (1 - self.alphas[t])
-            base = snr + 1 if model.cfg.prediction == "v" else snr
+            base = snr + 1 if self.model.cfg.prediction == "v" else snr
             per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
         return per_sample.mean()
 
@@ -251,11 +302,13 @@ class LoraTraining:
 def make_loss_fn(
     training: LoraTraining, net: LoraNetwork, batch: int
 ) -> Callable[[nn.Module, int], torch.Tensor]:
-    """A Trainer loss function: the LoRA hooked in for the step's forward pass only."""
+    """A Trainer loss function: the LoRA hooked in for the step's forward pass only (the anchor images'
+    targets, if any, are predicted first without it)."""
 
     def loss_fn(_module: nn.Module, step: int) -> torch.Tensor:
+        base_pred = training.base_prediction(step, batch) if training.data.anchors else None
         with apply_loras(training.model, [(net, 1.0, 1.0)]):
-            return training.loss(step, batch)
+            return training.loss(step, batch, base_pred)
 
     return loss_fn
 

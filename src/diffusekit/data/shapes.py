@@ -21,6 +21,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")
+# Shapes the default model never saw: drawn and parsed like SHAPES, but in no default dataset, caption or
+# eval prompt. They are the new concepts a LoRA can be taught (`diffusekit.data.concepts`).
+EXTRA_SHAPES: tuple[str, ...] = ("heart",)
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
 
 # Saturated object colors, well apart in CIELAB and from every background (checked in tests).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -200,20 +204,25 @@ def _unit_polygon(shape: str) -> np.ndarray:
             + [(-a, -a)],
             dtype=float,
         )
+    elif shape == "heart":  # the classic heart curve, point down
+        t = np.linspace(0.0, 2.0 * math.pi, 72, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = np.stack([x, y], axis=1)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(ALL_SHAPES)}")
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     scale = 1.0 if shape != "square" else 0.86  # squares are drawn a little smaller to balance their area
     return (pts - (lo + hi) / 2) / (hi - lo).max() * scale
 
 
-_UNIT_POLYGONS: dict[str, np.ndarray] = {s: _unit_polygon(s) for s in SHAPES}
+_UNIT_POLYGONS: dict[str, np.ndarray] = {s: _unit_polygon(s) for s in ALL_SHAPES}
 
 
 def shape_polygon(shape: str, center: tuple[float, float], extent: float) -> np.ndarray:
     """The outline (N, 2) of `shape` of the given extent centered at `center`, in pixels."""
     if shape not in _UNIT_POLYGONS:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(ALL_SHAPES)}")
     return _UNIT_POLYGONS[shape] * extent + np.asarray(center, dtype=float)
 
 
@@ -398,7 +407,7 @@ def _parse_group(text: str, caption: str) -> Group:
     rest = words[1:]
     size = rest.pop(0) if rest[0] in SIZES else None
     color = rest.pop(0) if rest and rest[0] in COLORS else None
-    names = {(s if count == 1 else plural(s)): s for s in SHAPES}
+    names = {(s if count == 1 else plural(s)): s for s in ALL_SHAPES}
     if len(rest) != 1 or rest[0] not in names:
         raise ValueError(f"cannot read {text!r} in caption {caption!r}: unknown or misplaced shape word")
     return Group(names[rest[0]], color, count, size)

@@ -19,7 +19,15 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusekit.data.shapes import BACKGROUNDS, COLORS, SHAPES, Scene, ShapesDataset, shape_polygon
+from diffusekit.data.shapes import (
+    ALL_SHAPES,
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    Scene,
+    ShapesDataset,
+    shape_polygon,
+)
 
 ALPHA_THRESHOLD = 0.5  # unmixed opacity at which a pixel counts as part of an object
 MIN_AREA = 0.004  # components smaller than this fraction of the image are specks
@@ -143,11 +151,13 @@ def polygon_moments(points: np.ndarray) -> tuple[float, float, float, float, flo
     return float(abs(area)), float(cx), float(cy), float(exx - cx * cx), float(eyy - cy * cy)
 
 
-@lru_cache(maxsize=1)
-def _unit_moments() -> dict[str, tuple[float, float, float, float, float, float]]:
-    """polygon_moments and perimeter of every shape at extent 1 centered on 0."""
+@lru_cache(maxsize=4)
+def _unit_moments(
+    shapes: tuple[str, ...] = SHAPES,
+) -> dict[str, tuple[float, float, float, float, float, float]]:
+    """polygon_moments and perimeter of each shape at extent 1 centered on 0."""
     out = {}
-    for s in SHAPES:
+    for s in shapes:
         pts = shape_polygon(s, (0.0, 0.0), 1.0)
         perimeter = float(np.linalg.norm(pts - np.roll(pts, -1, axis=0), axis=1).sum())
         out[s] = (*polygon_moments(pts), perimeter)
@@ -185,8 +195,8 @@ class ShapeFit:
     sigma: float
 
 
-def fit_shapes(coverage: np.ndarray) -> list[ShapeFit]:
-    """Every shape fitted to a single object's coverage window, best (lowest error) first.
+def fit_shapes(coverage: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> list[ShapeFit]:
+    """Every shape of `shapes` fitted to a single object's coverage window, best (lowest error) first.
 
     Mass and centroid are unchanged by blur, so for each shape they fix its extent and position; the excess
     of the observed second moments over the sharp shape's gives the blur. The error is the L1 difference
@@ -202,7 +212,7 @@ def fit_shapes(coverage: np.ndarray) -> list[ShapeFit]:
     vy = (coverage * (ys - cy) ** 2).sum() / mass
     fits = []
     grow = RASTER_GROWTH / 4  # the renders below and the data generator both supersample 4x
-    for shape, (area, ox, oy, kx, ky, perimeter) in _unit_moments().items():
+    for shape, (area, ox, oy, kx, ky, perimeter) in _unit_moments(tuple(shapes)).items():
         # mass = area * e^2 + perimeter * e * grow: the rasterizer fills a thin band outside the outline.
         b = perimeter * grow
         extent = (-b + math.sqrt(b * b + 4 * area * mass)) / (2 * area)
@@ -232,8 +242,14 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     return mask
 
 
-def detect(image: Image.Image | np.ndarray) -> list[DetectedObject]:
-    """All objects in an image, ordered top-to-bottom then left-to-right by center."""
+def detect(image: Image.Image | np.ndarray, shapes: Sequence[str] = SHAPES) -> list[DetectedObject]:
+    """All objects in an image, ordered top-to-bottom then left-to-right by center; each object is named
+    the best-fitting of `shapes` (the default model's SHAPES; add EXTRA_SHAPES to read new concepts)."""
+    unknown = [s for s in shapes if s not in ALL_SHAPES]
+    if unknown or len(shapes) < 2:
+        raise ValueError(
+            f"detector shapes must be at least two of {', '.join(ALL_SHAPES)}; got {list(shapes)}"
+        )
     arr = _as_array(image)
     h, w = arr.shape[:2]
     bg = estimate_background(arr)
@@ -255,7 +271,7 @@ def detect(image: Image.Image | np.ndarray) -> list[DetectedObject]:
         cov = np.where(region, np.clip(alpha / max(0.5, float(np.percentile(a, 75))), 0.0, 1.0), 0.0)
         cov[cov < 0.1] = 0.0
         wy0, wx0 = max(0, y0 - WINDOW_PAD), max(0, x0 - WINDOW_PAD)
-        fits = fit_shapes(cov[wy0 : min(h, y1 + WINDOW_PAD), wx0 : min(w, x1 + WINDOW_PAD)])
+        fits = fit_shapes(cov[wy0 : min(h, y1 + WINDOW_PAD), wx0 : min(w, x1 + WINDOW_PAD)], tuple(shapes))
         best = fits[0]
         center = (best.center[0] + wx0, best.center[1] + wy0)
         margin = fits[1].error - best.error
