@@ -72,6 +72,24 @@ def test_auto_reads_the_detected_cpu(monkeypatch):
     assert "AVX2, no bf16" == ZEN3.kind and "AVX-512, VNNI, native bf16" == SAPPHIRE.kind
 
 
+def test_a_onednn_isa_cap_below_bf16_reads_as_no_native_bf16(monkeypatch):
+    for probe in ("_is_avx2_supported", "_is_avx512_supported", "_is_avx512_vnni_supported",
+                  "_is_avx512_bf16_supported"):  # fmt: skip
+        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert runtime.cpu_features().bf16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # Ice Lake's ISA
+    assert runtime.cpu_features() == ICE_LAKE
+    assert choose_path("auto", "cpu", _unet_params(SD1)).name == (
+        "fp32-fast" if runtime.AUTO_FP32_FAST else "fp32"
+    )
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert runtime.cpu_features() == CpuFeatures(avx2=True, avx512=False, vnni=False, bf16=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert runtime.cpu_features().bf16
+
+
 def test_explicit_paths_and_their_errors():
     assert choose_path("fp32-fast", "cpu").name == "fp32-fast"
     assert choose_path("int8", "cpu", quantized=True).name == "int8"
