@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from int8_quality import NEGATIVE, PROMPTS, compare
 
 GROUPS = {  # name pattern of each layer group (U-Net module names)

@@ -27,8 +27,9 @@ static range per layer is too wide for most calls: on the bundled model static r
 28.6 dB PSNR against fp32 and dynamic ones 40.1 dB (bench/int8_sensitivity.py).
 
 A quantized layer's state dict is the original's keys (`weight` now int8, `bias` fp32) plus
-`weight_scale` (out,), `input_scale` () and `input_zero_point` () (`input_scale` 0: dynamic), so a quantized U-Net saves and loads
-as an ordinary single-file checkpoint with a few more keys (see `diffusekit.quantize`).
+`weight_scale` (out,), `input_scale` () and `input_zero_point` () (`input_scale` 0: dynamic), so a
+quantized U-Net saves and loads as an ordinary single-file checkpoint with a few more keys (see
+`diffusekit.quantize`).
 """
 
 from __future__ import annotations
