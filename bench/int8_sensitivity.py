@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = QuantizeSettings(prompts=args.calib_prompts, steps=args.calib_steps, size=args.calib_size)
     t0 = time.perf_counter()
-    stats = calibrate(pipe, settings, keep_calls=True, include_all=True)
+    static = not args.only or any("dynamic" not in c for c in args.only.split(","))
+    stats = calibrate(pipe, settings, keep_calls=True, include_all=True) if static else {}
     print(f"calibrated {len(stats)} layers in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     originals = dict(q.candidates(unet))
     default = {n for n, _ in q.quantizable(unet)}
@@ -110,14 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         by_group.setdefault(group_of(name), set()).add(name)
 
     def run(label: str, names: set[str], **how) -> dict:
-        ranges = {n: q.combine(stats[n], **{k: v for k, v in how.items() if k != "dynamic"}) for n in names}
+        dynamic = how.get("dynamic", False)
         for name in names:
             m = originals[name]
-            scale, zp = q._activation_qparams(*ranges[name])
+            scale, zp = (0.0, 0) if dynamic else q._activation_qparams(*q.combine(stats[name], **how))
             layer = (
                 q.Int8Conv2d(m, scale, zp) if isinstance(m, torch.nn.Conv2d) else q.Int8Linear(m, scale, zp)
             )
-            layer.dynamic = how.get("dynamic", False)
             q._set(unet, name, layer)
         try:
             imgs, call_s = images()
@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             configs.append((f"default-minus:{group}", default - names, {}))
     for group, names in sorted(by_group.items()):
         configs.append((f"only:{group}", names, {}))
+    for group, names in sorted(by_group.items()):
+        if names & default:
+            configs.append((f"dynamic-minus:{group}", default - names, {"dynamic": True}))
+    configs.append(("dynamic+res.skip", default | by_group.get("res.skip", set()), {"dynamic": True}))
     wanted = args.only.split(",") if args.only else [label for label, _, _ in configs]
     known = {label: (names, how) for label, names, how in configs}
     out = Path(args.out)

@@ -196,3 +196,49 @@ def test_pipeline_runs_an_int8_file_and_says_so(tmp_path):
         Pipeline.from_file(out, precision="fp32")
     with pytest.raises(PrecisionError, match="--quantize int8"):
         Pipeline.from_file(path, precision="int8")
+
+
+@needs_int8
+def test_dynamic_int8_layers_follow_each_inputs_range():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    small, big = torch.randn(2, 32, 16, 16), 40 * torch.randn(2, 32, 16, 16)  # (B, C, H, W)
+    static = Int8Conv2d(conv, *_activation_qparams(float(big.min()), float(big.max())))
+    dynamic = Int8Conv2d(conv, 0.0, 0)
+    assert dynamic.dynamic and not static.dynamic
+    with torch.inference_mode():
+        assert _rel(dynamic(small), conv(small)) < 0.03 and _rel(dynamic(big), conv(big)) < 0.03
+        assert _rel(static(small), conv(small)) > 3 * _rel(
+            dynamic(small), conv(small)
+        )  # a range 40x too wide
+    lin = torch.nn.Linear(40, 24)
+    q = Int8Linear(lin, 0.0, 0)
+    x = 1e-3 * torch.randn(2, 7, 40)  # far below any range calibrated on ordinary activations
+    with torch.inference_mode():
+        assert _rel(q(x) - lin.bias, lin(x) - lin.bias) < 0.03  # the product, not the bias, is resolved
+
+
+@needs_int8
+def test_dynamic_int8_file_round_trip_needs_no_calibration(tmp_path):
+    cfg, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    model = load_model(path).model
+    fp32 = copy.deepcopy(model)
+    count = quantize_unet(model.unet, dynamic=True)  # no ranges
+    with pytest.raises(AccelError, match="no calibrated range"):
+        quantize_unet(load_model(path).model.unet, {})
+    assert all(
+        m.dynamic and float(m.input_scale) == 0.0 for m in model.unet.modules() if isinstance(m, Int8Conv2d)
+    )
+    out = tmp_path / "tiny-int8-dyn.safetensors"
+    save_state_dict(
+        model.state_dict(), out, metadata=checkpoint_metadata(cfg, {"diffusekit.quantization": "int8-static"})
+    )
+    loaded = load_int8_model(out).model
+    layers = [m for m in loaded.unet.modules() if isinstance(m, Int8Conv2d | Int8Linear)]
+    assert len(layers) == count and all(m.dynamic for m in layers)
+    x, t, ctx = _unet_inputs(cfg, 64)
+    with torch.inference_mode():
+        a, b, ref = model.unet(x, t, ctx), loaded.unet(x, t, ctx), fp32.unet(x, t, ctx)
+    assert torch.equal(a, b)
+    print(f"dynamic int8 U-Net step relative error on tiny random weights: {_rel(a, ref):.4f}")
+    assert _rel(a, ref) < 0.1
