@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     known = {label: (names, how) for label, names, how in configs}
     out = Path(args.out)
     header = {"model": args.model, "size": size, "steps": args.steps, "prompts": args.prompts,
-              "calibration": vars(settings), "fp32_call_s": round(ref_call_s, 4)}  # fmt: skip
+              "static_calibration": {k: v for k, v in vars(settings).items() if k != "activations"},
+              "fp32_call_s": round(ref_call_s, 4)}  # fmt: skip
     rows = []
     for label in wanted:
         if label not in known:

@@ -242,3 +242,40 @@ def test_dynamic_int8_file_round_trip_needs_no_calibration(tmp_path):
     assert torch.equal(a, b)
     print(f"dynamic int8 U-Net step relative error on tiny random weights: {_rel(a, ref):.4f}")
     assert _rel(a, ref) < 0.1
+
+
+@needs_int8
+def test_convert_quantize_writes_dynamic_by_default_and_static_on_request(tmp_path, capsys):
+    from diffusekit.accel.int8_file import split_int8
+    from diffusekit.checkpoints.single_file import load_state_dict
+    from diffusekit.cli import main
+
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    dyn, stat = tmp_path / "dyn.safetensors", tmp_path / "stat.safetensors"
+    assert main(["convert", str(path), str(dyn), "--quantize", "int8"]) == 0
+    assert "dynamic activation ranges" in capsys.readouterr().out
+    small = ["--calibration-prompts", "1", "--calibration-steps", "1", "--calibration-size", "64"]
+    assert (
+        main(["convert", str(path), str(stat), "--quantize", "int8", "--int8-activations", "static", *small])
+        == 0
+    )
+    scales = {}
+    for out in (dyn, stat):
+        sd, meta = load_state_dict(out)
+        scales[out] = [float(v) for k, v in split_int8(sd)[1].items() if k.endswith(".input_scale")]
+        assert meta["diffusekit.quantization"] == "int8-static"
+    assert scales[dyn] and all(s == 0.0 for s in scales[dyn])
+    assert scales[stat] and all(s > 0.0 for s in scales[stat])
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        main(
+            [
+                "convert",
+                str(path),
+                str(tmp_path / "x.safetensors"),
+                "--quantize",
+                "int8",
+                "--int8-activations",
+                "x",
+            ]
+        )
+    assert "choose from 'dynamic', 'static'" in capsys.readouterr().err

@@ -162,9 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="dynamic",
         help="with --quantize: each call's own input range (default), or ranges calibrated once",
     )
-    p.add_argument("--calibration-prompts", type=int, default=4, help="with --quantize: images to observe")
-    p.add_argument("--calibration-steps", type=int, default=8, help="with --quantize: sampler steps each")
-    p.add_argument("--calibration-size", type=int, help="with --quantize: image side (default: native)")
+    p.add_argument(
+        "--calibration-prompts", type=int, default=4, help="with --int8-activations static: images to observe"
+    )
+    p.add_argument(
+        "--calibration-steps", type=int, default=8, help="with --int8-activations static: sampler steps each"
+    )
+    p.add_argument(
+        "--calibration-size", type=int, help="with --int8-activations static: image side (default: native)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 
