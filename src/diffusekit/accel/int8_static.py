@@ -117,7 +117,10 @@ class _Int8Layer(nn.Module):
         """(scale, zero point) of this call's input: calibrated, or from `x`'s own range when dynamic."""
         if not self.dynamic:
             return self._qparams
-        lo, hi = torch.aminmax(x.detach())
+        x = x.detach()
+        if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            x = x.permute(0, 2, 3, 1)  # (B, H, W, C): the same memory, dense (aminmax would copy otherwise)
+        lo, hi = torch.aminmax(x.reshape(-1))
         return _activation_qparams(float(lo), float(hi))
 
     def _quantize_input(self, x: Tensor, scale: float, zp: int) -> Tensor:
