@@ -195,6 +195,13 @@ def cpu_info() -> dict[str, Any]:
         out["flags"] = []
     features = cpu_features()
     out["detected"] = {**features.__dict__, "kind": features.kind}
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if os.environ.get(k)}  # fmt: skip
+    if caps:  # an ISA cap emulates an older CPU on this one: say so beside every figure
+        out["isa_caps"] = caps
+        out["emulation"] = f"{out.get('model_name', 'this CPU')} with " + ", ".join(
+            f"{k}={v}" for k, v in caps.items()
+        )
     out["load_average"] = os.getloadavg()
     return out
 
@@ -257,7 +264,13 @@ def markdown(summary: dict[str, Any], cfg: dict[str, Any]) -> str:
     lines = [
         f"U-Net CFG step (batch 2) at {cfg['size']}x{cfg['size']}, {cfg['threads']} threads, "
         f"{cfg['rounds']} rounds x {cfg['steps']} steps; CPU: {cfg['cpu']['model_name']} "
-        f"({cfg['cpu']['detected']['kind']}); load average at start {cfg['cpu']['load_average'][0]:.1f}",
+        f"({cfg['cpu']['detected']['kind']}); load average at start {cfg['cpu']['load_average'][0]:.1f}"
+        + (
+            f"; EMULATED: {cfg['cpu']['emulation']}, not a real CPU of that kind"
+            if "emulation" in cfg["cpu"]
+            else ""
+        )
+        + (f"; load average at end {cfg['load_average_end'][0]:.1f}" if "load_average_end" in cfg else ""),
         "",
         "| path | s/step median (min-max) | vs diffusers fp32 median (min-max) | rel. L2 vs ours fp32 "
         "| peak RSS MB |",
@@ -326,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             results[path].append(res)
             if "step_s" in res:
                 tensors[path].append(tensor)
+    cfg["load_average_end"] = os.getloadavg()
     summary = summarize(results, tensors)
     report = {"config": cfg, "summary": summary, "raw": results, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
               time.gmtime())}  # fmt: skip

@@ -72,6 +72,24 @@ def test_auto_reads_the_detected_cpu(monkeypatch):
     assert "AVX2, no bf16" == ZEN3.kind and "AVX-512, VNNI, native bf16" == SAPPHIRE.kind
 
 
+def test_a_onednn_isa_cap_below_bf16_reads_as_no_native_bf16(monkeypatch):
+    for probe in ("_is_avx2_supported", "_is_avx512_supported", "_is_avx512_vnni_supported",
+                  "_is_avx512_bf16_supported"):  # fmt: skip
+        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert runtime.cpu_features().bf16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # Ice Lake's ISA
+    assert runtime.cpu_features() == ICE_LAKE
+    assert choose_path("auto", "cpu", _unet_params(SD1)).name == (
+        "fp32-fast" if runtime.AUTO_FP32_FAST else "fp32"
+    )
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert runtime.cpu_features() == CpuFeatures(avx2=True, avx512=False, vnni=False, bf16=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert runtime.cpu_features().bf16
+
+
 def test_explicit_paths_and_their_errors():
     assert choose_path("fp32-fast", "cpu").name == "fp32-fast"
     assert choose_path("int8", "cpu", quantized=True).name == "int8"
@@ -178,3 +196,86 @@ def test_pipeline_runs_an_int8_file_and_says_so(tmp_path):
         Pipeline.from_file(out, precision="fp32")
     with pytest.raises(PrecisionError, match="--quantize int8"):
         Pipeline.from_file(path, precision="int8")
+
+
+@needs_int8
+def test_dynamic_int8_layers_follow_each_inputs_range():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 48, 3, padding=1)
+    small, big = torch.randn(2, 32, 16, 16), 40 * torch.randn(2, 32, 16, 16)  # (B, C, H, W)
+    static = Int8Conv2d(conv, *_activation_qparams(float(big.min()), float(big.max())))
+    dynamic = Int8Conv2d(conv, 0.0, 0)
+    assert dynamic.dynamic and not static.dynamic
+    with torch.inference_mode():
+        assert _rel(dynamic(small), conv(small)) < 0.03 and _rel(dynamic(big), conv(big)) < 0.03
+        assert _rel(static(small), conv(small)) > 3 * _rel(
+            dynamic(small), conv(small)
+        )  # a range 40x too wide
+    lin = torch.nn.Linear(40, 24)
+    q = Int8Linear(lin, 0.0, 0)
+    x = 1e-3 * torch.randn(2, 7, 40)  # far below any range calibrated on ordinary activations
+    with torch.inference_mode():
+        assert _rel(q(x) - lin.bias, lin(x) - lin.bias) < 0.03  # the product, not the bias, is resolved
+
+
+@needs_int8
+def test_dynamic_int8_file_round_trip_needs_no_calibration(tmp_path):
+    cfg, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    model = load_model(path).model
+    fp32 = copy.deepcopy(model)
+    count = quantize_unet(model.unet, dynamic=True)  # no ranges
+    with pytest.raises(AccelError, match="no calibrated range"):
+        quantize_unet(load_model(path).model.unet, {})
+    assert all(
+        m.dynamic and float(m.input_scale) == 0.0 for m in model.unet.modules() if isinstance(m, Int8Conv2d)
+    )
+    out = tmp_path / "tiny-int8-dyn.safetensors"
+    save_state_dict(
+        model.state_dict(), out, metadata=checkpoint_metadata(cfg, {"diffusekit.quantization": "int8-static"})
+    )
+    loaded = load_int8_model(out).model
+    layers = [m for m in loaded.unet.modules() if isinstance(m, Int8Conv2d | Int8Linear)]
+    assert len(layers) == count and all(m.dynamic for m in layers)
+    x, t, ctx = _unet_inputs(cfg, 64)
+    with torch.inference_mode():
+        a, b, ref = model.unet(x, t, ctx), loaded.unet(x, t, ctx), fp32.unet(x, t, ctx)
+    assert torch.equal(a, b)
+    print(f"dynamic int8 U-Net step relative error on tiny random weights: {_rel(a, ref):.4f}")
+    assert _rel(a, ref) < 0.1
+
+
+@needs_int8
+def test_convert_quantize_writes_dynamic_by_default_and_static_on_request(tmp_path, capsys):
+    from diffusekit.accel.int8_file import split_int8
+    from diffusekit.checkpoints.single_file import load_state_dict
+    from diffusekit.cli import main
+
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    dyn, stat = tmp_path / "dyn.safetensors", tmp_path / "stat.safetensors"
+    assert main(["convert", str(path), str(dyn), "--quantize", "int8"]) == 0
+    assert "dynamic activation ranges" in capsys.readouterr().out
+    small = ["--calibration-prompts", "1", "--calibration-steps", "1", "--calibration-size", "64"]
+    assert (
+        main(["convert", str(path), str(stat), "--quantize", "int8", "--int8-activations", "static", *small])
+        == 0
+    )
+    scales = {}
+    for out in (dyn, stat):
+        sd, meta = load_state_dict(out)
+        scales[out] = [float(v) for k, v in split_int8(sd)[1].items() if k.endswith(".input_scale")]
+        assert meta["diffusekit.quantization"] == "int8-static"
+    assert scales[dyn] and all(s == 0.0 for s in scales[dyn])
+    assert scales[stat] and all(s > 0.0 for s in scales[stat])
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        main(
+            [
+                "convert",
+                str(path),
+                str(tmp_path / "x.safetensors"),
+                "--quantize",
+                "int8",
+                "--int8-activations",
+                "x",
+            ]
+        )
+    assert "choose from 'dynamic', 'static'" in capsys.readouterr().err

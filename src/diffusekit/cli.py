@@ -94,15 +94,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(
             "--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema"
         )
-    settings = QuantizeSettings(prompts=args.calibration_prompts, steps=args.calibration_steps,
-                                size=args.calibration_size)  # fmt: skip
+    settings = QuantizeSettings(activations=args.int8_activations, prompts=args.calibration_prompts,
+                                steps=args.calibration_steps, size=args.calibration_size)  # fmt: skip
     result = quantize_checkpoint(args.src, args.dst, settings, prediction=args.prediction, vae=args.vae)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(
             f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, "
-            f"calibrated on {result['calibration']} in {result['calibration_seconds']} s; "
+            f"{result['calibration']}, {result['calibration_seconds']} s; "
             f"{result['bytes_after']:,} bytes)"
         )
     return 0
@@ -156,9 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=("eps", "v"), help="record the prediction type")
     p.add_argument("--vae", help="replace the VAE with this file or folder")
     p.add_argument("--quantize", choices=("int8",), help="calibrate once and write an int8 U-Net (CPU)")
-    p.add_argument("--calibration-prompts", type=int, default=4, help="with --quantize: images to observe")
-    p.add_argument("--calibration-steps", type=int, default=8, help="with --quantize: sampler steps each")
-    p.add_argument("--calibration-size", type=int, help="with --quantize: image side (default: native)")
+    p.add_argument(
+        "--int8-activations",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="with --quantize: each call's own input range (default), or ranges calibrated once",
+    )
+    p.add_argument(
+        "--calibration-prompts", type=int, default=4, help="with --int8-activations static: images to observe"
+    )
+    p.add_argument(
+        "--calibration-steps", type=int, default=8, help="with --int8-activations static: sampler steps each"
+    )
+    p.add_argument(
+        "--calibration-size", type=int, help="with --int8-activations static: image side (default: native)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -18,8 +18,9 @@ the C allocator of the process (there is only one). The paths on CPU:
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import nn
@@ -88,19 +89,42 @@ class CpuFeatures:
         return ", ".join([isa, *(["VNNI"] if self.vnni else []), "native bf16" if self.bf16 else "no bf16"])
 
 
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) -> what it leaves usable.
+# A cap below AVX512_CORE_BF16 means torch's oneDNN kernels compute no bf16 natively, whatever the CPU.
+_ONEDNN_CAPS = {
+    "SSE41": (False, False, False, False),  # (avx2, avx512, vnni, bf16)
+    "AVX": (False, False, False, False),
+    "AVX2": (True, False, False, False),
+    "AVX2_VNNI": (True, False, True, False),
+    "AVX512_CORE": (True, True, False, False),
+    "AVX512_CORE_VNNI": (True, True, True, False),
+}
+
+
+def onednn_isa_cap() -> str | None:
+    """The ISA oneDNN is capped to by the environment (upper case), or None."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip().upper() != "ALL" else None
+
+
 def cpu_features() -> CpuFeatures:
-    """This CPU's features from torch.cpu's probes (private, in torch 2.x; an absent one reads False)."""
+    """This CPU's features from torch.cpu's probes (private, in torch 2.x; an absent one reads False),
+    lowered to what a oneDNN ISA cap in the environment (`onednn_isa_cap`) leaves usable."""
 
     def probe(name: str) -> bool:
         return bool(getattr(torch.cpu, name, lambda: False)())
 
     bf16 = probe("_is_avx512_bf16_supported") or probe("_is_amx_tile_supported")
-    return CpuFeatures(
+    found = CpuFeatures(
         avx2=probe("_is_avx2_supported"),
         avx512=probe("_is_avx512_supported"),
         vnni=probe("_is_vnni_supported") or probe("_is_avx512_vnni_supported"),
         bf16=bf16,
     )
+    cap = _ONEDNN_CAPS.get(onednn_isa_cap() or "")
+    if cap is None:
+        return found
+    return CpuFeatures(*(have and allowed for have, allowed in zip(astuple(found), cap, strict=True)))
 
 
 def cpu_has_native_bf16() -> bool:
