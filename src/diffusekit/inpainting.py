@@ -171,3 +171,39 @@ def infotext_extras(params: GenerationParams, *, hires: bool, inpaint: bool) -> 
             extras["Inpaint area"] = "Only masked"
             extras["Masked area padding"] = params.inpaint_full_res_padding
     return extras
+
+
+class ImageJobs:
+    """txt2img, img2img, inpaint and outpaint as calls of the pipeline's ``generate``: one definition for the
+    U-Net and the SD3 pipelines (a pipeline checks an outpainted canvas in ``check_canvas``)."""
+
+    def txt2img(self, params: GenerationParams, **kw):
+        return self.generate(params, **kw)
+
+    def img2img(self, params: GenerationParams, image: Image.Image, **kw):
+        return self.generate(params, init_image=image, **kw)
+
+    def inpaint(self, params: GenerationParams, image: Image.Image, mask: Image.Image, **kw):
+        return self.generate(params, init_image=image, mask=mask, **kw)
+
+    def outpaint(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        **kw,
+    ):
+        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start).
+
+        The output size is the image plus the pads; a width/height in `params` other than that is an error.
+        """
+        params, canvas, mask = outpaint_request(params, image, left, right, top, bottom)
+        self.check_canvas(canvas)
+        return self.generate(params, init_image=canvas, mask=mask, **kw)
+
+    def check_canvas(self, canvas: Image.Image) -> None:
+        """Refuse an outpainted canvas this pipeline cannot run (none refused by default)."""

@@ -144,7 +144,7 @@ def _ve_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> to
 VAE_CHUNK_BYTES = 256 * 2**20
 
 
-class Pipeline:
+class Pipeline(inpainting.ImageJobs):
     """A loaded model ready to generate; hold one per model and call it many times."""
 
     def __init__(
@@ -359,35 +359,6 @@ class Pipeline:
         return should_chunk(self.cfg.vae, width, height, dtype_bytes, self.vae_chunk_bytes, batch)
 
     # --- public jobs -------------------------------------------------------------------------
-
-    def txt2img(self, params: GenerationParams, **kw) -> GenerationResult:
-        return self.generate(params, **kw)
-
-    def img2img(self, params: GenerationParams, image: Image.Image, **kw) -> GenerationResult:
-        return self.generate(params, init_image=image, **kw)
-
-    def inpaint(
-        self, params: GenerationParams, image: Image.Image, mask: Image.Image, **kw
-    ) -> GenerationResult:
-        return self.generate(params, init_image=image, mask=mask, **kw)
-
-    def outpaint(
-        self,
-        params: GenerationParams,
-        image: Image.Image,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        **kw,
-    ) -> GenerationResult:
-        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start).
-
-        The output size is the image plus the pads; a width/height in `params` other than that is an error.
-        """
-        params, canvas, mask = inpainting.outpaint_request(params, image, left, right, top, bottom)
-        return self.generate(params, init_image=canvas, mask=mask, **kw)
 
     def generate(
         self,

@@ -97,7 +97,7 @@ def find_t5_tokenizer(checkpoint: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-class SD3Pipeline:
+class SD3Pipeline(inpainting.ImageJobs):
     """A loaded SD3/SD3.5 model ready to generate."""
 
     def __init__(
@@ -432,30 +432,9 @@ class SD3Pipeline:
         x = flow_noise(init, noise, float(sigmas[0]))
         return self._sample(params, x, sigmas.to(self.device), conds, lambda s, t: report(s, t, 1), blend)
 
-    def img2img(self, params: GenerationParams, image: Image.Image, **kw) -> GenerationResult:
-        return self.generate(params, init_image=image, **kw)
-
-    def inpaint(
-        self, params: GenerationParams, image: Image.Image, mask: Image.Image, **kw
-    ) -> GenerationResult:
-        return self.generate(params, init_image=image, mask=mask, **kw)
-
-    def outpaint(
-        self,
-        params: GenerationParams,
-        image: Image.Image,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        **kw,
-    ) -> GenerationResult:
-        """Extend the canvas by the given pixels and inpaint the new area (edges stretched as a start);
-        the canvas sides must be multiples of 16 for SD3."""
-        params, canvas, mask = inpainting.outpaint_request(params, image, left, right, top, bottom)
+    def check_canvas(self, canvas: Image.Image) -> None:
+        """An outpainted canvas must fit SD3's patch grid and position table (sides multiples of 16)."""
         self._check_size(*canvas.size, what="outpainted canvas (image plus pads)")
-        return self.generate(params, init_image=canvas, mask=mask, **kw)
 
     def info(
         self, params: GenerationParams, seed: int, subseed: int, *, img2img: bool, inpaint: bool = False
