@@ -17,24 +17,15 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from starlette.routing import Mount  # noqa: E402
 
 from diffusekit.cli_generate import default_model_path  # noqa: E402
-from diffusekit.server import model_info, presets  # noqa: E402
 from diffusekit.server.app import create_app  # noqa: E402
 from diffusekit.server.config import ServerConfig  # noqa: E402
 from diffusekit.server.keys import KeyStore  # noqa: E402
 
 
 def _app(data):
-    app = create_app(ServerConfig(data_dir=data, auth=True, default_model=default_model_path()))
-    if not any(getattr(r, "path", "") == "/v1/presets" for r in app.router.routes):
-        # wire the routers as the app factory would: before the web UI's catch-all mount at "/"
-        at = next(
-            (i for i, r in enumerate(app.router.routes) if isinstance(r, Mount)), len(app.router.routes)
-        )
-        app.router.routes[at:at] = presets.router.routes + model_info.router.routes
-    return app
+    return create_app(ServerConfig(data_dir=data, auth=True, default_model=default_model_path()))
 
 
 class Served:
