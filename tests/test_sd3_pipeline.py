@@ -321,3 +321,25 @@ def test_unprojected_clip_l_converts_with_identity_projection(tiny35: Path, tmp_
     ids[0, 5] = 49407
     with torch.no_grad():
         assert torch.allclose(ours.clip_l(ids).pooled, again.clip_l(ids).pooled, atol=1e-6)
+
+
+def test_skip_ends_the_current_image_and_goes_on_with_the_next(tiny35: Path) -> None:
+    """A1111's skip on SD3: the first of n_iter images ends at its x0 estimate, the second is untouched."""
+    import threading
+
+    ours = SD3Pipeline.from_file(tiny35, precision="fp32")
+    params = GenerationParams(prompt="a red barn", steps=6, cfg_scale=3.0, seed=3, width=64, height=64,
+                              n_iter=2, sampler="euler")  # fmt: skip
+    full = ours.generate(params)
+    skip, seen = threading.Event(), []
+
+    def on_step(p) -> None:
+        seen.append((p.batch, p.step))
+        if p.batch == 0 and p.step == 2:
+            skip.set()
+
+    skipped = ours.generate(params, callback=on_step, skip=skip)
+    assert [s for b, s in seen if b == 0] == [1, 2] and [s for b, s in seen if b == 1] == list(range(1, 7))
+    first, second = (np.asarray(im) for im in skipped.images)
+    assert not np.array_equal(first, np.asarray(full.images[0]))
+    assert np.array_equal(second, np.asarray(full.images[1]))

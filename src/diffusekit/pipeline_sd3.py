@@ -37,7 +37,7 @@ from .models.t5_tokenizer import SPIECE_NAMES, T5Tokenizer
 from .models.tokenizer import CLIPTokenizer
 from .models.vae_chunked import decode_peak_bytes
 from .params import GenerationParams, ModelDefaults, seed_at
-from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, slerp
+from .pipeline import BatchNoise, Cancelled, GenerationResult, Progress, ProgressCallback, Skipped, slerp
 from .prompts import PromptEmbedding, encode_prompt, pad_to_same_length
 from .runtime import ComputePath, PrecisionError, load_path
 
@@ -251,7 +251,7 @@ class SD3Pipeline(inpainting.ImageJobs):
             model = HookedDenoiser(model, pre=blend)
         with torch.inference_mode():
             out = fn(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond},
-                     callback=lambda info: report(info.index + 1, info.total))  # fmt: skip
+                     callback=lambda info: report(info.index + 1, info.total, info.denoised))  # fmt: skip
             if blend is not None:  # the final latent keeps the known region exactly
                 out = blend(out, sigmas.new_zeros((batch,)))
         return out
@@ -326,9 +326,10 @@ class SD3Pipeline(inpainting.ImageJobs):
         mask: Image.Image | None = None,
         callback: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        skip: threading.Event | None = None,
     ) -> GenerationResult:
         """txt2img (with hires fix), img2img with init_image, inpainting with init_image and mask;
-        n_iter runs of batch_size images."""
+        n_iter runs of batch_size images. `skip` ends the current batch at its x0 estimate (A1111's skip)."""
         params = params.validate(self.cfg.resolution, self.defaults)
         flow_sampler(params.sampler)  # an unknown or unsupported sampler fails before any work
         if str(getattr(params.schedule, "value", params.schedule)).lower() != "automatic":
@@ -356,18 +357,25 @@ class SD3Pipeline(inpainting.ImageJobs):
             seeds = [seed_at(seed, first + j) for j in range(params.batch_size)]
             subseeds = [seed_at(subseed, first + j) for j in range(params.batch_size)]
 
-            def report(step: int, total: int, pass_index: int = 1, _it: int = it) -> None:
+            def report(step: int, total: int, pass_index: int = 1, denoised=None, _it: int = it) -> None:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("generation cancelled")
                 if callback is not None:
-                    callback(Progress(step, total, pass_index, passes, _it))
+                    callback(Progress(step, total, pass_index, passes, _it, denoised))
+                if skip is not None and skip.is_set() and denoised is not None:
+                    raise Skipped(denoised)
 
-            if init_image is None:
-                latents = self._txt2img(params, conds, seeds, subseeds, width, height, report)
-            else:
-                latents = self._img2img(
-                    params, conds, seeds, subseeds, init_image, plan, width, height, report
-                )
+            if skip is not None:
+                skip.clear()
+            try:
+                if init_image is None:
+                    latents = self._txt2img(params, conds, seeds, subseeds, width, height, report)
+                else:
+                    latents = self._img2img(
+                        params, conds, seeds, subseeds, init_image, plan, width, height, report
+                    )
+            except Skipped as skipped:  # A1111's skip: this batch ends at its latest x0 estimate
+                latents = skipped.denoised.float()
             imgs = self.decode(latents)
             if plan is not None:  # unmasked pixels stay the original's
                 imgs = plan.finish(imgs, init_image)
@@ -400,7 +408,7 @@ class SD3Pipeline(inpainting.ImageJobs):
         gens = BatchNoise(seeds, self.device)
         sigmas = self.sigmas(params.steps)
         x = self._initial_noise(gens, subseeds, params, self._latent_shape(width, height)) * sigmas[0]
-        latents = self._sample(params, x, sigmas.to(self.device), conds, lambda s, t: report(s, t, 1))
+        latents = self._sample(params, x, sigmas.to(self.device), conds, lambda s, t, d: report(s, t, 1, d))
         if not params.enable_hr:
             return latents
         hr_w, hr_h = params.hires_size(self.cfg.resolution)
@@ -412,7 +420,7 @@ class SD3Pipeline(inpainting.ImageJobs):
         steps2 = params.hr_second_pass_steps or params.steps
         sigmas2 = self.img2img_sigmas(steps2, params.hr_denoising_strength, params.img2img_steps)
         x2 = flow_noise(up, gens2.randn(tuple(up.shape[1:])), float(sigmas2[0]))
-        return self._sample(params, x2, sigmas2.to(self.device), conds, lambda s, t: report(s, t, 2))
+        return self._sample(params, x2, sigmas2.to(self.device), conds, lambda s, t, d: report(s, t, 2, d))
 
     def _img2img(
         self, params, conds, seeds, subseeds, init_image, plan, width, height, report
@@ -430,7 +438,8 @@ class SD3Pipeline(inpainting.ImageJobs):
             blend = inpainting.known_region_blend(m_lat, init.clone(), noise, flow_noise)
             init = inpainting.fill_latent(init, m_lat, params.inpainting_fill, gens.randn)
         x = flow_noise(init, noise, float(sigmas[0]))
-        return self._sample(params, x, sigmas.to(self.device), conds, lambda s, t: report(s, t, 1), blend)
+        on_step = lambda s, t, d: report(s, t, 1, d)  # noqa: E731
+        return self._sample(params, x, sigmas.to(self.device), conds, on_step, blend)
 
     def check_canvas(self, canvas: Image.Image) -> None:
         """An outpainted canvas must fit SD3's patch grid and position table (sides multiples of 16)."""

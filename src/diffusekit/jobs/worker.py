@@ -381,8 +381,6 @@ class JobRunner:
         return on_progress
 
     def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
-        from ..pipeline import Pipeline
-
         entry = self.catalog.get(job.model)  # a store NAME resolves to its current version now
         live.model_version = entry.version
         pipe = self.cache.get(entry)
@@ -404,7 +402,7 @@ class JobRunner:
                 mask=inputs.get("mask"),
                 callback=self._progress_hook(job, live, pipe),
                 cancel=live.cancel,
-                **({"skip": live.skip} if isinstance(pipe, Pipeline) else {}),  # SD3 has no skip yet
+                skip=live.skip,
             )
         records = [
             self.store.write(img, text, owner=job.owner, seed=seed)
