@@ -53,6 +53,7 @@ function fieldOf(message) {
 }
 
 async function send(method, path, body, opts = {}) {
+  const sentKey = getKey();
   const init = { method, headers: headers(opts.headers) };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
@@ -66,9 +67,13 @@ async function send(method, path, body, opts = {}) {
     if (e.name === "AbortError") throw e;
     throw new ApiError(0, "The server cannot be reached; is diffusekit serve running?");
   }
-  if (res.status === 401 || (res.status === 403 && !getKey())) {
+  if (res.status === 401 || (res.status === 403 && !sentKey)) {
     const { message } = describeError(res.status, await safeJson(res));
-    if (onAuthNeeded) onAuthNeeded(getKey() ? `The API key was refused (${message}).` : "This server requires an API key.");
+    // a request sent before the user entered a key answers after it: only an answer to the key in use
+    // asks again (otherwise a late 401 to a keyless start-up request reopens the dialog just closed)
+    if (onAuthNeeded && sentKey === getKey()) {
+      onAuthNeeded(sentKey ? `The API key was refused (${message}).` : "This server requires an API key.");
+    }
     throw new ApiError(res.status, message);
   }
   return res;
