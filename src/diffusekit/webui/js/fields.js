@@ -45,13 +45,13 @@ function buildField(slot) {
   const field = document.createElement("div");
   field.className = "field";
   const extra = [...slot.content.children];
-  if (extra.length && spec.tag === "select") control.append(...extra);
-  if (extra.length && spec.tag !== "select") {
+  if (extra.length && spec.tag !== "select") { // buttons beside the input
     const row = document.createElement("div");
     row.className = "row tight";
     row.append(control, ...extra);
     field.append(label, row);
   } else {
+    control.append(...extra); // further options of a select
     field.append(label, control);
   }
   return field;
