@@ -13,9 +13,12 @@ from PIL import Image
 
 from diffusekit.cli_generate import default_model_path
 from diffusekit.jobs.adapters import Adapters, _SharedExclusive
+from diffusekit.jobs.batch import batchable
 from diffusekit.jobs.catalog import ModelCatalog
 from diffusekit.jobs.model import JobState
 from diffusekit.jobs.worker import JobRunner, params_from_job
+from diffusekit.params import GenerationParams
+from diffusekit.pipeline import Pipeline
 from test_server_lora import _make_lora
 
 GEN = dict(seed=5, steps=3, width=64, height=64, cfg_scale=3.0, sampler="Euler")
@@ -62,6 +65,31 @@ def test_shared_exclusive_lock():
     release["s3"].set()
     for t in threads:
         t.join(10)
+
+
+def test_worker_and_batch_agree_on_which_jobs_run_alone(tmp_path, one_thread):
+    """The worker's solo decision (`Adapters.uses_adapters`) and `jobs.batch.batchable` refusing a run are
+    one check: a job with a `<kind:...>` tag in either prompt or an embedding name never joins a batch."""
+    embs = tmp_path / "embeddings"
+    embs.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 128, generator=torch.Generator().manual_seed(2))}},
+               embs / "zorb.pt")  # fmt: skip
+    adapters = Adapters(tmp_path / "loras", embs)
+    pipe = Pipeline.from_file(default_model_path())
+    adapters.attach(pipe)
+    cases = {
+        ("a blue square", ""): False,
+        ("a blue square", "blurry, red"): False,
+        ("a blue square <lora:styl:1>", ""): True,
+        ("a blue square", "blurry <lora:styl:1>"): True,  # ignored by generate, but never batched
+        ("a blue square <hypernet:x:1>", ""): True,
+        (PLAIN, ""): True,
+        ("a blue square", "zorb"): True,
+    }
+    for (prompt, negative), solo in cases.items():
+        p = GenerationParams(prompt=prompt, negative_prompt=negative, **GEN)
+        assert adapters.uses_adapters(pipe, p) == solo, (prompt, negative)
+        assert (batchable(pipe, [p, p.replace(seed=6)]) is None) == solo, (prompt, negative)
 
 
 def test_lora_jobs_hold_the_model_alone_with_two_workers(tmp_path, one_thread):

@@ -11,7 +11,8 @@ import torch
 
 from diffusekit.checkpoints.sd3 import create_sd3, detect_sd3_config, is_sd3_file, load_sd3
 from diffusekit.checkpoints.sd3_diffusers import read_sd3_diffusers_folder, write_sd3_diffusers_folder
-from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict, strip_prefix
+from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict
+from diffusekit.checkpoints.surgery import strip_prefix
 from diffusekit.cli import main
 from diffusekit.metadata import read_infotext
 from diffusekit.models.sd3 import StableDiffusion3

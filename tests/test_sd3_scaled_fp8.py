@@ -12,7 +12,8 @@ import torch
 
 from diffusekit.checkpoints.scaled_fp8 import dequantize_scaled_fp8
 from diffusekit.checkpoints.sd3 import create_sd3, load_sd3
-from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict, strip_prefix
+from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict
+from diffusekit.checkpoints.surgery import strip_prefix
 from diffusekit.cli import main
 from diffusekit.models.sd3_configs import MMDIT_PREFIX, T5_PREFIX, TINY_SD35
 from diffusekit.params import GenerationParams

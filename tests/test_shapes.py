@@ -30,13 +30,13 @@ from diffusekit.data import (
     scene_satisfies,
     spec_is_heldout,
 )
+from diffusekit.data.captions import plural
 from diffusekit.data.shapes import (
     GAP,
     MARGIN,
     REGION_INSET,
     RELATION_MIN,
     RELATION_SLACK,
-    plural,
     region_holds,
     relation_holds,
 )

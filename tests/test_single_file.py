@@ -23,13 +23,15 @@ from diffusekit.checkpoints.single_file import (
     CheckpointError,
     cast_floats,
     detect_format,
+    load_state_dict,
+    read_safetensors_header,
+    save_state_dict,
+)
+from diffusekit.checkpoints.surgery import (
     ema_key_for,
     is_ema_key,
     is_training_key,
-    load_state_dict,
     prune,
-    read_safetensors_header,
-    save_state_dict,
     split_by_prefixes,
     strip_prefix,
 )

@@ -22,6 +22,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .durable import fsync_dir
+
 # 64 Mi pixels, e.g. 8192x8192: twice the largest side we generate, and large camera photos. Decoded RGB
 # at the limit is 192 MiB. Pillow's own bomb limit (89 M warns, 179 M fails) is only a warning below.
 MAX_PIXELS = 64 * 2**20
@@ -339,16 +341,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise OSError(f"cannot write {path}: {e.strerror or e}; the existing file is unchanged") from None
         raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    fsync_dir(folder, best_effort=True)
 
 
 def _create_temp(folder: Path, name: str) -> tuple[int, str]:

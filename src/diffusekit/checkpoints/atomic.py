@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..durable import fsync_dir
+
 PARTIAL_TAG = ".diffusekit-partial-"
 _OLD_TAG = ".diffusekit-old-"
 _STALE = re.compile(r"^(?P<name>.+)\.diffusekit-(?:partial|old)-(?P<pid>\d+)(?:\.tmp)?$")
@@ -76,19 +78,6 @@ def clean_stale(folder: Path) -> list[Path]:
         except OSError:
             pass
     return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def safetensors_header(
@@ -146,7 +135,7 @@ def write_stream(target: Path, chunks: Iterable[bytes | memoryview]) -> None:
         if isinstance(e, OSError):
             raise WriteError(f"{target}: cannot write it ({e.strerror or e})") from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder, best_effort=True)
 
 
 _RENAME_EXCHANGE = 2
@@ -183,4 +172,4 @@ def replace_folder(built: Path, target: Path) -> None:
         os.replace(target, old)
         os.replace(built, target)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent, best_effort=True)

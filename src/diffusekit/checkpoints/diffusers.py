@@ -39,7 +39,8 @@ from .convert_vae import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from .single_file import CheckpointError, load_state_dict, save_state_dict, strip_prefix
+from .single_file import CheckpointError, load_state_dict, save_state_dict
+from .surgery import strip_prefix
 
 _DIFFUSERS_WEIGHTS = tuple(f"diffusion_pytorch_model{v}" for v in ("", ".fp16", ".bf16"))
 _WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what we write for unet/ and vae/

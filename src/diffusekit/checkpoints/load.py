@@ -19,7 +19,8 @@ from ..models.tokenizer import CLIPTokenizer
 from ..models.vae import AutoencoderKL
 from ..params import ModelDefaults
 from .detect import CONFIG_METADATA_KEY, detect_config, precheck_header, vae_config_from_shapes
-from .single_file import CheckpointError, TensorInfo, cast_floats, load_state_dict, prune, strip_prefix
+from .single_file import CheckpointError, TensorInfo, cast_floats, load_state_dict
+from .surgery import prune, strip_prefix
 
 # Top-level keys of LDM/SGM training checkpoints that hold no weights of the networks.
 _SCHEDULE_BUFFERS = (

@@ -42,7 +42,8 @@ from .convert_mmdit import (
 )
 from .convert_vae import vae_config_to_diffusers, vae_to_diffusers
 from .diffusers import _read_json, _read_weights, read_vae_folder
-from .single_file import CheckpointError, save_state_dict, strip_prefix
+from .single_file import CheckpointError, save_state_dict
+from .surgery import strip_prefix
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _T5_LENGTH_KEY = "_diffusekit_t5_max_length"  # a model's own T5 length when not the default 256

@@ -1,4 +1,4 @@
-"""Single-file checkpoints: safe loading of .safetensors/.ckpt files, atomic saving, state-dict surgery.
+"""Single-file checkpoints: safe loading of .safetensors/.ckpt files, atomic saving, dtype casting.
 
 Format policy: the file's content decides how it is read, not its name. A ``.ckpt`` that is really
 safetensors loads as safetensors. The reverse is refused: a file named ``.safetensors`` that holds a
@@ -10,15 +10,13 @@ What ``load_state_dict`` returns: for safetensors, views of a memory map (pages 
 so a 2 GB file costs 2 GB of reclaimable page cache, not 2x in private memory) and the header's
 ``__metadata__``. For pickles (mmap'd too when zip-based), the tensors under the ``state_dict`` wrapper;
 non-tensor entries (``global_step``, ``epoch``, ``optimizer_states``, ``callbacks``...) are dropped and
-their key paths listed, as a JSON list, under ``metadata[DROPPED_KEY]``.
+their key paths listed, as a JSON list, under ``metadata[DROPPED_KEY]``. State-dict surgery (key
+prefixes, EMA pruning) is in ``surgery.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
-import mmap
 import os
 import pickletools
 import re
@@ -32,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from .atomic import write_safetensors
+from .mapped_pages import MADV_DONTNEED, MADV_POPULATE_READ, file_mappings, madvise, page_range
 
 PathLike = str | os.PathLike[str]
 
@@ -60,9 +59,6 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 # before it is parsed (parsing a million entries takes seconds and a gigabyte).
 MAX_TENSORS = 100_000
 DROPPED_KEY = "diffusekit.dropped"  # metadata key: JSON list of non-tensor entries dropped from a pickle
-EMA_PREFIX = "model_ema."
-TRAINING_PREFIXES = (EMA_PREFIX, "optimizer.", "optimizer_states.", "lr_schedulers.", "callbacks.", "loops.")
-TRAINING_KEYS = frozenset({"global_step", "epoch", "pytorch-lightning_version"})
 WRAPPER_KEYS = ("state_dict", "module", "model")
 CHECKPOINT_KINDS = "safetensors, or a PyTorch checkpoint (.ckpt/.pt/.pth/.bin) written by torch.save"
 # Non-tensor globals found in real LDM/Lightning checkpoints (the callback class used as a dict key,
@@ -525,83 +521,6 @@ def save_state_dict(
     write_safetensors(prepared, target, metadata, _DTYPE_NAMES)
 
 
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries whose key starts with ``prefix``, with the prefix removed; other keys are left out."""
-    return {key[len(prefix) :]: value for key, value in sd.items() if key.startswith(prefix)}
-
-
-def split_by_prefixes(
-    sd: Mapping[str, torch.Tensor], prefixes: Mapping[str, str]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Split into named parts by key prefix (longest prefix wins, stripped) and the unmatched leftover."""
-    owners: dict[str, str] = {}
-    for name, prefix in prefixes.items():
-        if prefix in owners:
-            raise ValueError(f"prefix {prefix!r} is given for both {owners[prefix]!r} and {name!r}")
-        owners[prefix] = name
-    ordered = sorted(owners, key=len, reverse=True)
-    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in prefixes}
-    leftover: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        prefix = next((p for p in ordered if key.startswith(p)), None)
-        if prefix is None:
-            leftover[key] = value
-        else:
-            parts[owners[prefix]][key[len(prefix) :]] = value
-    return parts, leftover
-
-
-def is_ema_key(key: str) -> bool:
-    """True for LDM EMA entries (``model_ema.*``, including ``model_ema.decay``/``num_updates``)."""
-    return key.startswith(EMA_PREFIX)
-
-
-def is_training_key(key: str) -> bool:
-    """True for entries only training needs: EMA copies, optimizer/scheduler/callback state, step counters."""
-    return key.startswith(TRAINING_PREFIXES) or key in TRAINING_KEYS
-
-
-def ema_key_for(key: str) -> str:
-    """LDM's EMA name for a ``model.*`` weight: drop ``model.``, remove dots, prefix ``model_ema.``."""
-    if not key.startswith("model."):
-        raise ValueError(f"only 'model.*' weights have EMA copies in LDM checkpoints, got {key!r}")
-    return EMA_PREFIX + key[len("model.") :].replace(".", "")
-
-
-def prune(sd: Mapping[str, torch.Tensor], keep_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Drop EMA and training-only entries; keep_ema first swaps the UNet weights for their EMA copies."""
-    out = {key: value for key, value in sd.items() if not is_training_key(key)}
-    if not keep_ema:
-        return out
-    unet_keys = [key for key in out if key.startswith("model.diffusion_model.")]
-    if not any(is_ema_key(key) and key not in ("model_ema.decay", "model_ema.num_updates") for key in sd):
-        raise CheckpointError("has no EMA weights (no 'model_ema.*' tensors) to keep; leave out --keep-ema")
-    if not unet_keys:
-        raise CheckpointError("state dict has EMA weights but no 'model.diffusion_model.*' weights")
-    claimed: dict[str, str] = {}
-    missing: list[str] = []
-    for key in unet_keys:
-        ema_key = ema_key_for(key)
-        if ema_key in claimed:
-            raise CheckpointError(f"EMA name {ema_key!r} is ambiguous: fits {claimed[ema_key]!r} and {key!r}")
-        claimed[ema_key] = key
-        if ema_key not in sd:
-            missing.append(key)
-            continue
-        if sd[ema_key].shape != out[key].shape:
-            raise CheckpointError(
-                f"EMA copy {ema_key!r} has shape {tuple(sd[ema_key].shape)}, "
-                f"but {key!r} has {tuple(out[key].shape)}"
-            )
-        out[key] = sd[ema_key]
-    if missing:
-        raise CheckpointError(
-            f"EMA is incomplete: {len(missing)} of {len(unet_keys)} UNet weights have no EMA copy "
-            f"(first: {missing[0]!r} -> expected {ema_key_for(missing[0])!r})"
-        )
-    return out
-
-
 def cast_floats(
     sd: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
@@ -620,71 +539,20 @@ def cast_floats(
         raise ValueError(
             f"cast_floats needs a floating-point torch.dtype (e.g. torch.float16), got {dtype!r}"
         )
-    mapped = _file_mappings() if release_mapped else []
+    mapped = file_mappings() if release_mapped else []
     out = {}
     for key, t in sd.items():
         if not t.is_floating_point() or t.dtype == dtype:
             out[key] = t
             continue
-        in_file = _page_range(t, mapped, outer=True) if mapped else None
+        in_file = page_range(t, mapped, outer=True) if mapped else None
         if in_file:
-            _madvise(in_file, _MADV_POPULATE_READ)
+            madvise(in_file, MADV_POPULATE_READ)
         if memory_format is not None and t.ndim == 4:
             out[key] = torch.empty(t.shape, dtype=dtype, device=t.device, memory_format=memory_format)
             out[key].copy_(t)
         else:
             out[key] = t.to(dtype)
         if in_file:
-            _madvise(_page_range(t, mapped, outer=False), _MADV_DONTNEED)
+            madvise(page_range(t, mapped, outer=False), MADV_DONTNEED)
     return out
-
-
-_MADV_DONTNEED = 4
-_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL and the pages fault in as usual
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's private, non-executable file mappings (Linux; [] elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        perms = fields[1] if len(fields) == 6 else ""
-        if perms[:1] == "r" and perms[2:] == "-p" and fields[4] != "0" and fields[5].startswith("/"):
-            lo, hi = fields[0].split("-")
-            ranges.append((int(lo, 16), int(hi, 16)))
-    return ranges
-
-
-def _page_range(
-    tensor: torch.Tensor, mapped: list[tuple[int, int]], *, outer: bool
-) -> tuple[int, int] | None:
-    """The pages under a contiguous CPU `tensor` lying inside a file mapping, else None. `outer`: every
-    page the tensor touches; otherwise only the pages wholly inside it (safe to drop: a neighbouring
-    tensor may still be read from a shared edge page, which would then simply be re-read)."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
-        return None
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    if not any(lo <= start and end <= hi for lo, hi in mapped):
-        return None
-    page = mmap.PAGESIZE
-    if outer:
-        return start // page * page, -(-end // page) * page
-    first, last = -(-start // page) * page, end // page * page
-    return (first, last) if last > first else None
-
-
-def _madvise(pages: tuple[int, int] | None, advice: int) -> None:
-    """madvise over `pages` (start, end); a refusal (e.g. an older kernel) only loses the speed-up."""
-    if pages is not None:
-        _libc().madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1] - pages[0]), advice)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)

@@ -14,8 +14,13 @@ from typing import Any
 
 import torch
 
-from ..adapters.embeddings import EMBEDDING_SUFFIXES, Embedding, EmbeddingLibrary, load_embedding
-from ..adapters.embeddings import used_embeddings as _used_embeddings
+from ..adapters.embeddings import (
+    EMBEDDING_SUFFIXES,
+    Embedding,
+    EmbeddingLibrary,
+    load_embedding,
+    used_embeddings,
+)
 from ..adapters.extra_networks import (
     LORA_KINDS,
     LORA_SUFFIXES,
@@ -23,7 +28,6 @@ from ..adapters.extra_networks import (
     lora_weights,
     parse_extra_networks,
     prompt_loras,
-    strip_extra_networks,
 )
 from ..adapters.lora import LoraError, LoraNetwork
 from ..checkpoints.single_file import read_safetensors_header
@@ -248,16 +252,9 @@ class Adapters:
     def uses_loras(self, params: GenerationParams) -> bool:
         return bool(parse_extra_networks(params.prompt)[1])
 
-    def used_embeddings(self, pipe, params: GenerationParams) -> list[Embedding]:
-        texts = [strip_extra_networks(params.prompt), strip_extra_networks(params.negative_prompt)]
-        widths = [e.cfg.width for e in pipe.model.text_encoders]
-        return _used_embeddings(texts, pipe.loaded.tokenizer, self.embeddings, widths)
-
     def uses_adapters(self, pipe, params: GenerationParams) -> bool:
-        """Whether a job needs the solo path (its infotext records LoRA / TI hashes)."""
-        if not _takes_adapters(pipe):
-            return False
-        return self.uses_loras(params) or bool(self.used_embeddings(pipe, params))
+        """Whether a job needs the solo path: `needs_solo` with the server's embeddings."""
+        return needs_solo(pipe, params, self.embeddings)
 
     def check_fits(self, pipe, params: GenerationParams) -> None:
         """Refuse a LoRA that matches no layer of the model (made for another family): it would change
@@ -284,6 +281,19 @@ class Adapters:
             lock = self._locks.setdefault(pipe, _SharedExclusive())
         with lock.hold(exclusive=any(self.uses_loras(p) for p in params)):
             yield
+
+
+def needs_solo(pipe, params: GenerationParams, embeddings: EmbeddingLibrary | None) -> bool:
+    """Whether a job must run alone, not in a batched run (jobs.batch): its prompt or negative prompt has a
+    `<kind:...>` tag or names one of `embeddings` (`Pipeline.generate` applies the LoRAs for the call and
+    records LoRA / TI hashes in the infotext; a batched run does neither). SD3 pipelines take neither."""
+    if not _takes_adapters(pipe):
+        return False
+    texts = [params.prompt, params.negative_prompt]
+    if any(parse_extra_networks(t)[1] for t in texts):
+        return True
+    widths = [e.cfg.width for e in pipe.model.text_encoders]
+    return bool(used_embeddings(texts, pipe.loaded.tokenizer, embeddings, widths))
 
 
 def _takes_adapters(pipe) -> bool:

@@ -18,12 +18,14 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from ..durable import fsync_dir
 from ..image_files import write_atomic
 from ..metadata import parse_infotext, read_infotext
 from .model import ImageRecord, Job, JobState
@@ -76,20 +78,26 @@ def limits_of(runner) -> AnimateLimits:
 # --- motion modules by name --------------------------------------------------------------------
 
 
-def motion_modules(folder: Path) -> dict[str, Path]:
-    """name -> path of the AnimateDiff modules in `folder`: files by stem, diffusers folders by name."""
+def _offered(folder: Path, is_model_dir: Callable[[Path], bool]) -> dict[str, Path]:
+    """name -> path of the weights in `folder`: files by stem, folders that `is_model_dir` accepts by name;
+    hidden entries and symlinks leading out of the folder are not offered."""
     out: dict[str, Path] = {}
     if not folder.is_dir():
         return out
     root = folder.resolve()
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.resolve().is_relative_to(root):
-            continue  # hidden, or a symlink leading out of the folder: not offered
+            continue
         if p.is_file() and p.suffix.lower() in MOTION_SUFFIXES:
             out.setdefault(p.stem, p)
-        elif p.is_dir() and (p / "config.json").is_file():
+        elif p.is_dir() and is_model_dir(p):
             out.setdefault(p.name, p)
     return out
+
+
+def motion_modules(folder: Path) -> dict[str, Path]:
+    """name -> path of the AnimateDiff modules in `folder`: files by stem, diffusers folders by name."""
+    return _offered(folder, lambda p: (p / "config.json").is_file())
 
 
 def resolve_motion_module(folder: Path, name: str) -> Path:
@@ -107,18 +115,7 @@ def motion_loras(folder: Path) -> dict[str, Path]:
     """name -> path of the MotionLoRAs in `folder`: files by stem, diffusers LoRA folders by name."""
     from ..animation.motion_lora import LORA_FILES
 
-    out: dict[str, Path] = {}
-    if not folder.is_dir():
-        return out
-    root = folder.resolve()
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.resolve().is_relative_to(root):
-            continue  # hidden, or a symlink leading out of the folder: not offered
-        if p.is_file() and p.suffix.lower() in MOTION_SUFFIXES:
-            out.setdefault(p.stem, p)
-        elif p.is_dir() and any((p / n).is_file() for n in LORA_FILES):
-            out.setdefault(p.name, p)
-    return out
+    return _offered(folder, lambda p: any((p / n).is_file() for n in LORA_FILES))
 
 
 def resolve_motion_lora(folder: Path, name: str) -> Path:
@@ -352,11 +349,7 @@ def _publish_frames(runner, job: Job, folder: Path, frames: int) -> list[ImageRe
             seed=int(seed) if seed.isdigit() else None, infotext=infotext, created_at=time.time(),
         ))  # fmt: skip
     for parent in parents:  # the new names are durable before the records that point at them
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(parent)
     return records
 
 

@@ -26,11 +26,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..adapters.embeddings import used_embeddings
-from ..adapters.extra_networks import strip_extra_networks
 from ..memory import check_fits
 from ..params import GenerationParams
 from ..pipeline import Cancelled, GenerationResult, Pipeline, Progress, Skipped, _Batch
+from .adapters import needs_solo
 
 _state = threading.local()  # .jobs: the job count of this thread's batched run (unset: not batching)
 _install_lock = threading.Lock()
@@ -79,16 +78,6 @@ def per_job_gemms(module: nn.Module, jobs: int) -> Iterator[None]:
         _state.jobs = 0
 
 
-def _plain(pipe: Pipeline, p: GenerationParams) -> bool:
-    """No `<lora:...>`-style tag and no textual-inversion name: what `Pipeline.generate` adds for those
-    (the LoRA applied for the call, hashes in the infotext) is not part of a batched run."""
-    texts = [p.prompt, p.negative_prompt]
-    if any(strip_extra_networks(t) != t for t in texts):
-        return False
-    widths = [e.cfg.width for e in pipe.model.text_encoders]
-    return not used_embeddings(texts, pipe.loaded.tokenizer, pipe.embeddings, widths)
-
-
 def batchable(pipe: Pipeline, params: Sequence[GenerationParams]) -> list[tuple[dict, dict]] | None:
     """Each job's (cond, uncond) when they can share a run (same text length, no LoRA or embedding);
     None otherwise (the jobs then run one at a time)."""
@@ -96,7 +85,7 @@ def batchable(pipe: Pipeline, params: Sequence[GenerationParams]) -> list[tuple[
         return None  # SD3: one job at a time
     res = pipe.cfg.resolution
     ps = [p.validate(res, pipe.defaults) for p in params]
-    if not all(_plain(pipe, p) for p in ps):
+    if any(needs_solo(pipe, p, pipe.embeddings) for p in ps):
         return None
     width, height = ps[0].size(res)
     conds = [pipe.encode(p, width, height) for p in ps]

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..animation.render import INTERPOLATIONS, MODES
 from ..animation.schedule import CURVES
-from ..params import MAX_SIDE, MAX_STEPS, PROMPT_MODES
+from ..params import PROMPT_MODES
 from .a1111_schemas import MAX_PROMPT, SEED_MAX
+from .sampling_schemas import SamplingFields
 
 MAX_PROMPT_KEYFRAMES = 256
 MAX_SEEDS = 1000
@@ -31,25 +32,11 @@ class MotionLoraRef(BaseModel):
     weight: float = Field(1.0, ge=-4.0, le=4.0)
 
 
-class AnimateParams(BaseModel):
+class AnimateParams(SamplingFields):
     """`diffusekit animate` options as job params (None: the model's recommendation)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str | None = Field(
-        None, max_length=200, description="a name from GET /v1/models (default: 'default')"
-    )
     prompt: str = Field("", max_length=MAX_PROMPT, description="the prompt when `prompts` is not given")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT)
-    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    cfg_scale: float | None = Field(None, ge=0.0, le=30.0)
-    sampler: str | None = Field(None, max_length=100)
-    schedule: str | None = Field(None, max_length=100)
     seed: int = Field(-1, ge=-1, le=SEED_MAX, description="-1: drawn when the job is accepted")
-    subseed: int = Field(-1, ge=-1, le=SEED_MAX)
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
     clip_skip: int = Field(1, ge=1, le=12)
     cfg_rescale: float = Field(0.0, ge=0.0, le=1.0)
     prompt_mode: Literal[PROMPT_MODES] = "a1111"  # type: ignore[valid-type]

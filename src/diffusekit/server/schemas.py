@@ -6,31 +6,15 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
 
-from ..params import INPAINT_FILLS, MAX_BATCH, MAX_SIDE, MAX_STEPS, PROMPT_MODES
-from .a1111_schemas import MAX_PROMPT, SEED_MAX
+from ..params import INPAINT_FILLS, MAX_BATCH, MAX_STEPS, PROMPT_MODES
 from .animate_schemas import AnimateJobCreate
+from .sampling_schemas import SamplingFields
 from .train_schemas import TrainLoraParams
 
 
-class JobParams(BaseModel):
+class JobParams(SamplingFields):
     """GenerationParams fields (None: the model's recommendation), the model, and input images."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str | None = Field(
-        None, max_length=200, description="a name from GET /v1/models (default: 'default')"
-    )
-    prompt: str = Field("", max_length=MAX_PROMPT)
-    negative_prompt: str = Field("", max_length=MAX_PROMPT)
-    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    cfg_scale: float | None = Field(None, ge=0.0, le=30.0)
-    sampler: str | None = Field(None, max_length=100)
-    schedule: str | None = Field(None, max_length=100)
-    seed: int = Field(-1, ge=-1, le=SEED_MAX)
-    subseed: int = Field(-1, ge=-1, le=SEED_MAX)
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     n_iter: int = Field(1, ge=1, le=100)
     clip_skip: int = Field(1, ge=1, le=12)

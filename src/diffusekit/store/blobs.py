@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints.single_file import SAFETENSORS_DTYPES
+from ..durable import fsync_dir
 
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 HASH_BLOCK = 1 << 20
@@ -28,15 +29,6 @@ TMP_SUFFIX = ".tmp"
 
 class StoreError(ValueError):
     """A store operation that cannot proceed; the message says what is wrong and what is valid."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

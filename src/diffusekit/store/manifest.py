@@ -19,7 +19,8 @@ import torch
 
 from ..checkpoints.atomic import write_stream
 from ..checkpoints.inspect import dtype_name
-from ..checkpoints.single_file import save_state_dict, split_by_prefixes
+from ..checkpoints.single_file import save_state_dict
+from ..checkpoints.surgery import split_by_prefixes
 from ..models.configs import UNET_PREFIX, VAE_PREFIX, ModelConfig
 from ..models.sd3_configs import CLIP_G_PREFIX, CLIP_L_PREFIX, MMDIT_PREFIX, SD3_VAE_PREFIX, T5_PREFIX
 from .blobs import BlobStore, StoreError, tensor_bytes

@@ -1,6 +1,7 @@
 // The Animate view: an "animate" job from its form, frame-by-frame progress over SSE, the video.
 
 import * as api from "./api.js";
+import { markInvalid, progressBar } from "./feedback.js";
 
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -11,15 +12,7 @@ const MOTION = ["zoom", "angle", "translation_x", "translation_y", "strength", "
 let current = null; // {id, abort}
 let videoUrl = null; // the object URL of the shown video
 
-function setProgress(fraction, text, cls = "") {
-  const bar = $("an-progress");
-  const pct = Math.max(0, Math.min(100, Math.round(fraction * 100)));
-  bar.setAttribute("aria-valuenow", String(pct));
-  bar.setAttribute("aria-valuetext", text);
-  bar.className = `bar ${cls}`;
-  bar.querySelector(".fill").style.width = `${pct}%`;
-  $("an-progress-text").textContent = text;
-}
+const setProgress = progressBar("an-progress", "an-progress-text");
 
 function clearErrors() {
   $("an-error").hidden = true;
@@ -35,15 +28,7 @@ function showError(message, field) {
   const id = field === "width" || field === "height" ? "size" : field;
   const input = id ? $(`an-${id}`) : null;
   if (input) {
-    const err = document.createElement("span");
-    err.className = "field-error";
-    err.id = `err-an-${id}`;
-    err.setAttribute("role", "alert");
-    err.textContent = message;
-    input.classList.add("invalid");
-    input.setAttribute("aria-invalid", "true");
-    input.setAttribute("aria-errormessage", err.id);
-    (input.closest(".field") || input.parentElement).append(err);
+    markInvalid(input, `err-an-${id}`, message);
     return;
   }
   $("an-error").textContent = message;

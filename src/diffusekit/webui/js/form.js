@@ -1,5 +1,7 @@
 // The generation form: read it into GenerationParams fields, fill it from params, show field errors.
 
+import { markInvalid } from "./feedback.js";
+
 const $ = (id) => document.getElementById(id);
 
 // inputs whose empty value means "the model's recommendation" (the field is left out of the request)
@@ -148,16 +150,7 @@ export function showError(message, field) {
   const id = field ? FIELD_ALIASES[field] || field : null;
   const input = id ? $(id) : null;
   if (input) {
-    const err = document.createElement("span");
-    err.className = "field-error";
-    err.id = `err-${id}`;
-    err.setAttribute("role", "alert");
-    err.textContent = message;
-    input.classList.add("invalid");
-    input.setAttribute("aria-invalid", "true");
-    input.setAttribute("aria-errormessage", err.id);
-    const box = input.closest(".field") || input.parentElement;
-    box.append(err);
+    markInvalid(input, `err-${id}`, message);
     const details = input.closest("details");
     if (details) details.open = true;
     return;

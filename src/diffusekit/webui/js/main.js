@@ -3,6 +3,7 @@
 import { initAnimate, refreshAnimateLists, showAnimateJob } from "./animate.js";
 import * as api from "./api.js";
 import * as editor from "./editor.js";
+import { buildFields } from "./fields.js";
 import { applyParams, clearErrors, highlightPrompt, mode, setMode, showError, syncSizePreset } from "./form.js";
 import { initJobView, showTrainJob } from "./jobview.js";
 import { initNetworks } from "./networks.js";
@@ -215,6 +216,7 @@ async function openJob(id) {
 }
 
 async function main() {
+  buildFields(); // the shared form fields first: everything below finds them by id
   initTabs();
   initAuth();
   initForm();

@@ -2,6 +2,7 @@
 
 import * as api from "./api.js";
 import * as editor from "./editor.js";
+import { progressBar } from "./feedback.js";
 import { applyParams, clearErrors, mode, readParams, setMode, showError } from "./form.js";
 import { infotextToParams, parseInfotext } from "./pnginfo.js";
 
@@ -17,15 +18,7 @@ const opening = new Map(); // job id -> the addImages() promise of a reopen in f
 
 export const lastImageSeed = () => lastSeed;
 
-function setProgress(fraction, text, cls = "") {
-  const bar = $("progress");
-  const pct = Math.max(0, Math.min(100, Math.round(fraction * 100)));
-  bar.setAttribute("aria-valuenow", String(pct));
-  bar.setAttribute("aria-valuetext", text);
-  bar.className = `bar ${cls}`;
-  bar.querySelector(".fill").style.width = `${pct}%`;
-  $("progress-text").textContent = text;
-}
+const setProgress = progressBar("progress", "progress-text");
 
 function progressOf(data) {
   const p = data.progress && typeof data.progress === "object" ? data.progress : data;
