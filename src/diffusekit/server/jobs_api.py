@@ -35,6 +35,8 @@ def job_out(request: Request, job: Job) -> JobOut:
     if live is not None and job.state == JobState.RUNNING:
         step, total, fraction, eta = live.step, live.total, live.fraction, live.eta_s
     progress = {"step": step, "total": total, "fraction": round(fraction, 4)}
+    if live is not None and live.waiting and job.state == JobState.RUNNING:
+        progress["waiting"] = live.waiting  # e.g. for model memory that other running jobs hold
     result = None
     if job.kind == "train_lora":
         from ..jobs.train_job import read_result
