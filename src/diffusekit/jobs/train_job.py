@@ -153,6 +153,7 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     start, t0, running = trainer.state.step, time.perf_counter(), []
     live.total, live.step = steps, start
     live.loss = trainer.state.losses[-1][1] if trainer.state.losses else None
+    sampler = Samples(runner, job, live, loaded, net)
     params.train()
     while trainer.state.step < steps:
         if live.cancel.is_set():
@@ -170,6 +171,16 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
         if step % tcfg.save_every == 0 or step == steps:
             trainer.save()
         _report(runner, job, live, step, steps, loss)
+        if sampler.due(step):
+            params.eval()
+            try:
+                sampler.make(step)
+            except Cancelled:
+                if not runner.running:  # the server stops during a sample: resume from here later
+                    trainer.save()
+                    raise Suspended(job.id) from None
+                raise
+            params.train()
     params.eval()
     if p["ema"]:
         trainer.ema.copy_to(params)
@@ -204,6 +215,48 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     _write_json(result_path(runner.data_dir, job.id), summary)
     shutil.rmtree(work, ignore_errors=True)
     return JobState.SUCCEEDED, records, None
+
+
+class Samples:
+    """Sample images every `sample_every` steps (the CLI's option), one per sample prompt, made with the
+    LoRA as trained so far on the job's own copy of the model and stored with the job as role "sample"
+    at once, so the job's status and events list them while training goes on. A resumed job skips the
+    steps whose samples were stored before the crash."""
+
+    def __init__(self, runner, job: Job, live, loaded, net):
+        self.runner, self.job, self.live, self.loaded, self.net = runner, job, live, loaded, net
+        self.every = int(job.params.get("sample_every") or 0)
+        prompts = job.params.get("sample_prompt") or []
+        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.done = {r.step for r in runner.queue.job_images(job.id, "sample")}
+        self._pipe = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every and self.prompts) and step % self.every == 0 and step not in self.done
+
+    def make(self, step: int) -> None:
+        """One image per prompt at `step`, stored and recorded with the job (durably) before it goes on."""
+        import torch
+
+        from ..adapters.train_lora import sample_with_lora
+        from ..pipeline import Pipeline
+
+        if self._pipe is None:
+            self._pipe = Pipeline(self.loaded, dtype=torch.float32)  # shares the model being trained
+            if self.runner.adapters is not None:
+                self.runner.adapters.attach(self._pipe)  # <lora:...> tags and embeddings of the server
+        p, store, owner, records = self.job.params, self.runner.store, self.job.owner, []
+        self.live.sampling = True
+        try:
+            for prompt in self.prompts:
+                kw = dict(seed=p["seed"], steps=p["sample_steps"], cancel=self.live.cancel)
+                result = sample_with_lora(self._pipe, self.net, prompt, **kw)
+                img, text, seed = result.images[0], result.infotexts[0], result.seeds[0]
+                records.append(store.write(img, text, owner=owner, seed=seed, role="sample", step=step))
+        finally:
+            self.live.sampling = False
+        if self.runner.queue.add_images(self.job.id, records):
+            self.done.add(step)
 
 
 def _report(runner, job: Job, live, step: int, total: int, loss: float) -> None:

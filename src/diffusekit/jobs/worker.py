@@ -64,6 +64,7 @@ class Live:
     fraction: float = 0.0  # overall 0..1
     preview_step: int = 0
     loss: float | None = None  # training jobs: the last step's loss
+    sampling: bool = False  # training jobs: making sample images now
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)  # A1111 skip: end the current image
     last_step_at: float = 0.0
