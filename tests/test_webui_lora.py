@@ -207,6 +207,36 @@ def test_train_tab_trains_a_lora_that_the_picker_then_offers(ui, tmp_path):
     assert ui.errors == []
 
 
+def test_train_tab_shows_the_latest_samples_as_training_goes(ui, server, tmp_path):
+    page = ui.open()
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA name").fill("sampled_ui")
+    page.get_by_label("Caption for new images").fill("a bluebox shape")
+    page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path)])
+    page.get_by_label("Training steps").fill("30")
+    page.get_by_label("LoRA rank").fill("2")
+    page.get_by_label("Sample every N steps").fill("10")
+    page.get_by_label("Sample sampler steps").fill("2")
+    page.get_by_label("Sample prompts (one per line, up to 4)").fill("a bluebox shape\na red circle")
+    page.evaluate(
+        """() => { window.__shown = [];
+        const box = document.getElementById('tr-samples');
+        new MutationObserver(() => window.__shown.push([...box.querySelectorAll('figcaption')]
+            .map((c) => c.textContent).join(' | '))).observe(box, {childList: true}); }"""
+    )
+    page.get_by_role("button", name="Start training").click()
+    sync_api.expect(page.locator("#tr-progress-text")).to_contain_text("Done", timeout=180_000)
+    shown = page.evaluate("window.__shown")
+    # the newest step's images replaced the older ones while the job ran; both prompts at each step
+    assert "Step 30: a bluebox shape | Step 30: a red circle" == shown[-1], shown
+    assert any(s.startswith("Step 10: ") or s.startswith("Step 20: ") for s in shown), shown
+    sync_api.expect(page.get_by_role("img", name="Sample at step 30: a red circle")).to_be_visible()
+    first = page.get_by_role("img", name="Sample at step 30: a bluebox shape")
+    assert first.evaluate("i => i.naturalWidth") == 64  # the PNG itself, fetched with the key
+    shot(page, "train-samples")
+    assert ui.errors == []
+
+
 def test_train_tab_cancel(ui, server, tmp_path):
     page = ui.open()
     page.get_by_role("tab", name="Train").click()
