@@ -154,6 +154,7 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     live.total, live.step = steps, start
     live.loss = trainer.state.losses[-1][1] if trainer.state.losses else None
     sampler = Samples(runner, job, live, loaded, net)
+    _samples(runner, job, trainer, params, sampler, start)  # those a stop during sampling left unmade
     params.train()
     while trainer.state.step < steps:
         if live.cancel.is_set():
@@ -171,16 +172,7 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
         if step % tcfg.save_every == 0 or step == steps:
             trainer.save()
         _report(runner, job, live, step, steps, loss)
-        if sampler.due(step):
-            params.eval()
-            try:
-                sampler.make(step)
-            except Cancelled:
-                if not runner.running:  # the server stops during a sample: resume from here later
-                    trainer.save()
-                    raise Suspended(job.id) from None
-                raise
-            params.train()
+        _samples(runner, job, trainer, params, sampler, step)
     params.eval()
     if p["ema"]:
         trainer.ema.copy_to(params)
@@ -257,6 +249,23 @@ class Samples:
             self.live.sampling = False
         if self.runner.queue.add_images(self.job.id, records):
             self.done.add(step)
+
+
+def _samples(runner, job: Job, trainer, params, sampler: Samples, step: int) -> None:
+    """The samples due at `step`; a server stop while they are made checkpoints `step` (Suspended)."""
+    from ..pipeline import Cancelled
+
+    if step == 0 or not sampler.due(step):
+        return
+    params.eval()
+    try:
+        sampler.make(step)
+    except Cancelled:
+        if not runner.running:  # the server stops: the restarted job makes them before it goes on
+            trainer.save()
+            raise Suspended(job.id) from None
+        raise
+    params.train()
 
 
 def _report(runner, job: Job, live, step: int, total: int, loss: float) -> None:
