@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,8 @@ class ModelCache:
         self._users: dict[str, int] = {}  # key -> leases held now
         self._loading: dict[str, int] = {}  # key -> bytes reserved by a load in progress
         self._loading_labels: dict[str, str] = {}
+        self._held: dict[str, int] = {}  # hold key -> bytes a job keeps outside the cache (see `hold`)
+        self._held_labels: dict[str, str] = {}
         self._queue: deque[object] = deque()  # tickets of waiting acquisitions, first come first served
         self._cond = threading.Condition(threading.Lock())
 
@@ -87,11 +90,16 @@ class ModelCache:
                 {"model": self._loading_labels[k], "bytes": b, "leases": 0, "loading": True}
                 for k, b in self._loading.items()
             ]
+            out += [
+                {"model": self._held_labels[k], "bytes": b, "leases": 1, "loading": False, "held": True}
+                for k, b in self._held.items()
+            ]
             return out
 
-    def estimate(self, entry: ModelEntry) -> int:
-        """Bytes loading `entry` needs: its weights at the compute dtype plus working room."""
-        return int(weight_bytes(entry, precision=self.precision, device=self.device) * LOAD_HEADROOM)
+    def estimate(self, entry: ModelEntry, precision: str | None = None) -> int:
+        """Bytes loading `entry` needs: its weights at the compute dtype (or `precision`) plus room."""
+        dtype = precision or self.precision
+        return int(weight_bytes(entry, precision=dtype, device=self.device) * LOAD_HEADROOM)
 
     # --- leases ---------------------------------------------------------------------------------
 
@@ -134,7 +142,45 @@ class ModelCache:
         A pipeline leased by someone else is shared at once; otherwise callers take turns in arrival
         order, and a load that must wait for leased models to be released calls `on_wait(reason)` (and
         `on_wait(None)` when it goes on). `cancel` set while waiting raises pipeline.Cancelled."""
-        key = entry.key
+        pipe = self._reserve(entry.key, entry.label, lambda: self.estimate(entry), cancel, on_wait)
+        return pipe if pipe is not None else self._load(entry, entry.key)
+
+    @contextmanager
+    def hold(
+        self,
+        label: str,
+        need: int,
+        *,
+        cancel: threading.Event | None = None,
+        on_wait: Callable[[str | None], None] | None = None,
+    ) -> Iterator[None]:
+        """Count `need` bytes that a job keeps outside the cache (a training job's own copy of a model)
+        against the memory limit while the block runs; waits for room, and evicts idle models, as a load
+        does. With no --model-memory the system's available memory already shows it, so nobody waits on
+        a hold then."""
+        key = f"hold:{uuid.uuid4().hex}"
+        self._reserve(key, label, lambda: need, cancel, on_wait)
+        with self._cond:
+            self._held[key] = self._loading.pop(key)
+            self._held_labels[key] = self._loading_labels.pop(key)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.pop(key, None)
+                self._held_labels.pop(key, None)
+                self._cond.notify_all()
+
+    def _reserve(
+        self,
+        key: str,
+        label: str,
+        estimate: Callable[[], int],
+        cancel: threading.Event | None,
+        on_wait: Callable[[str | None], None] | None,
+    ):
+        """Wait for this caller's turn and room: a loaded pipeline (leased now), or None once `need` bytes
+        are reserved under `key` in `_loading` (the caller loads, or holds, it)."""
         need: int | None = None
         ticket: object | None = None
         deadline = time.monotonic() + self.wait_s
@@ -149,22 +195,22 @@ class ModelCache:
                         return self._pipes[key]
                     reason = None
                     if key in self._loading:
-                        reason = f"model {entry.label!r} is being loaded by another job"
+                        reason = f"model {label!r} is being loaded by another job"
                     elif turn:
                         if need is None:
                             self._cond.release()  # reading the tensor headers is file I/O
                             try:
-                                need = self.estimate(entry)
+                                need = estimate()
                             finally:
                                 self._cond.acquire()
                             continue  # the world may have changed meanwhile
-                        plan = self._plan(entry, need)
+                        plan = self._plan(label, need)
                         if isinstance(plan, list):
                             for k in plan:
                                 self._drop(k)
                             evicted = bool(plan)
                             self._loading[key] = need
-                            self._loading_labels[key] = entry.label
+                            self._loading_labels[key] = label
                             break
                         reason = plan
                     else:
@@ -193,7 +239,7 @@ class ModelCache:
                     on_wait(None)
         if evicted:
             gc.collect()  # evicted pipelines may sit in reference cycles
-        return self._load(entry, key)
+        return None
 
     def release(self, entry: ModelEntry) -> None:
         """End one lease of the entry's pipeline (it stays loaded, evictable once no lease is left)."""
@@ -247,7 +293,7 @@ class ModelCache:
         self._sizes.pop(key, None)
         self._labels.pop(key, None)
 
-    def _plan(self, entry: ModelEntry, need: int) -> list[str] | str:
+    def _plan(self, label: str, need: int) -> list[str] | str:
         """The idle pipelines (LRU first) to evict so that `need` bytes fit, or why it must wait now.
 
         Raises ModelMemoryError when the load could not fit even with nothing else loaded."""
@@ -255,11 +301,12 @@ class ModelCache:
         if self.limit_bytes is not None:
             if need > self.limit_bytes:
                 raise ModelMemoryError(
-                    f"model {entry.label!r} needs about {_mib(need)} to load (weights and working room) but "
+                    f"model {label!r} needs about {_mib(need)} to load (weights and working room) but "
                     f"the model memory limit (--model-memory) is {_mib(self.limit_bytes)}; loaded now: "
                     f"{self._describe()}"
                 )
-            free: int | None = self.limit_bytes - sum(self._sizes.values()) - reserved
+            held = sum(self._held.values())
+            free: int | None = self.limit_bytes - sum(self._sizes.values()) - reserved - held
         else:
             avail = available_bytes()
             free = None if avail is None else avail - reserved
@@ -286,7 +333,7 @@ class ModelCache:
             else f"{_mib(max(0, (free or 0)))} of memory is available"
         )
         return (
-            f"model {entry.label!r} needs about {_mib(need)} to load but {where} and the loaded models "
+            f"model {label!r} needs about {_mib(need)} to load but {where} and the loaded models "
             f"in use cannot be evicted: {self._describe()}"
         )
 
@@ -298,4 +345,5 @@ class ModelCache:
             use = f"in use by {n} job{'s' if n > 1 else ''}" if n else "idle"
             parts.append(f"{self._labels[k]} ({_mib(self._sizes[k])}, {use})")
         parts += [f"{self._loading_labels[k]} ({_mib(b)}, loading)" for k, b in self._loading.items()]
+        parts += [f"{self._held_labels[k]} ({_mib(b)}, in use)" for k, b in self._held.items()]
         return ", ".join(parts) if parts else "nothing"

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +95,23 @@ def _dataset(runner, job: Job, work: Path) -> Path:
 def run_train_lora(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | None]:
     """Train, report, checkpoint; write the LoRA; return (state, [loss curve image], base model hash).
 
-    A failure or a cancel removes the work folder; a crash or a server stop leaves it, for the resume."""
+    A failure or a cancel removes the work folder; a crash or a server stop leaves it, for the resume.
+    The job's own fp32 copy of the base model counts against the server's model memory while it runs."""
+    from ..pipeline import Cancelled
+
     try:
-        return _train(runner, job, live)
+        entry = runner.catalog.get(job.model)
+        need = runner.cache.estimate(entry, precision="fp32")
+        waiting = partial(setattr, live, "waiting")  # why it waits for model memory (None: no longer)
+        with ExitStack() as stack:
+            try:
+                label = f"{entry.label} (training copy)"
+                stack.enter_context(runner.cache.hold(label, need, cancel=live.cancel, on_wait=waiting))
+            except Cancelled:
+                if not runner.running:  # the server stops while it waits: re-queued on the next start
+                    raise Suspended(job.id) from None
+                raise
+            return _train(runner, job, live)
     except Suspended:
         raise
     except Exception:
