@@ -129,7 +129,8 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
         img = Image.new("RGB", (64, 64), "white")
         ImageDraw.Draw(img).ellipse((8 + 6 * i, 10, 44 + 6 * i, 46), fill=(200, 30, 160))
         images.append({"image": _png_b64(img), "caption": "a zorblat shape"})
-    params = {"name": "zorblat", "images": images, "steps": 4, "rank": 2, "lr": 0.01, "save_every": 2}
+    params = {"name": "zorblat", "images": images, "steps": 4, "rank": 2, "lr": 0.01, "save_every": 2,
+              "sample_every": 2, "sample_prompt": "a zorblat shape", "sample_steps": 1}  # fmt: skip
     r = requests.post(f"{server.url}/v1/jobs", json={"kind": "train_lora", "params": params}, timeout=30)
     assert r.status_code == 202, r.text
     train = _wait_job(server, r.json()["id"])
@@ -150,6 +151,11 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
     assert "<lora:zorblat:1>" in text and "Final loss" in text
     assert f"{train['result']['final_loss']:.4g}" in text
     sync_api.expect(dialog.get_by_role("img", name="Loss curve")).to_be_visible()
+    sync_api.expect(dialog.get_by_role("img", name="Sample at step 4: a zorblat shape")).to_be_visible()
+    assert "2 images, every 2 steps" in text
+    lowest = min(loss for _, loss in train["result"]["losses"])
+    shown = re.search(r"Lowest loss\s+(\S+)", text).group(1)  # toPrecision(4) of the lowest logged loss
+    assert shown != "NaN" and abs(float(shown) - lowest) <= 1e-3 * lowest, (shown, lowest)
     shot(page, "train-job")
     page.get_by_role("button", name="Use this LoRA in the prompt").click()
     sync_api.expect(page.locator("#view-generate")).to_be_visible()
