@@ -222,7 +222,7 @@ def test_train_tab_shows_the_latest_samples_as_training_goes(ui, server, tmp_pat
     page.get_by_label("Training steps").fill("30")
     page.get_by_label("LoRA rank").fill("2")
     page.get_by_label("Sample every N steps").fill("10")
-    page.get_by_label("Sampler steps per sample").fill("2")
+    page.get_by_label("Steps per sample image").fill("2")
     page.get_by_label("Sample prompts (one per line, up to 4)").fill("a bluebox shape\na red circle")
     page.evaluate(
         """() => { window.__shown = [];
