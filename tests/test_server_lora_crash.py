@@ -1,6 +1,6 @@
 """A train_lora job survives a graceful restart and a kill -9: the restarted server resumes it from its
 checkpoint (it never trains twice to completion), and the LoRA it writes equals `diffusekit train-lora` run
-straight through."""
+straight through (without samples: the job's sample images change nothing, and none is made twice)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from server_helpers import ServerProcess, env, make_key
 
 PARAMS = dict(name="phoenix", steps=40, rank=4, alpha=4.0, lr=0.01, save_every=4, seed=9, batch=2)
+SAMPLES = dict(sample_every=6, sample_prompt="a phoenix", sample_steps=1)
 
 
 def _images() -> list[Image.Image]:
@@ -63,7 +64,11 @@ def test_stopped_and_killed_training_job_resumes_and_equals_the_cli(tmp_path):
     try:  # 1: a graceful stop (SIGTERM) while it trains: checkpointed and left to resume, not cancelled
         body = {
             "kind": "train_lora",
-            "params": {**PARAMS, "images": [{"image": _b64(im), "caption": "a phoenix"} for im in _images()]},
+            "params": {
+                **PARAMS,
+                **SAMPLES,
+                "images": [{"image": _b64(im), "caption": "a phoenix"} for im in _images()],
+            },  # fmt: skip
         }
         h = {"Authorization": f"Bearer {key}"}
         r = requests.post(srv.url + "/v1/jobs", json=body, headers=h, timeout=30)
@@ -87,6 +92,7 @@ def test_stopped_and_killed_training_job_resumes_and_equals_the_cli(tmp_path):
         srv.stop()
     assert job["state"] == "succeeded", job
     assert job["attempts"] == 3 and job["result"]["resumed_from"] >= 20  # checkpointed every 4 steps
+    assert [s["step"] for s in job["samples"]] == [6, 12, 18, 24, 30, 36]  # each once, across both restarts
     served = load_state_dict(data / "loras" / "phoenix.safetensors")[0]
     # the CLI on the same images and captions, uninterrupted
     folder = tmp_path / "ds"

@@ -129,7 +129,8 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
         img = Image.new("RGB", (64, 64), "white")
         ImageDraw.Draw(img).ellipse((8 + 6 * i, 10, 44 + 6 * i, 46), fill=(200, 30, 160))
         images.append({"image": _png_b64(img), "caption": "a zorblat shape"})
-    params = {"name": "zorblat", "images": images, "steps": 4, "rank": 2, "lr": 0.01, "save_every": 2}
+    params = {"name": "zorblat", "images": images, "steps": 4, "rank": 2, "lr": 0.01, "save_every": 2,
+              "sample_every": 2, "sample_prompt": "a zorblat shape", "sample_steps": 1}  # fmt: skip
     r = requests.post(f"{server.url}/v1/jobs", json={"kind": "train_lora", "params": params}, timeout=30)
     assert r.status_code == 202, r.text
     train = _wait_job(server, r.json()["id"])
@@ -150,6 +151,11 @@ def test_queue_opens_training_and_animation_jobs_in_their_own_views(ui, server):
     assert "<lora:zorblat:1>" in text and "Final loss" in text
     assert f"{train['result']['final_loss']:.4g}" in text
     sync_api.expect(dialog.get_by_role("img", name="Loss curve")).to_be_visible()
+    sync_api.expect(dialog.get_by_role("img", name="Sample at step 4: a zorblat shape")).to_be_visible()
+    assert "2 images, every 2 steps" in text
+    lowest = min(loss for _, loss in train["result"]["losses"])
+    shown = re.search(r"Lowest loss\s+(\S+)", text).group(1)  # toPrecision(4) of the lowest logged loss
+    assert shown != "NaN" and abs(float(shown) - lowest) <= 1e-3 * lowest, (shown, lowest)
     shot(page, "train-job")
     page.get_by_role("button", name="Use this LoRA in the prompt").click()
     sync_api.expect(page.locator("#view-generate")).to_be_visible()
@@ -204,6 +210,36 @@ def test_train_tab_trains_a_lora_that_the_picker_then_offers(ui, tmp_path):
     page.get_by_role("tab", name="Generate").click()
     page.get_by_text("LoRAs and embeddings", exact=True).click()
     page.get_by_role("button", name="Insert LoRA bluebox").wait_for()
+    assert ui.errors == []
+
+
+def test_train_tab_shows_the_latest_samples_as_training_goes(ui, server, tmp_path):
+    page = ui.open()
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("LoRA name").fill("sampled_ui")
+    page.get_by_label("Caption for new images").fill("a bluebox shape")
+    page.get_by_label("Choose training images").set_input_files([str(p) for p in _training_pngs(tmp_path)])
+    page.get_by_label("Training steps").fill("30")
+    page.get_by_label("LoRA rank").fill("2")
+    page.get_by_label("Sample every N steps").fill("10")
+    page.get_by_label("Steps per sample image").fill("2")
+    page.get_by_label("Sample prompts (one per line, up to 4)").fill("a bluebox shape\na red circle")
+    page.evaluate(
+        """() => { window.__shown = [];
+        const box = document.getElementById('tr-samples');
+        new MutationObserver(() => window.__shown.push([...box.querySelectorAll('figcaption')]
+            .map((c) => c.textContent).join(' | '))).observe(box, {childList: true}); }"""
+    )
+    page.get_by_role("button", name="Start training").click()
+    sync_api.expect(page.locator("#tr-progress-text")).to_contain_text("Done", timeout=180_000)
+    shown = page.evaluate("window.__shown")
+    # the newest step's images replaced the older ones while the job ran; both prompts at each step
+    assert "Step 30: a bluebox shape | Step 30: a red circle" == shown[-1], shown
+    assert any(s.startswith("Step 10: ") or s.startswith("Step 20: ") for s in shown), shown
+    sync_api.expect(page.get_by_role("img", name="Sample at step 30: a red circle")).to_be_visible()
+    first = page.get_by_role("img", name="Sample at step 30: a bluebox shape")
+    assert first.evaluate("i => i.naturalWidth") == 64  # the PNG itself, fetched with the key
+    shot(page, "train-samples")
     assert ui.errors == []
 
 

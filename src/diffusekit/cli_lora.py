@@ -110,13 +110,12 @@ def _sample(loaded, net, args: argparse.Namespace, path: Path) -> str:
     """One image of the sample prompt with the LoRA as trained so far."""
     import torch
 
+    from .adapters.train_lora import sample_with_lora
     from .metadata import save_png
-    from .params import GenerationParams
     from .pipeline import Pipeline
 
     pipe = Pipeline(loaded, dtype=torch.float32)
-    params = GenerationParams(prompt=args.sample_prompt, seed=args.seed, steps=args.sample_steps)
-    result = pipe.generate(params, loras=[(net, 1.0, 1.0)])
+    result = sample_with_lora(pipe, net, args.sample_prompt, seed=args.seed, steps=args.sample_steps)
     save_png(result.images[0], path, result.infotexts[0])
     return str(path)
 

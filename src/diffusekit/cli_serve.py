@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embeddings_dir=Path(args.embeddings) if args.embeddings else None,
         datasets_dir=Path(args.datasets) if args.datasets else None,
         motion_modules_dir=Path(args.motion_modules) if args.motion_modules else None,
-        max_frames=args.max_frames,
+        max_frames=args.max_frames, model_memory_mb=args.model_memory, model_wait_s=args.model_wait,
     )  # fmt: skip
     app = create_app(config)
     if args.preload:
@@ -131,6 +131,16 @@ def add_serve_commands(sub) -> None:
                    "name (default: motion_modules in the data folder)")  # fmt: skip
     p.add_argument("--max-frames", type=int, default=240, metavar="N",
                    help="most frames of one animate job (frames x width x height <= N x 512^2)")  # fmt: skip
+    p.add_argument(
+        "--model-memory",
+        type=int,
+        metavar="MIB",
+        help="memory the loaded models may take together, in MiB (default: what the system has "
+        "available); models in use are never evicted, a load that does not fit waits for them",
+    )
+    p.add_argument("--model-wait", type=float, default=3600.0, metavar="S",
+                   help="seconds a job waits for models other jobs use to free memory before it fails "
+                   "(default 3600)")  # fmt: skip
     p.add_argument("--preload", metavar="MODEL", help="load this model before serving (e.g. default)")
     p.set_defaults(func=cmd_serve)
 

@@ -340,3 +340,14 @@ def training_metadata(cfg: LoraTrainConfig, model_cfg: ModelConfig, name: str, s
         "ss_seed": str(cfg.seed),
         "ss_training_comment": "trained with diffusekit train-lora",
     }
+
+
+def sample_with_lora(pipe, net: LoraNetwork, prompt: str, *, seed: int, steps: int, **kw):
+    """One sample image of `prompt` with the LoRA as trained so far (weight 1), on `pipe`, a Pipeline over
+    the model being trained (`Pipeline(loaded, dtype=torch.float32)`): the base weights come back
+    bit-identical, so training goes on as if no sample was made. `kw`: pipe.generate's (cancel, ...)."""
+    from ..params import GenerationParams
+
+    params = GenerationParams(prompt=prompt, seed=seed, steps=steps)
+    with torch.no_grad():
+        return pipe.generate(params, loras=[(net, 1.0, 1.0)], **kw)

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,10 @@ def run_animate(runner, job: Job) -> None:
     state, error, records, model_hash = JobState.FAILED, None, [], None
     try:
         _sweep(runner)
-        records, model_hash = _render(runner, job, live)
+        entry = runner.catalog.get(job.model)
+        waiting = partial(setattr, live, "waiting")  # why it waits for model memory (None: no longer)
+        with runner.cache.lease(entry, cancel=live.cancel, on_wait=waiting) as pipe:  # kept while it renders
+            records, model_hash = _render(runner, job, live, pipe)
         state = JobState.SUCCEEDED
     except Exception as e:  # noqa: BLE001 - a failing job is recorded, the server keeps serving
         now = runner.queue.get(job.id)
@@ -212,7 +216,7 @@ def run_animate(runner, job: Job) -> None:
         video.with_suffix(".json").unlink(missing_ok=True)
 
 
-def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str | None]:
+def _render(runner, job: Job, live: AnimateLive, pipe) -> tuple[list[ImageRecord], str | None]:
     from ..animation.render import STATE_FILE, Renderer
     from ..animation.video import frame_path, write_video
     from ..pipeline import Cancelled
@@ -227,7 +231,6 @@ def _render(runner, job: Job, live: AnimateLive) -> tuple[list[ImageRecord], str
             for d in p.get("motion_loras") or ()
         )
     spec = spec_from_params(p, module, loras)
-    pipe = runner.cache.get(runner.catalog.get(job.model))
     folder = work_dir(runner.data_dir, job.id)
     renderer = Renderer(pipe, params_from_job(p), spec, folder)
     limits.check_size(spec.frames, renderer.width, renderer.height)

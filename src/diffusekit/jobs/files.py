@@ -30,6 +30,7 @@ class ImageStore:
         owner: str | None,
         seed: int | None = None,
         role: str = "output",
+        step: int | None = None,
     ) -> ImageRecord:
         """Store one image durably and return its record (not yet in the database)."""
         image_id = uuid.uuid4().hex
@@ -46,6 +47,7 @@ class ImageStore:
             infotext=infotext,
             role=role,
             created_at=time.time(),
+            step=step,
         )
 
     def read(self, rec: ImageRecord) -> bytes:

@@ -25,7 +25,7 @@ class JobState(str, Enum):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One stored PNG: an output of a job (with its seed and infotext) or an uploaded input."""
+    """One stored PNG: an output of a job (with its seed and infotext), an uploaded input, or a sample."""
 
     id: str
     job_id: str | None
@@ -33,8 +33,9 @@ class ImageRecord:
     path: str
     seed: int | None = None
     infotext: str = ""
-    role: str = "output"  # "output" or "input"
+    role: str = "output"  # "output", "input", or "sample" (a training job's image at `step`)
     created_at: float = 0.0
+    step: int | None = None  # samples: the training step it shows
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ CREATE TABLE IF NOT EXISTS images (
     infotext TEXT NOT NULL DEFAULT '',
     role TEXT NOT NULL DEFAULT 'output',
     idx INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    step INTEGER
 );
 CREATE INDEX IF NOT EXISTS images_job ON images(job_id, idx);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,6 +156,9 @@ class SQLiteQueue(JobQueue):
             columns = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}
             if "model_version" not in columns:  # a database from before store versions were recorded
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN model_version TEXT")
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(images)")}
+            if "step" not in columns:  # from before training jobs stored sample images
+                self._conn.execute("ALTER TABLE images ADD COLUMN step INTEGER")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -346,6 +350,25 @@ class SQLiteQueue(JobQueue):
 
     # --- images and settings -------------------------------------------------------------------
 
+    def add_images(self, job_id: str, images: Sequence[ImageRecord]) -> bool:
+        """Record images a running job made on the way (a training job's samples), durably now; False
+        (nothing recorded) when the job is no longer running."""
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] != "running":
+                return False
+            for i, rec in enumerate(images):
+                self._insert_image(c, rec, job_id, i)
+            return True
+
+    def job_images(self, job_id: str, role: str) -> list[ImageRecord]:
+        """A job's images of one role ("output", "input", "sample"), samples by step."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM images WHERE job_id = ? AND role = ? ORDER BY step, idx", (job_id, role)
+            ).fetchall()
+        return [_image(r) for r in rows]
+
     def image(self, image_id: str, owner: str | None = None) -> ImageRecord | None:
         with self._lock:
             row = self._conn.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -382,8 +405,8 @@ class SQLiteQueue(JobQueue):
     @staticmethod
     def _insert_image(c, rec: ImageRecord, job_id: str, idx: int) -> None:
         c.execute(
-            "INSERT INTO images (id, job_id, owner, path, seed, infotext, role, idx, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (id, job_id, owner, path, seed, infotext, role, idx, created_at, step)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rec.id,
                 job_id,
@@ -394,6 +417,7 @@ class SQLiteQueue(JobQueue):
                 rec.role,
                 idx,
                 rec.created_at or time.time(),
+                rec.step,
             ),
         )
 
@@ -439,6 +463,7 @@ def _image(row) -> ImageRecord:
         infotext=row["infotext"],
         role=row["role"],
         created_at=row["created_at"],
+        step=row["step"],
     )
 
 

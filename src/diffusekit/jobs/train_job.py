@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +95,23 @@ def _dataset(runner, job: Job, work: Path) -> Path:
 def run_train_lora(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | None]:
     """Train, report, checkpoint; write the LoRA; return (state, [loss curve image], base model hash).
 
-    A failure or a cancel removes the work folder; a crash or a server stop leaves it, for the resume."""
+    A failure or a cancel removes the work folder; a crash or a server stop leaves it, for the resume.
+    The job's own fp32 copy of the base model counts against the server's model memory while it runs."""
+    from ..pipeline import Cancelled
+
     try:
-        return _train(runner, job, live)
+        entry = runner.catalog.get(job.model)
+        need = runner.cache.estimate(entry, precision="fp32")
+        waiting = partial(setattr, live, "waiting")  # why it waits for model memory (None: no longer)
+        with ExitStack() as stack:
+            try:
+                label = f"{entry.label} (training copy)"
+                stack.enter_context(runner.cache.hold(label, need, cancel=live.cancel, on_wait=waiting))
+            except Cancelled:
+                if not runner.running:  # the server stops while it waits: re-queued on the next start
+                    raise Suspended(job.id) from None
+                raise
+            return _train(runner, job, live)
     except Suspended:
         raise
     except Exception:
@@ -153,6 +169,8 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     start, t0, running = trainer.state.step, time.perf_counter(), []
     live.total, live.step = steps, start
     live.loss = trainer.state.losses[-1][1] if trainer.state.losses else None
+    sampler = Samples(runner, job, live, loaded, net)
+    _samples(runner, job, trainer, params, sampler, start)  # those a stop during sampling left unmade
     params.train()
     while trainer.state.step < steps:
         if live.cancel.is_set():
@@ -170,6 +188,7 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
         if step % tcfg.save_every == 0 or step == steps:
             trainer.save()
         _report(runner, job, live, step, steps, loss)
+        _samples(runner, job, trainer, params, sampler, step)
     params.eval()
     if p["ema"]:
         trainer.ema.copy_to(params)
@@ -204,6 +223,65 @@ def _train(runner, job: Job, live) -> tuple[JobState, list[ImageRecord], str | N
     _write_json(result_path(runner.data_dir, job.id), summary)
     shutil.rmtree(work, ignore_errors=True)
     return JobState.SUCCEEDED, records, None
+
+
+class Samples:
+    """Sample images every `sample_every` steps (the CLI's option), one per sample prompt, made with the
+    LoRA as trained so far on the job's own copy of the model and stored with the job as role "sample"
+    at once, so the job's status and events list them while training goes on. A resumed job skips the
+    steps whose samples were stored before the crash."""
+
+    def __init__(self, runner, job: Job, live, loaded, net):
+        self.runner, self.job, self.live, self.loaded, self.net = runner, job, live, loaded, net
+        self.every = int(job.params.get("sample_every") or 0)
+        prompts = job.params.get("sample_prompt") or []
+        self.prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.done = {r.step for r in runner.queue.job_images(job.id, "sample")}
+        self._pipe = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every and self.prompts) and step % self.every == 0 and step not in self.done
+
+    def make(self, step: int) -> None:
+        """One image per prompt at `step`, stored and recorded with the job (durably) before it goes on."""
+        import torch
+
+        from ..adapters.train_lora import sample_with_lora
+        from ..pipeline import Pipeline
+
+        if self._pipe is None:
+            self._pipe = Pipeline(self.loaded, dtype=torch.float32)  # shares the model being trained
+            if self.runner.adapters is not None:
+                self.runner.adapters.attach(self._pipe)  # <lora:...> tags and embeddings of the server
+        p, store, owner, records = self.job.params, self.runner.store, self.job.owner, []
+        self.live.sampling = True
+        try:
+            for prompt in self.prompts:
+                kw = dict(seed=p["seed"], steps=p["sample_steps"], cancel=self.live.cancel)
+                result = sample_with_lora(self._pipe, self.net, prompt, **kw)
+                img, text, seed = result.images[0], result.infotexts[0], result.seeds[0]
+                records.append(store.write(img, text, owner=owner, seed=seed, role="sample", step=step))
+        finally:
+            self.live.sampling = False
+        if self.runner.queue.add_images(self.job.id, records):
+            self.done.add(step)
+
+
+def _samples(runner, job: Job, trainer, params, sampler: Samples, step: int) -> None:
+    """The samples due at `step`; a server stop while they are made checkpoints `step` (Suspended)."""
+    from ..pipeline import Cancelled
+
+    if step == 0 or not sampler.due(step):
+        return
+    params.eval()
+    try:
+        sampler.make(step)
+    except Cancelled:
+        if not runner.running:  # the server stops: the restarted job makes them before it goes on
+            trainer.save()
+            raise Suspended(job.id) from None
+        raise
+    params.train()
 
 
 def _report(runner, job: Job, live, step: int, total: int, loss: float) -> None:

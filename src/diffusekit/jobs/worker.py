@@ -64,12 +64,14 @@ class Live:
     fraction: float = 0.0  # overall 0..1
     preview_step: int = 0
     loss: float | None = None  # training jobs: the last step's loss
+    sampling: bool = False  # training jobs: making sample images now
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)  # A1111 skip: end the current image
     last_step_at: float = 0.0
     preview_at: float = 0.0
     heartbeat_at: float = 0.0
     model_version: str | None = None  # the store version (NAME@V) the job runs on, once resolved
+    waiting: str | None = None  # why the job waits before it can run (model memory held by other jobs)
 
     _png: bytes | None = field(default=None, init=False, repr=False)
     _source: Callable[[], bytes | None] | None = field(default=None, init=False, repr=False)
@@ -121,6 +123,8 @@ class JobRunner:
         max_queued: int = 1000,
         observer: Observer | None = None,
         batch_max: int = 8,
+        model_memory_bytes: int | None = None,
+        model_wait_s: float = 3600.0,
     ):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +132,10 @@ class JobRunner:
         self.store = ImageStore(self.data_dir)
         self.catalog = catalog
         self.observer = observer or Observer()
-        self.cache = ModelCache(catalog, device=device, precision=precision, on_load=self.observer.model_load)
+        self.cache = ModelCache(
+            catalog, device=device, precision=precision, limit_bytes=model_memory_bytes, wait_s=model_wait_s,
+            on_load=self.observer.model_load,
+        )  # fmt: skip
         self.n_workers = workers
         self.batch_max = batch_max  # > 1: compatible queued txt2img jobs share one sampler run
         self.live: dict[str, Live] = {}
@@ -312,14 +319,25 @@ class JobRunner:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Jobs that share a sampler run (see jobs.batch); each still ends on its own."""
-        from .batch import batchable, generate_batch
-
         lives = [self._start(j) for j in jobs]
         try:
             entry = self.catalog.get(jobs[0].model)  # resolved once: every job of the run uses it
             for lv in lives:
                 lv.model_version = entry.version
-            pipe = self.cache.get(entry)
+            pipe = self.cache.acquire(entry, on_wait=_waiting(lives))  # a cancel ends a job in the run
+        except Exception as e:  # noqa: BLE001
+            for j in jobs:
+                self._end(j, *_failure(e))
+            return
+        try:  # the lease keeps the pipeline loaded until every job of the group has ended
+            self._run_leased_batch(jobs, lives, pipe)
+        finally:
+            self.cache.release(entry)
+
+    def _run_leased_batch(self, jobs: list[Job], lives: list[Live], pipe) -> None:
+        from .batch import batchable, generate_batch
+
+        try:
             params = [params_from_job(j.params) for j in jobs]
             solo = self.adapters is not None and any(self.adapters.uses_adapters(pipe, p) for p in params)
             conds = None if solo else batchable(pipe, params)  # LoRA / TI jobs take the solo path
@@ -327,7 +345,7 @@ class JobRunner:
             for j in jobs:
                 self._end(j, *_failure(e))
             return
-        if conds is None:  # prompts of different lengths: one at a time
+        if conds is None:  # prompts of different lengths: one at a time (each shares this lease)
             for j in jobs:
                 with self._live_lock:
                     self.live.pop(j.id, None)
@@ -383,7 +401,10 @@ class JobRunner:
     def _generate(self, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
         entry = self.catalog.get(job.model)  # a store NAME resolves to its current version now
         live.model_version = entry.version
-        pipe = self.cache.get(entry)
+        with self.cache.lease(entry, cancel=live.cancel, on_wait=_waiting([live])) as pipe:
+            return self._generate_on(pipe, job, live)
+
+    def _generate_on(self, pipe, job: Job, live: Live) -> tuple[JobState, list[ImageRecord], str | None]:
         params = params_from_job(job.params)
         inputs = {}
         for key, mode in (("init_image", "RGB"), ("mask", "L")):
@@ -409,6 +430,16 @@ class JobRunner:
             for img, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True)
         ]
         return JobState.SUCCEEDED, records, pipe.model_hash
+
+
+def _waiting(lives: list[Live]) -> Callable[[str | None], None]:
+    """The cache's on_wait for these jobs: their live status says why they wait (None: no longer)."""
+
+    def on_wait(reason: str | None) -> None:
+        for lv in lives:
+            lv.waiting = reason
+
+    return on_wait
 
 
 def _failure(e: Exception) -> tuple[JobState, str]:

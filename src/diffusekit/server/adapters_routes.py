@@ -158,6 +158,22 @@ def dataset_folder(root: Path, name: str) -> Path:
     return path
 
 
+def _sample_prompts(runner, raw: TrainLoraParams, model: str) -> list[str]:
+    """The sample prompts, checked as a generation's prompt is (length, <lora:...> names)."""
+    from .train_schemas import MAX_SAMPLE_PROMPT, MAX_SAMPLE_PROMPTS
+
+    prompts = raw.sample_prompts()
+    if isinstance(raw.sample_prompt, list) and not 1 <= len(raw.sample_prompt) <= MAX_SAMPLE_PROMPTS:
+        raise FieldError("params.sample_prompt", f"give 1..{MAX_SAMPLE_PROMPTS} prompts, not "
+                         f"{len(raw.sample_prompt)}")  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        field = "params.sample_prompt" if isinstance(raw.sample_prompt, str) else f"params.sample_prompt.{i}"
+        if len(prompt) > MAX_SAMPLE_PROMPT:
+            raise FieldError(field, f"{len(prompt)} characters; valid: at most {MAX_SAMPLE_PROMPT}")
+        check_adapters(runner, {"prompt": prompt}, field, model)
+    return prompts
+
+
 def prepare_train(app, p: Principal, raw: TrainLoraParams) -> tuple[dict[str, Any], str, list]:
     """(job params, base model name, stored input images) of a train_lora job, or a 4xx naming the field."""
     from .jobs_api import _input_image
@@ -182,6 +198,9 @@ def prepare_train(app, p: Principal, raw: TrainLoraParams) -> tuple[dict[str, An
         raise FieldError("params.conv_rank", "conv_rank needs targets 'attn+conv'")
     if params["warmup"] > params["steps"]:
         raise FieldError("params.warmup", f"warmup {params['warmup']} is more than steps {params['steps']}")
+    params["sample_prompt"] = _sample_prompts(runner, raw, model)
+    if params["sample_every"] and not params["sample_prompt"]:
+        raise FieldError("params.sample_prompt", "sample_every needs a sample_prompt (a prompt or a list)")
     inputs = []
     if params["dataset"] is not None:
         dataset_folder(runner.datasets_dir, params["dataset"])

@@ -41,6 +41,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         max_queued=config.max_queued,
         batch_max=config.batch_max,
         observer=metrics,
+        model_memory_bytes=None if config.model_memory_mb is None else config.model_memory_mb * 2**20,
+        model_wait_s=config.model_wait_s,
     )
     metrics.attach(runner)
     data = Path(config.data_dir)

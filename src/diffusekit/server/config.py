@@ -50,6 +50,8 @@ class ServerConfig:
     datasets_dir: Path | None = None  # folders train_lora jobs may name (default: DATA/datasets)
     motion_modules_dir: Path | None = None  # AnimateDiff modules by name (default: <data_dir>/motion_modules)
     max_frames: int = 240  # frames of one animate job (and frames x width x height <= max_frames x 512^2)
+    model_memory_mb: int | None = None  # memory the loaded models may take together (None: what is available)
+    model_wait_s: float = 3600.0  # how long a job waits for models other jobs use to free memory
 
     def __post_init__(self):
         if not self.auth and not is_loopback(self.host):
@@ -62,5 +64,10 @@ class ServerConfig:
             raise ConfigError(f"batch={self.batch_max} is out of range; valid: 1..64 (1 = no batching)")
         if not 1 <= self.max_frames <= 10_000:
             raise ConfigError(f"max-frames={self.max_frames} is out of range; valid: 1..10000")
+        if self.model_memory_mb is not None and self.model_memory_mb < 1:
+            raise ConfigError(f"model-memory={self.model_memory_mb} is out of range; valid: a whole number "
+                              "of MiB above 0")  # fmt: skip
+        if not 0 < self.model_wait_s <= 86_400:
+            raise ConfigError(f"model-wait={self.model_wait_s:g} is out of range; valid: 0 < S <= 86400")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers={self.workers} is out of range; valid: 1..64")

@@ -35,13 +35,18 @@ def job_out(request: Request, job: Job) -> JobOut:
     if live is not None and job.state == JobState.RUNNING:
         step, total, fraction, eta = live.step, live.total, live.fraction, live.eta_s
     progress = {"step": step, "total": total, "fraction": round(fraction, 4)}
-    result = None
+    if live is not None and live.waiting and job.state == JobState.RUNNING:
+        progress["waiting"] = live.waiting  # e.g. for model memory that other running jobs hold
+    result, samples = None, None
     if job.kind == "train_lora":
         from ..jobs.train_job import read_result
 
         result = read_result(runner.data_dir, job.id) if job.state == JobState.SUCCEEDED else None
         loss = live.loss if live is not None else None
         progress["loss"] = loss if loss is not None else (result or {}).get("final_loss")
+        if live is not None and live.sampling and job.state == JobState.RUNNING:
+            progress["sampling"] = True  # making sample images (training resumes after them)
+        samples = train_samples(runner, job)
     params = {k: v for k, v in job.params.items()}
     video = None
     if job.kind == "animate":  # frame i of N and the frames written; the video once it succeeded
@@ -71,7 +76,21 @@ def job_out(request: Request, job: Job) -> JobOut:
         timings={"queue_wait_s": job.queue_wait_s, "run_s": job.run_s},
         result=result,
         video=video,
+        samples=samples,
     )
+
+
+def train_samples(runner, job: Job) -> list[dict[str, Any]]:
+    """A train_lora job's sample images so far, by step: [{id, url, step, prompt, seed, infotext}]."""
+    prompts = job.params.get("sample_prompt") or []
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    out, index = [], {}
+    for r in runner.queue.job_images(job.id, "sample"):
+        i = index[r.step] = index.get(r.step, -1) + 1  # within a step, in the order of the prompts
+        out.append({"id": r.id, "url": f"/v1/images/{r.id}", "step": r.step,
+                    "prompt": prompts[i] if i < len(prompts) else None, "seed": r.seed,
+                    "infotext": r.infotext})  # fmt: skip
+    return out
 
 
 def _input_image(app, p: Principal, value: str, field: str, mode: str):
@@ -233,6 +252,8 @@ async def job_events(job_id: str, request: Request, p: Principal = Depends(authe
                 "eta_s": out.eta_s,
                 "queue_position": out.queue_position,
             }
+            if out.samples:  # a training job's sample images so far (an event when one is added)
+                data["samples"] = [{k: s[k] for k in ("id", "url", "step", "prompt")} for s in out.samples]
             preview = None
             if live is not None:  # rendering (when a new one waits) runs off the event loop
                 preview = (

@@ -48,9 +48,12 @@ def _report(path: Path) -> dict[str, Any]:
 
 
 def model_rows(runner) -> list[dict[str, Any]]:
-    """/v1/models: each model's name, A1111 title, kind, family, whether it is loaded, its sha256 when
-    known; store models also their exact version (`NAME`: the current one) and whether it is current."""
-    cat, loaded = runner.catalog, set(runner.cache.loaded())
+    """/v1/models: each model's name, A1111 title, kind, family, whether it is loaded and in use by a job,
+    its sha256 when known; store models also their exact version (`NAME`: the current one) and whether it
+    is current."""
+    cat, status = runner.catalog, runner.cache.status()
+    loaded = {s["model"] for s in status if not s["loading"]}
+    in_use = {s["model"] for s in status if s["leases"]}
     entries = cat.entries()
     current = {e.version for e in entries if e.kind == "store" and e.name != e.version}
     return [
@@ -60,6 +63,7 @@ def model_rows(runner) -> list[dict[str, Any]]:
             "kind": e.kind,
             "family": cat.family(e),
             "loaded": e.label in loaded,
+            "in_use": e.label in in_use,  # a running job holds it: it is not evicted until that ends
             "sha256": cat.sha256(e, compute=False),
             "version": e.version,
             "current": e.version in current if e.kind == "store" else None,

@@ -113,6 +113,7 @@ class JobOut(BaseModel):
     timings: dict[str, float | None]
     result: dict[str, Any] | None = None  # train_lora: the LoRA written, steps, losses
     video: dict[str, Any] | None = None  # animate jobs: url, media_type, format, frames, fps, size, bytes
+    samples: list[dict[str, Any]] | None = None  # train_lora: sample images so far (id, url, step, prompt)
 
 
 class JobList(BaseModel):

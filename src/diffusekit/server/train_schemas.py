@@ -6,11 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..params import MAX_STEPS
 from .a1111_schemas import SEED_MAX
 
 MAX_TRAIN_STEPS = 20_000
 MAX_TRAIN_IMAGES = 200
 MAX_CAPTION = 2_000
+MAX_SAMPLE_PROMPTS = 4
+MAX_SAMPLE_PROMPT = 2_000
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"  # a file stem: no path separators, no dots
 
 
@@ -49,6 +52,13 @@ class TrainLoraParams(BaseModel):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     save_every: int = Field(50, ge=1, le=MAX_TRAIN_STEPS, description="checkpoint every N steps (resume)")
+    sample_every: int = Field(
+        0, ge=0, le=MAX_TRAIN_STEPS, description="sample images every N steps (0 = never), as the CLI's"
+    )
+    sample_prompt: str | list[str] = Field(
+        "", description=f"the samples' prompt, or up to {MAX_SAMPLE_PROMPTS} prompts (one image each)"
+    )
+    sample_steps: int = Field(20, ge=1, le=MAX_STEPS, description="sampler steps of each sample image")
     format: Literal["kohya", "diffusers"] = "kohya"
     overwrite: bool = Field(False, description="replace an existing LoRA of this name")
 
@@ -57,3 +67,8 @@ class TrainLoraParams(BaseModel):
         if (self.dataset is None) == (self.images is None):
             raise ValueError("give exactly one of dataset (a folder name) or images (uploads with captions)")
         return self
+
+    def sample_prompts(self) -> list[str]:
+        """The sample prompts as a list (empty: no samples)."""
+        prompts = [self.sample_prompt] if isinstance(self.sample_prompt, str) else list(self.sample_prompt)
+        return [p for p in prompts if p.strip()]

@@ -6,6 +6,7 @@ import { insertAtCursor } from "./networks.js";
 const $ = (id) => document.getElementById(id);
 
 let imageUrl = null;
+let sampleUrls = [];
 let tag = "";
 
 function fact(name, value) {
@@ -19,12 +20,37 @@ function fact(name, value) {
 
 const fmtLoss = (x) => (typeof x === "number" ? x.toPrecision(4) : x);
 
-/** Show a train_lora job: its LoRA, steps, final loss and loss curve (or its error). */
+/** The newest step's sample images of a training job (one per sample prompt), in the dialog. */
+async function showSamples(samples) {
+  for (const u of sampleUrls) URL.revokeObjectURL(u);
+  sampleUrls = [];
+  const box = $("job-view-samples");
+  const step = samples.length ? Math.max(...samples.map((s) => s.step)) : null;
+  const figures = [];
+  for (const s of samples.filter((x) => x.step === step)) {
+    const url = URL.createObjectURL(await api.fetchBlob(s.url || `/v1/images/${encodeURIComponent(s.id)}`));
+    sampleUrls.push(url);
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = `Sample at step ${s.step}: ${s.prompt ?? ""}`;
+    const cap = document.createElement("figcaption");
+    cap.className = "cap";
+    cap.textContent = `Step ${s.step}: ${s.prompt ?? ""}`;
+    fig.append(img, cap);
+    figures.push(fig);
+  }
+  box.replaceChildren(...figures);
+  box.hidden = !figures.length;
+}
+
+/** Show a train_lora job: its LoRA, steps, final loss, loss curve and latest samples (or its error). */
 export async function showTrainJob(job) {
   const r = job.result || {};
   const p = job.params || {};
   $("job-view-title").textContent = `Training job ${String(job.id).slice(0, 8)}: ${r.lora || p.name || ""}`;
-  const losses = Array.isArray(r.losses) ? r.losses : [];
+  // result.losses is [[step, mean loss], ...]
+  const losses = Array.isArray(r.losses) ? r.losses.map((x) => (Array.isArray(x) ? x[1] : x)) : [];
   $("job-view-facts").replaceChildren(
     ...fact("State", job.state),
     ...fact("LoRA", r.lora || p.name),
@@ -37,6 +63,7 @@ export async function showTrainJob(job) {
     ...fact("Learning rate", p.lr),
     ...fact("Base model", job.model_version || p.model),
     ...fact("Time", r.seconds !== undefined ? `${Number(r.seconds).toFixed(1)} s` : ""),
+    ...fact("Samples", job.samples?.length ? `${job.samples.length} images, every ${p.sample_every} steps` : ""),
     ...fact("Error", job.error ? (typeof job.error === "string" ? job.error : JSON.stringify(job.error)) : ""),
   );
   tag = r.prompt || "";
@@ -51,6 +78,7 @@ export async function showTrainJob(job) {
     img.src = imageUrl;
     img.hidden = false;
   }
+  await showSamples(job.samples || []);
   if (!$("job-view").open) $("job-view").showModal();
 }
 

@@ -34,7 +34,10 @@ function showProgress(data) {
     if (data.state === "queued") {
       const pos = data.queue_position;
       setProgress(0, pos ? `Queued (position ${pos})` : "Queued");
-    } else if (data.state === "running") setProgress(0, "Starting…");
+    } else if (data.state === "running") {
+      const waiting = data.waiting ?? data.progress?.waiting; // model memory other jobs' models hold
+      setProgress(0, waiting ? `Waiting: ${waiting}` : "Starting…");
+    }
     return;
   }
   let text = `Step ${step}/${total}`;

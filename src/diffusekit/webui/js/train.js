@@ -1,4 +1,5 @@
-// The Train tab: a train_lora job from captioned images (or a server dataset folder), its loss, cancel.
+// The Train tab: a train_lora job from captioned images (or a server dataset folder), its loss, the latest
+// sample images as training goes, cancel.
 
 import * as api from "./api.js";
 import { refreshNetworks } from "./networks.js";
@@ -9,6 +10,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 let images = []; // [{name, data (base64), url (object URL), caption}]
 let current = null; // {id, stop: bool}
 let curveUrl = null;
+let sampleUrls = new Map(); // sample image id -> object URL (fetched once each)
+let shownSampleStep = null;
 
 function setProgress(fraction, text, cls = "") {
   const bar = $("tr-progress");
@@ -79,6 +82,14 @@ function readParams() {
     const raw = $(id).value.trim();
     if (raw !== "") p[key] = Number(raw);
   }
+  const every = Number($("tr-sample-every").value.trim() || "0");
+  const prompts = $("tr-sample-prompt").value.split("\n").map((x) => x.trim()).filter(Boolean);
+  if (every > 0 || prompts.length) {
+    p.sample_every = every;
+    p.sample_prompt = prompts;
+    const steps = $("tr-sample-steps").value.trim();
+    if (steps !== "") p.sample_steps = Number(steps);
+  }
   return p;
 }
 
@@ -86,6 +97,8 @@ function check(p) {
   if (!p.name) return "Give the LoRA a name (letters, digits, _ and -).";
   if (!/^[A-Za-z0-9_-]+$/.test(p.name)) return `LoRA name ${JSON.stringify(p.name)}: use letters, digits, _ and - only.`;
   if (!p.dataset && !p.images) return "Choose some training images or name a dataset folder on the server.";
+  if (p.sample_every > 0 && !p.sample_prompt.length) return "Give a sample prompt, or set Sample every N steps to 0.";
+  if (p.sample_prompt && p.sample_prompt.length > 4) return "At most 4 sample prompts (one per line).";
   return "";
 }
 
@@ -103,14 +116,53 @@ async function showResult(job) {
   $("tr-result").hidden = false;
 }
 
+function clearSamples() {
+  for (const url of sampleUrls.values()) URL.revokeObjectURL(url);
+  sampleUrls = new Map();
+  shownSampleStep = null;
+  $("tr-samples").replaceChildren();
+  $("tr-samples-box").hidden = true;
+}
+
+/** Show the newest step's sample images (one per sample prompt) of a training job. */
+async function showSamples(samples) {
+  if (!samples || !samples.length) return;
+  const step = Math.max(...samples.map((s) => s.step));
+  if (step === shownSampleStep) return;
+  const latest = samples.filter((s) => s.step === step);
+  const figures = [];
+  for (const s of latest) {
+    if (!sampleUrls.has(s.id)) {
+      const blob = await api.fetchBlob(s.url || `/v1/images/${encodeURIComponent(s.id)}`);
+      sampleUrls.set(s.id, URL.createObjectURL(blob));
+    }
+    const fig = document.createElement("figure");
+    fig.className = "sample";
+    const img = document.createElement("img");
+    img.src = sampleUrls.get(s.id);
+    img.alt = `Sample at step ${s.step}: ${s.prompt ?? ""}`;
+    const cap = document.createElement("figcaption");
+    cap.className = "cap";
+    cap.textContent = `Step ${s.step}: ${s.prompt ?? ""}`;
+    fig.append(img, cap);
+    figures.push(fig);
+  }
+  shownSampleStep = step;
+  $("tr-samples").replaceChildren(...figures);
+  $("tr-samples-box").hidden = false;
+}
+
 async function follow(id) {
   for (;;) {
     const job = await api.getJob(id);
+    await showSamples(job.samples);
     if (TERMINAL.has(job.state)) return job;
     const p = job.progress || {};
-    if (job.state === "running" && p.total) {
+    if (job.state === "running" && p.waiting) setProgress(0, `Waiting: ${p.waiting}`);
+    else if (job.state === "running" && p.total) {
       const loss = p.loss !== undefined && p.loss !== null ? `, loss ${fmtLoss(p.loss)}` : "";
-      setProgress(p.fraction ?? p.step / p.total, `Step ${p.step}/${p.total}${loss}`);
+      const sampling = p.sampling ? ", making samples" : "";
+      setProgress(p.fraction ?? p.step / p.total, `Step ${p.step}/${p.total}${loss}${sampling}`);
     } else if (job.state === "queued") setProgress(0, "Queued");
     await new Promise((res) => setTimeout(res, 500));
   }
@@ -124,6 +176,7 @@ async function train() {
   if (problem) { showError(problem); return; }
   $("tr-run").disabled = true;
   $("tr-result").hidden = true;
+  clearSamples();
   setProgress(0, "Submitting…");
   let job;
   try {
