@@ -2,6 +2,7 @@
 // sample images as training goes, cancel.
 
 import * as api from "./api.js";
+import { progressBar } from "./feedback.js";
 import { refreshNetworks } from "./networks.js";
 
 const $ = (id) => document.getElementById(id);
@@ -13,15 +14,7 @@ let curveUrl = null;
 let sampleUrls = new Map(); // sample image id -> object URL (fetched once each)
 let shownSampleStep = null;
 
-function setProgress(fraction, text, cls = "") {
-  const bar = $("tr-progress");
-  const pct = Math.max(0, Math.min(100, Math.round(fraction * 100)));
-  bar.setAttribute("aria-valuenow", String(pct));
-  bar.setAttribute("aria-valuetext", text);
-  bar.className = `bar ${cls}`;
-  bar.querySelector(".fill").style.width = `${pct}%`;
-  $("tr-progress-text").textContent = text;
-}
+const setProgress = progressBar("tr-progress", "tr-progress-text");
 
 function showError(message) {
   $("tr-error").textContent = message;
