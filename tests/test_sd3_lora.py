@@ -22,7 +22,7 @@ from diffusekit.models.init import randomize_
 from diffusekit.models.sd3 import StableDiffusion3
 from diffusekit.models.sd3_configs import TINY_SD35
 from diffusekit.params import GenerationParams
-from diffusekit.pipeline_sd3 import SD3Pipeline
+from diffusekit.pipeline_sd3 import SD3Options, SD3Pipeline
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -252,3 +252,74 @@ def test_cli_and_pipeline_apply_a_prompt_lora(setup, tmp_path, capsys) -> None:
     assert main(["info", str(out), "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parse_hashes(parsed["Lora hashes"]) == {"style": load_lora(loras / "style.safetensors").shorthash}
+
+
+def test_pipeline_equals_diffusers_load_lora_weights_with_text_encoder_loras(tmp_path) -> None:
+    """A PEFT LoRA on the transformer, CLIP-L and CLIP-G, saved by diffusers and loaded by its
+    ``load_lora_weights``: diffusers' SD3 pipeline and ours give the same latents, at weight 1 and 0.6."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusekit.checkpoints.sd3_diffusers import write_sd3_diffusers_folder
+    from diffusekit.checkpoints.single_file import load_state_dict
+
+    ckpt = tmp_path / "tiny35.safetensors"
+    create_sd3(TINY_SD35, ckpt, seed=2)
+    folder = write_sd3_diffusers_folder(load_state_dict(ckpt)[0], TINY_SD35, tmp_path / "folder")
+
+    def reference():
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(
+            folder, local_files_only=True, text_encoder_3=None, tokenizer_3=None
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    maker = reference()
+    tcfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS[:8])
+    ecfg = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])  # fmt: skip
+    torch.manual_seed(1)
+    maker.transformer.add_adapter(tcfg)
+    maker.text_encoder.add_adapter(ecfg)
+    maker.text_encoder_2.add_adapter(ecfg)
+    with torch.no_grad():  # larger updates, so the text-encoder LoRAs move the result measurably
+        for enc in (maker.text_encoder, maker.text_encoder_2):
+            for name, p in enc.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(20)
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora",
+        transformer_lora_layers=get_peft_model_state_dict(maker.transformer),
+        text_encoder_lora_layers=get_peft_model_state_dict(maker.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(maker.text_encoder_2),
+        transformer_lora_adapter_metadata=tcfg.to_dict(),
+        text_encoder_lora_adapter_metadata=ecfg.to_dict(),
+        text_encoder_2_lora_adapter_metadata=ecfg.to_dict(),
+    )
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    net = load_lora(file)
+    assert any(k.startswith("text_encoder_2.") for k in net.modules) and not net.resolve(TINY_SD35)[1]
+    ref = reference()
+    ref.load_lora_weights(file, adapter_name="x")
+    ours = SD3Pipeline.from_file(ckpt, precision="fp32", options=SD3Options(use_t5=False))
+    params = GenerationParams(prompt="an astronaut riding a horse", negative_prompt="blurry", steps=3,
+                              cfg_scale=3.0, seed=11, width=64, height=64, prompt_mode="plain")  # fmt: skip
+    base = ours.generate(params).latents
+    seen = {}
+
+    def keep(pipe, i, t, tensors):  # the final latents
+        seen["latents"] = tensors["latents"]
+        return tensors
+
+    for weight in (1.0, 0.6):
+        ref.set_adapters("x", adapter_weights=weight)
+        with torch.no_grad():
+            ref(prompt=params.prompt, negative_prompt=params.negative_prompt, num_inference_steps=3,
+                guidance_scale=3.0, width=64, height=64, generator=torch.Generator().manual_seed(11),
+                max_sequence_length=TINY_SD35.t5_max_length, output_type="latent",
+                callback_on_step_end=keep)  # fmt: skip
+        lora = ours.generate(params, loras=[(net, weight, weight)]).latents
+        te_only = ours.generate(params, loras=[(net, weight, 0.0)]).latents
+        assert _rel(te_only, base) > 1e-3  # the CLIP LoRAs alone change the result
+        assert _rel(lora, seen["latents"]) < 1e-4, _rel(lora, seen["latents"])
+    assert torch.equal(ours.generate(params).latents, base)
