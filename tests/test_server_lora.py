@@ -235,21 +235,67 @@ def test_unknown_or_escaping_names_are_422_naming_them(server):
                 assert r.status_code == 422 and "matches no layer" in r.text and "sdxl" in r.text, r.text
     finally:
         (server.loras / "xl_only.safetensors").unlink()
-    # SD3 models apply no LoRAs yet: refused before queueing
-    for path, body in (
-        (
-            "/sdapi/v1/txt2img",
-            {**GEN, "prompt": PROMPT, "override_settings": {"sd_model_checkpoint": "sd35"}},
-        ),
-        ("/v1/jobs", {"kind": "txt2img", "params": {**GEN, "prompt": PROMPT, "model": "sd35"}}),
-    ):
-        r = requests.post(server.url + path, json=body, headers=h, timeout=60)
-        assert r.status_code == 422 and "SD3" in r.text and "prompt" in r.text, r.text
+    # an SD1 LoRA on an SD3 model matches no layer either: refused the same way
+    sd3_body = {**GEN, "prompt": PROMPT, "sampler_name": "Euler"}
+    r = requests.post(server.url + "/sdapi/v1/txt2img", headers=h, timeout=120,
+                      json={**sd3_body, "override_settings": {"sd_model_checkpoint": "sd35"}})  # fmt: skip
+    assert r.status_code == 422 and "matches no layer of this sd3 model" in r.text, r.text
+    job_body = {"kind": "txt2img", "params": {**GEN, "prompt": PROMPT, "model": "sd35"}}
+    r = requests.post(server.url + "/v1/jobs", headers=h, timeout=60, json=job_body)
+    job = _wait(server, server.keys["alice"], r.json()["id"])
+    assert job["state"] == "failed" and "matches no layer" in job["error"], job
     # an alias (ss_output_name) resolves like the file name
     aliased = PROMPT.replace("styl:", "styl_alias:")
     via_alias, _ = _a1111(server, "/sdapi/v1/txt2img", {**GEN, "prompt": aliased})
     via_name, _ = _a1111(server, "/sdapi/v1/txt2img", {**GEN, "prompt": PROMPT})
     assert np.array_equal(via_alias, via_name)
+
+
+def _sd3_lora(path: Path) -> None:
+    """A kohya sd-scripts style SD3 LoRA on the tiny SD3.5 model: fused qkv and proj of both streams."""
+    from diffusekit.checkpoints.single_file import save_state_dict
+    from diffusekit.models.sd3_configs import TINY_SD35
+
+    m, g, sd = TINY_SD35.mmdit, torch.Generator().manual_seed(5), {}
+    for i in range(m.depth):
+        for layer, out in (("x_block_attn_qkv", 3 * m.hidden_size), ("x_block_attn_proj", m.hidden_size),
+                           ("context_block_attn_qkv", 3 * m.hidden_size)):  # fmt: skip
+            name = f"lora_unet_joint_blocks_{i}_{layer}"
+            sd[f"{name}.lora_down.weight"] = torch.randn(4, m.hidden_size, generator=g) * 0.3
+            sd[f"{name}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.3
+            sd[f"{name}.alpha"] = torch.tensor(4.0)
+    save_state_dict(sd, path)
+
+
+def test_sd3_lora_prompt_equals_the_cli(server, tmp_path):
+    """<lora:NAME:W> on an SD3.5 model through both APIs: the CLI's LoRA'd image and infotext."""
+    _sd3_lora(server.loras / "sd3style.safetensors")
+    try:
+        prompt, gen = "a red circle <lora:sd3style:0.9>", {**GEN, "sampler_name": "Euler"}
+        common = ["--model", str(server.root / "models" / "sd35.safetensors"), "--seed", "11", "--steps", "3",
+                  "--width", "64", "--height", "64", "--cfg", "3", "--sampler", "Euler",
+                  "--loras", str(server.loras)]  # fmt: skip
+        runs = [["generate", prompt, *common, "-o", str(tmp_path / "lora.png")],
+                ["generate", "a red circle", *common, "-o", str(tmp_path / "base.png")]]  # fmt: skip
+        script = "import sys, json\nfrom diffusekit.cli import main\nfor argv in json.loads(sys.argv[1]):\n"
+        script += "    assert main(argv) == 0\n"
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], env=env(),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        cli, base = (np.asarray(Image.open(tmp_path / f"{k}.png").convert("RGB")) for k in ("lora", "base"))
+        over = {"override_settings": {"sd_model_checkpoint": SD3}}
+        via_a1111, info = _a1111(server, "/sdapi/v1/txt2img", {**gen, "prompt": prompt, **over})
+        params = {**GEN, "sampler": "Euler", "prompt": prompt, "model": SD3}
+        via_jobs, job = _job(server, "txt2img", params)
+        assert np.array_equal(cli, via_a1111) and np.array_equal(cli, via_jobs)
+        assert not np.array_equal(cli, base)  # the LoRA does change the image
+        text = info["infotexts"][0]
+        assert text == Image.open(tmp_path / "lora.png").info["parameters"] == job["images"][0]["infotext"]
+        assert 'Lora hashes: "sd3style: ' in text
+        after, _ = _a1111(server, "/sdapi/v1/txt2img", {**gen, "prompt": "a red circle", **over})
+        assert np.array_equal(after, base)  # the SD3 model is bit-identical after the LoRA jobs
+    finally:
+        (server.loras / "sd3style.safetensors").unlink()
 
 
 def _train_images() -> list[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, images, inpainting
+from .adapters.extra_networks import LoraLibrary, lora_hashes, prompt_loras, strip_extra_networks
+from .adapters.lora import LoraNetwork, apply_loras
 from .checkpoints.sd3 import LoadedSD3, assemble_sd3, read_sd3
 from .diffusion.denoiser import CFGDenoiser, HookedDenoiser
 from .diffusion.flow import FlowDenoiser, SkipLayerGuidance, flow_noise, flow_sampler, flow_sigmas
@@ -117,6 +120,9 @@ class SD3Pipeline(inpainting.ImageJobs):
         # what `generate --json` reports; the int8 and fp32-fast paths are U-Net pipeline paths only
         self.path = path or ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
         self.options = options or SD3Options()
+        self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
+        self.embeddings = None  # textual inversion: not supported for SD3 (set by the server, unused)
+        self.lora_merge = True  # LoRAs as merged weight copies for a call (False: forward hooks)
         self.defaults = ModelDefaults.from_metadata(loaded.metadata, loaded.name)
         if ModelDefaults.METADATA_KEY not in loaded.metadata:
             self.defaults = SD3_DEFAULTS.get(self.cfg.name, SD3_DEFAULT)
@@ -203,19 +209,17 @@ class SD3Pipeline(inpainting.ImageJobs):
     def encode(self, params: GenerationParams) -> tuple[dict, dict]:
         """(cond, uncond) MMDiT conditioning dicts: context (1, 77n + L, 4096) and y (1, 2048)."""
         with torch.inference_mode():
-            (c_ctx, c_pool), (u_ctx, u_pool) = (
-                self._clip(params.prompt, params),
-                self._clip(params.negative_prompt, params),
+            prompt, negative = (
+                strip_extra_networks(params.prompt),
+                strip_extra_networks(params.negative_prompt),
             )
+            (c_ctx, c_pool), (u_ctx, u_pool) = self._clip(prompt, params), self._clip(negative, params)
             if c_ctx.shape[1] != u_ctx.shape[1]:
                 empty = PromptEmbedding(self._clip("", params)[0])
                 c, u = pad_to_same_length(PromptEmbedding(c_ctx), PromptEmbedding(u_ctx), empty)
                 c_ctx, u_ctx = c.context, u.context
             out = []
-            for ctx, pooled, text in (
-                (c_ctx, c_pool, params.prompt),
-                (u_ctx, u_pool, params.negative_prompt),
-            ):
+            for ctx, pooled, text in ((c_ctx, c_pool, prompt), (u_ctx, u_pool, negative)):
                 ctx = F.pad(ctx, (0, self.cfg.mmdit.context_dim - ctx.shape[-1]))  # (1, 77n, 4096)
                 ctx = torch.cat([ctx, self._t5(text)], dim=1)
                 out.append(
@@ -319,6 +323,26 @@ class SD3Pipeline(inpainting.ImageJobs):
             raise ValueError(f"{width}x{height} exceeds this model's position table ({p}x{p} at most)")
 
     def generate(
+        self,
+        params: GenerationParams,
+        *,
+        loras: Sequence[tuple[LoraNetwork, float, float]] = (),
+        **kw,
+    ) -> GenerationResult:
+        """Generate with `loras` ((network, te weight, MMDiT weight), ...) and the prompt's <lora:...> tags
+        applied to the MMDiT and the CLIP encoders for this call only (see `_generate` for the rest)."""
+        active = list(loras) + prompt_loras(params.prompt, self.loras)
+        if not active:
+            return self._generate(params, **kw)
+        hashes = lora_hashes(active)
+        if hashes:
+            params = params.replace(extras={**params.extras, "Lora hashes": hashes})
+        with apply_loras(self.model, active, merge=self.lora_merge) as applied:
+            result = self._generate(params, **kw)
+        result.warnings += applied.warnings()
+        return result
+
+    def _generate(
         self,
         params: GenerationParams,
         *,

@@ -18,7 +18,7 @@ exact: no underscore guessing, and a name that matches nothing is reported by th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from torch import nn
@@ -37,17 +37,25 @@ _KOHYA_TE_PREFIXES = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2
 
 @dataclass(frozen=True)
 class Target:
-    """One adapted layer: component, our module path, kind ("linear", "conv", "packed") and, for the
-    packed q/k/v in-projection of an OpenCLIP encoder, which third (0 = q, 1 = k, 2 = v)."""
+    """One adapted layer: component, our module path, kind ("linear", "conv", "packed", "fused") and, for
+    the packed q/k/v in-projection of an OpenCLIP encoder or a third of an MMDiT's fused ``qkv`` Linear
+    ("fused"), which third (0 = q, 1 = k, 2 = v). `swap_halves`: the file's update has the two halves of
+    its outputs the other way round (a diffusers name of an SD3 (shift, scale) modulation layer)."""
 
     component: str
     path: str
     kind: str
     part: int | None = None
+    swap_halves: bool = field(default=False, compare=False)
 
     @property
     def is_text(self) -> bool:
-        return self.component != "unet"
+        return self.component not in ("unet", "mmdit")
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the target adapts a third (q, k or v) of its layer's output."""
+        return self.kind in ("packed", "fused")
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -114,6 +122,10 @@ def _text_names(cfg: TextEncoderConfig, component: str) -> dict[str, Target]:
 @lru_cache(maxsize=8)
 def adapter_names(cfg: ModelConfig) -> dict[str, Target]:
     """{adapter module name in any supported spelling: Target} for the model described by `cfg`."""
+    if cfg.family == "sd3":
+        from .keys_sd3 import sd3_adapter_names
+
+        return sd3_adapter_names(cfg)
     names = _unet_names(cfg)
     for component, tcfg in zip(COMPONENTS[1:], cfg.text_encoders, strict=False):
         for name, target in _text_names(tcfg, component).items():

@@ -74,7 +74,7 @@ def lora_delta(m: LoraModule, shape: Sequence[int]) -> Tensor:
 
 def _check_shape(name: str, target: Target, m: LoraModule, weight_shape: torch.Size) -> None:
     """A clear error when a LoRA layer was made for a different model (SD1 file on an SD2 model...)."""
-    out = weight_shape[0] // 3 if target.kind == "packed" else weight_shape[0]
+    out = weight_shape[0] // 3 if target.is_split else weight_shape[0]
     fan_in = weight_shape[1] if len(weight_shape) > 1 else 1
     kernel = tuple(weight_shape[2:]) if target.kind == "conv" else ()
     ok = m.up.shape[0] == out and m.down.shape[1] in (fan_in, 4 if fan_in == 9 else fan_in)
@@ -127,7 +127,7 @@ def _is_dense(m: AdapterModule) -> bool:
 
 def _rows(target: Target, n: int) -> slice:
     """The rows of a weight (or bias) of `n` rows that `target` adapts: all, or its q/k/v third."""
-    if target.kind != "packed":
+    if not target.is_split:
         return slice(None)
     width = n // 3
     return slice(target.part * width, (target.part + 1) * width)
@@ -231,7 +231,7 @@ def _make_hook(kind: str, terms: list[_Term]):
         elif kind == "conv":
             for t in terms:
                 out = out + _conv_update(module, x, t)
-        else:  # packed q/k/v: each term adds to its third of the output
+        else:  # packed / fused q/k/v: each term adds to its third of the output
             pieces = list(out.chunk(3, dim=-1))
             for t in terms:
                 pieces[t.part] = pieces[t.part] + _linear_update(x, t)
@@ -293,13 +293,20 @@ class AppliedLoras:
 
 
 def _components(model: nn.Module) -> dict[str, nn.Module]:
+    """The adaptable components of a model: U-Net and text encoders, or an SD3 model's MMDiT and CLIPs."""
+    if model.cfg.family == "sd3":
+        from .keys_sd3 import SD3_COMPONENTS
+
+        found = {k: model.component(k) for k in SD3_COMPONENTS}
+        return {k: m for k, m in found.items() if m is not None}
     return {k: m for k, (_, m) in model.components().items() if k != "vae"}
 
 
 def apply_loras(
     model: nn.Module, loras: Sequence[tuple[LoraNetwork, float, float]], *, merge: bool = False
 ) -> AppliedLoras:
-    """Apply `loras` ((network, te multiplier, unet multiplier), ...) to a StableDiffusion `model`.
+    """Apply `loras` ((network, te multiplier, unet multiplier), ...) to a StableDiffusion or
+    StableDiffusion3 `model` (there the "unet" multiplier is the MMDiT's).
 
     Default: forward hooks (differentiable for plain LoRA; what training uses). ``merge=True``: each
     adapted weight (and bias, for a full diff) is swapped for a merged copy (W + ΔW, A1111's math) and the
@@ -367,7 +374,7 @@ def _merged(
             continue
         m_dev = LoraModule(*(t.to(weight.device) if t is not None else None for t in (m.down, m.up, m.mid)),
                            alpha=m.alpha, scale_override=m.scale_override, rslora=m.rslora)  # fmt: skip
-        if target.kind == "packed":
+        if target.is_split:
             new[rows] += mult * lora_delta(m_dev, (rows.stop - rows.start, weight.shape[1]))
         elif m.down.shape[1] != weight.shape[1]:  # 4-channel update on a 9-channel inpainting conv_in
             delta = lora_delta(m_dev, (weight.shape[0], m.down.shape[1], *weight.shape[2:]))
@@ -385,6 +392,8 @@ def merge_loras(
     sd: Mapping[str, Tensor], cfg: ModelConfig, loras: Sequence[tuple[LoraNetwork, float, float]]
 ) -> dict[str, Tensor]:
     """A copy of single-file state dict `sd` with `loras` baked in (W += mult * ΔW); others shared."""
+    if cfg.family == "sd3":
+        raise LoraError("merging a LoRA into an SD3 file is not supported; apply it at run time (<lora:...>)")
     prefixes = {"unet": "model.diffusion_model."}
     for i, p in enumerate(cfg.text_prefixes):
         prefixes["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = p

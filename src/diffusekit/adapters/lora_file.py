@@ -10,6 +10,7 @@ Scale: kohya/A1111 ``alpha / rank`` (1 without alpha); diffusers/PEFT ``lora_alp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -27,7 +28,7 @@ from .errors import LoraError
 from .keys import Target, adapter_names, preferred_names
 from .lycoris import LycorisModule, build_module
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")  # te3: SD3 T5
 _KOHYA_LEAVES = {
     "lora_down.weight": "down",
     "lora_up.weight": "up",
@@ -83,6 +84,20 @@ class LoraModule:
 AdapterModule = LoraModule | LycorisModule  # what one layer of a file holds
 
 
+def _halves_swapped(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _swap_output_halves(m: AdapterModule) -> LoraModule | None:
+    """`m` with the two halves of its output rows exchanged (diffusers' (scale, shift) order -> ours), or
+    None for a module type whose rows cannot be exchanged that way (LyCORIS, DoRA)."""
+    if not isinstance(m, LoraModule) or m.dora_scale is not None:
+        return None
+    bias = None if m.weight_bias is None else _halves_swapped(m.weight_bias)
+    return dataclasses.replace(m, up=_halves_swapped(m.up), weight_bias=bias)
+
+
 @dataclass
 class LoraNetwork:
     """The layers of one LoRA file, keyed by the file's names, plus what could not be used."""
@@ -124,6 +139,12 @@ class LoraNetwork:
                 unmatched.append(name)
             elif target in found:
                 raise LoraError(f"LoRA {self.name!r}: two entries address the same layer ({name})")
+            elif target.swap_halves:
+                swapped = _swap_output_halves(module)
+                if swapped is None:
+                    unmatched.append(f"{name} ({type(module).__name__} on a (scale, shift) layer)")
+                else:
+                    found[target] = swapped
             else:
                 found[target] = module
         return found, unmatched

@@ -271,7 +271,7 @@ class Adapters:
     @contextlib.contextmanager
     def session(self, pipe, params: Sequence[GenerationParams]) -> Iterator[None]:
         """Hold `pipe` for these jobs: exclusively when one applies LoRAs (its weights are swapped)."""
-        if not _takes_adapters(pipe):  # SD3: no LoRA / embedding support (refused before queueing)
+        if not _takes_loras(pipe):
             yield
             return
         self.attach(pipe)
@@ -286,12 +286,14 @@ class Adapters:
 def needs_solo(pipe, params: GenerationParams, embeddings: EmbeddingLibrary | None) -> bool:
     """Whether a job must run alone, not in a batched run (jobs.batch): its prompt or negative prompt has a
     `<kind:...>` tag or names one of `embeddings` (`Pipeline.generate` applies the LoRAs for the call and
-    records LoRA / TI hashes in the infotext; a batched run does neither). SD3 pipelines take neither."""
-    if not _takes_adapters(pipe):
+    records LoRA / TI hashes in the infotext; a batched run does neither). SD3 pipelines take LoRAs only."""
+    if not _takes_loras(pipe):
         return False
     texts = [params.prompt, params.negative_prompt]
     if any(parse_extra_networks(t)[1] for t in texts):
         return True
+    if not _takes_adapters(pipe):
+        return False
     widths = [e.cfg.width for e in pipe.model.text_encoders]
     return bool(used_embeddings(texts, pipe.loaded.tokenizer, embeddings, widths))
 
@@ -301,6 +303,13 @@ def _takes_adapters(pipe) -> bool:
     from ..pipeline import Pipeline
 
     return isinstance(pipe, Pipeline)
+
+
+def _takes_loras(pipe) -> bool:
+    """Whether a pipeline applies <lora:...> tags: the U-Net and the SD3 pipelines do."""
+    from ..pipeline_sd3 import SD3Pipeline
+
+    return _takes_adapters(pipe) or isinstance(pipe, SD3Pipeline)
 
 
 def session(adapters: Adapters | None, pipe, params: Sequence[GenerationParams]):

@@ -22,16 +22,9 @@ router = APIRouter(tags=["LoRA and embeddings"])
 
 
 def check_adapters(runner, params: dict[str, Any], field: str = "prompt", model: str | None = None) -> None:
-    """422 naming the LoRA when a prompt's <lora:NAME:...> tag names none the server has (or is malformed),
-    or when `model` is an SD3 model (whose pipeline applies no LoRAs yet)."""
+    """422 naming the LoRA when a prompt's <lora:NAME:...> tag names none the server has (or is malformed)."""
     if runner.adapters is None:
         return
-    if model is not None and "<" in (params.get("prompt") or ""):
-        from ..adapters.extra_networks import parse_extra_networks
-
-        tags = parse_extra_networks(params["prompt"])[1]
-        if tags and runner.catalog.family(runner.catalog.get(model)) == "sd3":
-            raise FieldError(field, f"<lora:...> tags are not supported for SD3 models yet ({model})")
     try:
         runner.adapters.loras.check(params.get("prompt") or "")
     except LoraError as e:
