@@ -1,0 +1,145 @@
+"""Int8 text encoders: CLIP / OpenCLIP linears in int8, close to fp32, through the quantized file."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffusekit.accel.errors import AccelError
+from diffusekit.accel.int8_file import (
+    COMPONENTS_KEY,
+    FORMAT_KEY,
+    is_int8_checkpoint,
+    load_int8_model,
+    split_int8,
+)
+from diffusekit.accel.int8_static import Int8Linear, int8_unavailable, quantize_unet
+from diffusekit.accel.int8_text import Int8InProjection, quantize_text_encoder, text_quantizable
+from diffusekit.checkpoints.load import checkpoint_metadata, load_model
+from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict
+from diffusekit.models.clip import build_text_encoder
+from diffusekit.models.configs import TextEncoderConfig
+from diffusekit.models.init import randomize_
+from diffusekit.pipeline import Pipeline
+from helpers import make_checkpoint
+
+pytestmark = pytest.mark.skipif(int8_unavailable() is not None, reason=str(int8_unavailable()))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _ids(cfg: TextEncoderConfig, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, cfg.vocab_size - 1, (batch, 77), generator=g)  # (B, T)
+    ids[:, 20] = cfg.vocab_size - 1  # the end-of-text token (largest id) sets the pooled position
+    return ids
+
+
+@pytest.mark.parametrize("layout", ["hf", "openclip"])
+def test_int8_text_encoder_is_close_to_fp32(layout):
+    cfg = TextEncoderConfig(
+        width=64, layers=3, heads=4, mlp_width=256, layout=layout, projection_dim=32, vocab_size=1000,
+        pad_token_id=0, use_layers=3, activation="gelu" if layout == "openclip" else "quick_gelu",
+    )  # fmt: skip
+    enc = randomize_(build_text_encoder(cfg), seed=0).eval()
+    fp32 = copy.deepcopy(enc)
+    count = quantize_text_encoder(enc)
+    assert count == 3 * (6 if layout == "hf" else 4)
+    int8 = [m for m in enc.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == count and all(m.dynamic for m in int8)
+    if layout == "openclip":
+        assert all(isinstance(b.attn.in_proj, Int8InProjection) for b in enc.transformer.resblocks)
+        assert "transformer.resblocks.0.attn.in_proj_weight" not in enc.state_dict()
+        assert "transformer.resblocks.0.attn.in_proj.weight" in enc.state_dict()
+    ids = _ids(cfg)
+    with torch.inference_mode():
+        a, ref = enc(ids), fp32(ids)
+    cos = torch.nn.functional.cosine_similarity(a.hidden.flatten(1), ref.hidden.flatten(1)).min()
+    print(f"{layout}: hidden rel {_rel(a.hidden, ref.hidden):.4f}, pooled {_rel(a.pooled, ref.pooled):.4f}")
+    # measured 0.027 (hf) / 0.034 (openclip) relative, cosine > 0.999: 3 blocks of width 64, where the
+    # rounding of each 64-term dot product averages out far less than at CLIP's widths (768-1280)
+    assert _rel(a.hidden, ref.hidden) < 0.06 and float(cos) > 0.998
+    assert _rel(a.pooled, ref.pooled) < 0.06
+    assert not list(text_quantizable(enc))  # nothing float left to quantize
+    with pytest.raises(AccelError, match="no float linears"):
+        quantize_text_encoder(enc)
+
+
+@pytest.mark.parametrize("name", ["tiny_sd1", "tiny_sd2", "tiny_sdxl"])
+def test_quantized_file_round_trip_with_text_encoders(tmp_path, name):
+    cfg, _, path = make_checkpoint(name, tmp_path)
+    model = load_model(path).model
+    fp32 = copy.deepcopy(model)
+    quantize_unet(model.unet, dynamic=True)
+    counts = [quantize_text_encoder(e) for e in model.text_encoders]
+    meta = checkpoint_metadata(
+        cfg, {"diffusekit.quantization": "int8-static", FORMAT_KEY: "2", COMPONENTS_KEY: "unet,text_encoder"}
+    )
+    out = tmp_path / "q.safetensors"
+    save_state_dict(model.state_dict(), out, metadata=meta)
+    assert is_int8_checkpoint(out)
+    loaded = load_int8_model(out)
+    assert any("text_encoder" in n and "int8" in n for n in loaded.notes)
+    encoders = (loaded.model.text_encoders, model.text_encoders, fp32.text_encoders, counts)
+    for enc, q, ref, n in zip(*encoders, strict=True):
+        assert sum(isinstance(m, Int8Linear) for m in enc.modules()) == n
+        ids = _ids(enc.cfg)
+        with torch.inference_mode():
+            a, b, r = enc(ids), q(ids), ref(ids)
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)  # exactly what was saved
+        assert _rel(a.hidden, r.hidden) < 0.05
+    sd, _ = load_state_dict(out)
+    floats, int8 = split_int8(sd)
+    assert any(k.startswith("cond_stage_model") or k.startswith("conditioner") for k in int8)
+    if name != "tiny_sd1":  # OpenCLIP: the packed projection goes back to its original key names
+        assert any(k.endswith("attn.in_proj_weight") for k in floats)
+        assert not any(k.endswith("attn.in_proj.weight") for k in floats)
+
+
+def test_format_versions(tmp_path):
+    cfg, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    model = load_model(path).model
+    quantize_unet(model.unet, dynamic=True)
+    old = tmp_path / "v1.safetensors"  # as the first int8 release wrote it: no format key
+    save_state_dict(
+        model.state_dict(), old, metadata=checkpoint_metadata(cfg, {"diffusekit.quantization": "int8-static"})
+    )
+    loaded = load_int8_model(old).model
+    assert not any(isinstance(m, Int8Linear) for e in loaded.text_encoders for m in e.modules())
+    assert any(isinstance(m, Int8Linear) for m in loaded.unet.modules())
+    new = tmp_path / "v9.safetensors"
+    save_state_dict(
+        model.state_dict(),
+        new,
+        metadata=checkpoint_metadata(cfg, {"diffusekit.quantization": "int8-static", FORMAT_KEY: "9"}),
+    )
+    with pytest.raises(CheckpointError, match="format 9 is newer"):
+        load_int8_model(new)
+
+
+def test_convert_with_text_encoders_and_generate(tmp_path, capsys):
+    from diffusekit.cli import main
+    from diffusekit.params import GenerationParams
+
+    _, _, path = make_checkpoint("tiny_sd1", tmp_path)
+    plain, te = tmp_path / "plain.safetensors", tmp_path / "te.safetensors"
+    assert main(["convert", str(path), str(plain), "--quantize", "int8"]) == 0
+    assert "0 text encoder layers" in capsys.readouterr().out
+    assert main(["convert", str(path), str(te), "--quantize", "int8", "--int8-text-encoders"]) == 0
+    assert "18 text encoder layers" in capsys.readouterr().out  # tiny CLIP: 3 blocks x 6 linears
+    _, meta = load_state_dict(te)
+    assert meta[FORMAT_KEY] == "2" and meta[COMPONENTS_KEY] == "unet,text_encoder"
+    assert load_state_dict(plain)[1][COMPONENTS_KEY] == "unet"
+    assert te.stat().st_size < plain.stat().st_size
+    params = GenerationParams(prompt="a red cube", steps=2, seed=3, width=64, height=64)
+    images = {}
+    for f in (plain, te):
+        pipe = Pipeline.from_file(f, precision="int8")
+        images[f] = torch.tensor(list(pipe.generate(params).images[0].getdata()), dtype=torch.float32)
+    assert sum(isinstance(m, Int8Linear) for m in pipe.model.text_encoders[0].modules()) == 18
+    mse = float(((images[plain] - images[te]) ** 2).mean())
+    assert 0 < mse < 255**2 * 1e-3  # the text encoder's int8 changes the image a little, not a lot
