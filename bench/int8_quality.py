@@ -2,13 +2,15 @@
 
 Usage:
     python bench/int8_quality.py --model FP.safetensors --int8-model INT8.safetensors [--size 256]
-                                 [--steps 8] [--prompts 2] [--out bench/results]
+                                 [--int8-model INT8-TE.safetensors ...] [--steps 8] [--prompts 2]
+                                 [--out bench/results]
 
 Per prompt, one image from `--model` with `--precision fp32` and one from `--int8-model` (made by
 `diffusekit convert --quantize int8`), same seed, sampler (Euler) and CFG 7.5; reports the PSNR (dB) and
 the mean absolute pixel difference (/255) of each pair and their mean. The prompts differ from the
 calibration prompts (diffusekit/quantize.py), so this is not measured on what was calibrated on.
-Writes OUT/int8_quality-<model stem>.json.
+With several `--int8-model`s (e.g. one with int8 text encoders, `--int8-text-encoders`) each is
+compared with fp32 and with the first one, same seeds. Writes OUT/int8_quality-<model stem>.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +47,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--int8-model", required=True)
+    ap.add_argument("--int8-model", required=True, action="append")
     ap.add_argument("--size", type=int)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=2)
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusekit.pipeline import Pipeline
 
     images = {}
-    for label, path, precision in (("fp32", args.model, "fp32"), ("int8", args.int8_model, "int8")):
+    runs = [("fp32", args.model, "fp32")] + [(p, p, "int8") for p in args.int8_model]
+    for label, path, precision in runs:
         pipe = Pipeline.from_file(path, precision=precision)
         size = args.size or pipe.cfg.resolution
         images[label] = []
@@ -65,16 +69,29 @@ def main(argv: list[str] | None = None) -> int:
             img = pipe.generate(params).images[0]
             images[label].append(np.asarray(img.convert("RGB")))
         del pipe
-    pairs = [compare(b, a) for a, b in zip(images["fp32"], images["int8"], strict=True)]
+    first = args.int8_model[0]
+    pairs = [compare(b, a) for a, b in zip(images["fp32"], images[first], strict=True)]
+    others = {}
+    for path in args.int8_model[1:]:
+        vs_fp32 = [compare(b, a) for a, b in zip(images["fp32"], images[path], strict=True)]
+        vs_first = [compare(b, a) for a, b in zip(images[first], images[path], strict=True)]
+        others[path] = {
+            "pairs_vs_fp32": vs_fp32,
+            "psnr_db_mean_vs_fp32": statistics.mean(p["psnr_db"] for p in vs_fp32),
+            "mean_abs_mean_vs_fp32": statistics.mean(p["mean_abs"] for p in vs_fp32),
+            "psnr_db_mean_vs_first_int8": statistics.mean(p["psnr_db"] for p in vs_first),
+        }
     result = {
         "model": args.model,
-        "int8_model": args.int8_model,
+        "int8_model": first,
         "size": size,
         "steps": args.steps,
         "sampler": "Euler",
         "pairs": pairs,
         "psnr_db_mean": statistics.mean(p["psnr_db"] for p in pairs),
         "mean_abs_mean": statistics.mean(p["mean_abs"] for p in pairs),
+        "other_int8_models": others,
+        "load_average_end": os.getloadavg(),
     }
     out = Path(args.out) / f"int8_quality-{Path(args.model).stem}.json"
     out.write_text(json.dumps(result, indent=2))
