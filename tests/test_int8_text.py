@@ -160,3 +160,50 @@ def test_convert_with_text_encoders_and_generate(tmp_path, capsys):
     # the text encoder's int8 changes the image (it runs), far less than changing the prompt does:
     # measured 173 against 1025 (this tiny CLIP is 32 wide, where int8 rounding averages out least)
     assert 0 < te_mse < 0.25 * prompt_mse
+
+
+@pytest.mark.parametrize("name", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_lora_acts_on_int8_layers_as_on_float_ones(name, merge):
+    from diffusekit.adapters.lora import apply_loras
+    from diffusekit.adapters.lora_file import LoraModule, LoraNetwork
+    from diffusekit.models.configs import preset
+    from diffusekit.models.sd import StableDiffusion
+
+    g = torch.Generator().manual_seed(0)
+
+    def lora(out: int, inp: int) -> LoraModule:
+        return LoraModule(
+            0.1 * torch.randn(4, inp, generator=g), 0.1 * torch.randn(out, 4, generator=g), alpha=4.0
+        )
+
+    net = LoraNetwork("t", {
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": lora(32, 32),  # OpenCLIP: packed in_proj
+        "lora_te_text_model_encoder_layers_1_mlp_fc1": lora(64, 32),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": lora(64, 64),
+    })  # fmt: skip
+    fp32 = randomize_(StableDiffusion(preset(name)), 0).eval()
+    int8 = copy.deepcopy(fp32)
+    quantize_unet(int8.unet, dynamic=True)
+    quantize_text_encoder(int8.text_encoders[0])
+    ids = _ids(fp32.text_encoders[0].cfg, 1)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0])
+    outs = []
+    for model in (fp32, int8):
+        with torch.inference_mode():
+            base = model.text_encoders[0](ids).hidden
+            base_eps = model.unet(x, t, base)
+        applied = apply_loras(model, [(net, 1.0, 10.0)], merge=merge)  # one U-Net layer: a strong one
+        assert applied.unmatched["t"] == []
+        with torch.inference_mode():
+            outs.append((model.text_encoders[0](ids).hidden, model.unet(x, t, base), base, base_eps))
+        applied.remove()
+        with torch.inference_mode():
+            assert torch.equal(model.text_encoders[0](ids).hidden, base)  # removed without a trace
+    (te_f, unet_f, te_f0, unet_f0), (te_q, unet_q, _, _) = outs
+    # with the LoRA, the int8 model is as close to the float model with the LoRA as int8 rounding
+    # allows, and far closer than to the float model without it (a LoRA that did not act on int8
+    # layers would leave the int8 model where the float one was before)
+    for q, f, f0 in ((te_q, te_f, te_f0), (unet_q, unet_f, unet_f0)):
+        print(f"int8 vs float with the LoRA {_rel(q, f):.3f}; the LoRA's own change {_rel(f, f0):.3f}")
+        assert _rel(q, f) < 0.1 and _rel(q, f) < 0.5 * _rel(f, f0)
