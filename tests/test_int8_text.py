@@ -38,7 +38,7 @@ def _one_thread():
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.float() - b.float()).detach().norm() / b.float().detach().norm())
 
 
 def _ids(cfg: TextEncoderConfig, batch: int = 2) -> torch.Tensor:
