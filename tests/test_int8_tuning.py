@@ -1,13 +1,10 @@
-"""The int8 path's glue tuning: same numbers as the first version, cheaper calls, sliced fp32 attention."""
+"""The int8 path's glue tuning: the same numbers as the first version with one copy less per layer."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
 
-from diffusekit.accel import int8_static
 from diffusekit.accel.errors import AccelError
 from diffusekit.accel.int8_static import Int8Conv2d, Int8Linear, int8_unavailable, quantize_unet, set_tuning
 from diffusekit.models.configs import TINY_SD1
@@ -60,7 +57,7 @@ def test_fused_dynamic_linear_matches_the_onednn_path_and_is_chosen_by_shape():
     with torch.inference_mode():
         set_tuning("before")
         before = q_square(x)
-        set_tuning("after")
+        set_tuning("fused-linear")
         after, _, _ = q_square(x), q_wide(x), static(x)
     assert q_square._packed_dynamic is not None  # fbgemm's fused dynamic kernel ran
     assert q_wide._packed_dynamic is None and static._packed_dynamic is None  # oneDNN for these
@@ -70,28 +67,14 @@ def test_fused_dynamic_linear_matches_the_onednn_path_and_is_chosen_by_shape():
         set_tuning("fastest")
 
 
-def test_int8_path_uses_sliced_attention_where_heads_are_40_wide():
-    cfg = replace(TINY_SD1.unet, model_channels=40, num_heads=1, norm_groups=8)  # heads of 40, 80, 80
-    unet = randomize_(UNetModel(cfg), seed=0).eval()
-    fp32 = randomize_(UNetModel(cfg), seed=0).eval()
+def test_the_default_tuning_gives_the_first_versions_u_net_output_bit_for_bit():
+    unet = randomize_(UNetModel(TINY_SD1.unet), seed=0).eval()
     quantize_unet(unet, dynamic=True)
     prepare(unet, torch.float32, "cpu", "int8")
-    attn = [m for m in unet.modules() if hasattr(m, "kernel")]
-    assert {m.dim_head: m.kernel for m in attn} == {40: "sliced", 80: "sdpa"}
     x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)  # (B, 4, h, w)
-    t, ctx = torch.tensor([500.0, 500.0]), torch.randn(2, 77, cfg.context_dim)
+    t, ctx = torch.tensor([500.0, 500.0]), torch.randn(2, 77, TINY_SD1.unet.context_dim)
     with torch.inference_mode():
-        ref = fp32(x, t, ctx)
-        for m in fp32.modules():  # the kernel alone: fp32 with the int8 path's kernels
-            if hasattr(m, "kernel"):
-                m.kernel = "sliced" if m.dim_head == 40 else "sdpa"
-        assert _rel(fp32(x, t, ctx), ref) < 1e-5
         after = unet(x, t, ctx)
         set_tuning("before")
-        for m in attn:
-            m.kernel = "sdpa"
         before = unet(x, t, ctx)
-    # the two are two draws of the same int8 rounding (a changed last bit moves a value across a
-    # rounding step in a later layer), so each is compared with fp32, not with the other
-    assert _rel(after, ref) < 0.1 and _rel(before, ref) < 0.1
-    assert int8_static.TUNING.name == "before"
+    assert torch.equal(after, before)  # only a copy was taken out: the PSNR figures stand as measured

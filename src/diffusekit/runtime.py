@@ -263,8 +263,6 @@ def prepare(
     for module in model.modules():
         if hasattr(module, "kernel"):
             module.kernel = kernel
-            if name == "int8" and device.type == "cpu" and getattr(module, "dim_head", 16) % 16:
-                module.kernel = "sliced"  # fp32 heads of 40 (SD1.x): see docs/guides/cpu-paths.md
     return FastPath(dtype, channels_last=True, attention=kernel, retains_freed_memory=retains, path=name)
 
 

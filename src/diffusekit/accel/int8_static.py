@@ -68,25 +68,30 @@ class Tuning:
     """Switches for the glue around the int8 kernels (bench/int8_profile.py compares them in one run).
 
     `alias_uint8`: hand oneDNN the quantized tensor's bytes as a uint8 view of the same storage instead of
-    copying them with `int_repr()` (a full pass per layer, 0.29 s of a 10.9 s SD1.5 step at 512).
-    `fused_dynamic_linear`: a dynamic Linear with `out_features <= in_features` runs torch's
-    `quantized::linear_dynamic` (fbgemm on x86), which finds the input's range and quantizes it inside
-    the kernel, instead of min/max + quantize + oneDNN's `qlinear_pointwise`; the same quantization (per
-    tensor uint8 from the input's min/max, per-channel int8 weights). Wider-out Linears (GEGLU's
-    projection) stay on oneDNN, which measured faster there.
+    copying them with `int_repr()` (a full pass per layer: 0.29 s of a 10.9 s SD1.5 step at 512, one
+    thread); the same bytes, so the same results. `fused_dynamic_linear`: a dynamic Linear with
+    `out_features <= in_features` runs torch's `quantized::linear_dynamic` (fbgemm on x86), which finds
+    the input's range and quantizes it inside the kernel, instead of min/max + quantize + oneDNN's
+    `qlinear_pointwise` (the same quantization). Faster on those shapes alone (microbenchmarks), but in a
+    whole SD1.5 step its kernel time grew by what the separate quantize pass lost, so it is off.
     """
 
     name: str = "after"
     alias_uint8: bool = True
-    fused_dynamic_linear: bool = True
+    fused_dynamic_linear: bool = False
 
 
-TUNINGS = {"before": Tuning("before", False, False), "after": Tuning("after")}
+TUNINGS = {
+    "before": Tuning("before", alias_uint8=False),
+    "after": Tuning("after"),
+    "fused-linear": Tuning("fused-linear", fused_dynamic_linear=True),
+}
 TUNING = Tuning()
 
 
 def set_tuning(name: str) -> None:
-    """Switch every int8 layer to the named glue variant ("before": as first shipped; "after": tuned)."""
+    """Switch every int8 layer to the named glue variant ("before": as first shipped; "after": the
+    default now; "fused-linear": "after" with `fused_dynamic_linear`)."""
     if name not in TUNINGS:
         raise AccelError(f"unknown int8 tuning {name!r}; valid: {', '.join(TUNINGS)}")
     for f in fields(Tuning):
