@@ -17,6 +17,7 @@ from diffusekit.accel.int8_file import (
 )
 from diffusekit.accel.int8_static import Int8Linear, int8_unavailable, quantize_unet
 from diffusekit.accel.int8_text import Int8InProjection, quantize_text_encoder, text_quantizable
+from diffusekit.checkpoints.inspect import inspect_checkpoint
 from diffusekit.checkpoints.load import checkpoint_metadata, load_model
 from diffusekit.checkpoints.single_file import CheckpointError, load_state_dict, save_state_dict
 from diffusekit.models.clip import build_text_encoder
@@ -107,6 +108,9 @@ def test_quantized_file_round_trip_with_text_encoders(tmp_path, name):
     if name != "tiny_sd1":  # OpenCLIP: the packed projection goes back to its original key names
         assert any(k.endswith("attn.in_proj_weight") for k in floats)
         assert not any(k.endswith("attn.in_proj.weight") for k in floats)
+    report = inspect_checkpoint(out, hashes=False)  # `diffusekit inspect` reads the file as it is
+    te = [c for c in report.components if c.name.startswith("text_encoder")]
+    assert te and all("int8" in c.dtypes for c in te)
 
 
 def test_format_versions(tmp_path):
