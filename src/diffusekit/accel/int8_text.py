@@ -36,7 +36,6 @@ __all__ = [
     "packed_float_keys",
     "quantize_text_encoder",
     "restore_int8_text_encoder",
-    "te_int8_layers",
     "text_quantizable",
 ]
 
@@ -141,9 +140,3 @@ def packed_float_keys(key: str) -> str | None:
         if key.endswith(f".{PACKED_SUFFIX}.{leaf}"):
             return key[: -len(f".{leaf}")] + f"_{leaf}"
     return None
-
-
-def te_int8_layers(encoder: nn.Module) -> int:
-    """How many int8 linears `encoder` runs."""
-    return sum(isinstance(m, Int8Linear) for m in encoder.modules())
-
