@@ -95,13 +95,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "--quantize int8 writes a single file and takes no --format/--dtype/--prune/--keep-ema"
         )
     settings = QuantizeSettings(activations=args.int8_activations, prompts=args.calibration_prompts,
-                                steps=args.calibration_steps, size=args.calibration_size)  # fmt: skip
+                                steps=args.calibration_steps, size=args.calibration_size,
+                                text_encoders=args.int8_text_encoders)  # fmt: skip
     result = quantize_checkpoint(args.src, args.dst, settings, prediction=args.prediction, vae=args.vae)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(
             f"{result['src']} -> {result['dst']} (int8-static: {result['layers']} U-Net layers, "
+            f"{result['text_encoder_layers']} text encoder layers, "
             f"{result['calibration']}, {result['calibration_seconds']} s; "
             f"{result['bytes_after']:,} bytes)"
         )
@@ -161,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("dynamic", "static"),
         default="dynamic",
         help="with --quantize: each call's own input range (default), or ranges calibrated once",
+    )
+    p.add_argument(
+        "--int8-text-encoders",
+        action="store_true",
+        help="with --quantize: the text encoders' linears in int8 too (smaller file, see cpu-paths guide)",
     )
     p.add_argument(
         "--calibration-prompts", type=int, default=4, help="with --int8-activations static: images to observe"

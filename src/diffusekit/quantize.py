@@ -4,8 +4,10 @@ Activations "dynamic" (the default): every quantizable U-Net layer becomes int8 
 input with that input's own range, so nothing is calibrated. "static": the fp32 model first generates a
 few images (CALIBRATION_PROMPTS, a few sampler steps each, CFG on) while `accel.int8_static.Calibrator`
 records every layer's input range, which is then frozen (about prompts x steps CFG U-Net steps at `size`;
-a little faster to run, at a large quality cost, see accel/int8_static.py). Either way the whole model is
-saved as one safetensors file marked int8-static (`accel/int8_file.py` loads it back).
+a little faster to run, at a large quality cost, see accel/int8_static.py). With `text_encoders` the
+text encoders' attention/MLP linears become int8 too (dynamic activations, accel/int8_text.py). Either
+way the whole model is saved as one safetensors file marked int8-static, format version 2
+(`accel/int8_file.py` loads it back).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 
 from .accel.errors import AccelError
-from .accel.int8_file import INT8_STATIC, QUANTIZATION_KEY
+from .accel.int8_file import COMPONENTS_KEY, FORMAT_KEY, FORMAT_VERSION, INT8_STATIC, QUANTIZATION_KEY
 from .accel.int8_static import Calibrator, candidates, quantize_unet
+from .accel.int8_text import quantize_text_encoder
 from .checkpoints.load import checkpoint_metadata
 from .checkpoints.single_file import save_state_dict
 from .params import GenerationParams
@@ -52,6 +55,7 @@ class QuantizeSettings:
     size: int | None = None  # image side in pixels; None: the model's native resolution
     percentile: float = 99.99  # per-call range kept (see Calibrator)
     seed: int = 0
+    text_encoders: bool = False  # also the text encoders' linears (opt-in: docs/guides/cpu-paths.md)
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:
@@ -105,11 +109,23 @@ def quantize_checkpoint(
             ranges = calibrate(pipe, settings)
     calib_s = time.perf_counter() - t0
     count = quantize_unet(pipe.model.unet, ranges, dynamic=dynamic)
+    components = ["unet"]
+    te_layers = 0
+    if settings.text_encoders:
+        for name, (_, encoder) in pipe.model.components().items():
+            if name.startswith("text_encoder"):
+                te_layers += quantize_text_encoder(encoder)
+                components.append(name)
     how = "dynamic activation ranges (per call), no calibration" if dynamic else (
         f"static activation ranges: {settings.prompts} prompts x {settings.steps} steps at {size}px, "
         f"percentile {settings.percentile}"
     )  # fmt: skip
-    extra = {QUANTIZATION_KEY: INT8_STATIC, "diffusekit.quantization.calibration": how}
+    extra = {
+        QUANTIZATION_KEY: INT8_STATIC,
+        "diffusekit.quantization.calibration": how,
+        FORMAT_KEY: str(FORMAT_VERSION),
+        COMPONENTS_KEY: ",".join(components),
+    }
     metadata = {k: v for k, v in pipe.loaded.metadata.items() if not k.startswith(QUANTIZATION_KEY)}
     metadata |= checkpoint_metadata(pipe.cfg, extra)
     save_state_dict(pipe.model.state_dict(), dst, metadata=metadata)
@@ -118,6 +134,8 @@ def quantize_checkpoint(
         "dst": str(dst),
         "quantization": INT8_STATIC,
         "layers": count,
+        "text_encoder_layers": te_layers,
+        "components": components,
         "calibration": extra["diffusekit.quantization.calibration"],
         "calibration_seconds": round(calib_s, 1),
         "bytes_after": dst.stat().st_size,

@@ -34,9 +34,11 @@ quantized U-Net saves and loads as an ordinary single-file checkpoint with a few
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +61,48 @@ __all__ = [
 ]
 
 QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".input_zero_point")  # keys a quantized layer adds
+
+
+@dataclass
+class Tuning:
+    """Switches for the glue around the int8 kernels (bench/int8_profile.py compares them in one run).
+
+    `alias_uint8`: hand oneDNN the quantized tensor's bytes as a uint8 view of the same storage instead of
+    copying them with `int_repr()` (a full pass per layer: 0.29 s of a 10.9 s SD1.5 step at 512, one
+    thread); the same bytes, so the same results. `fused_dynamic_linear`: a dynamic Linear with
+    `out_features <= in_features` runs torch's `quantized::linear_dynamic` (fbgemm on x86), which finds
+    the input's range and quantizes it inside the kernel, instead of min/max + quantize + oneDNN's
+    `qlinear_pointwise` (the same quantization). Faster on those shapes alone (microbenchmarks), but in a
+    whole SD1.5 step its kernel time grew by what the separate quantize pass lost, so it is off.
+    """
+
+    name: str = "after"
+    alias_uint8: bool = True
+    fused_dynamic_linear: bool = False
+
+
+TUNINGS = {
+    "before": Tuning("before", alias_uint8=False),
+    "after": Tuning("after"),
+    "fused-linear": Tuning("fused-linear", fused_dynamic_linear=True),
+}
+TUNING = Tuning()
+
+
+def set_tuning(name: str) -> None:
+    """Switch every int8 layer to the named glue variant ("before": as first shipped; "after": the
+    default now; "fused-linear": "after" with `fused_dynamic_linear`)."""
+    if name not in TUNINGS:
+        raise AccelError(f"unknown int8 tuning {name!r}; valid: {', '.join(TUNINGS)}")
+    for f in fields(Tuning):
+        setattr(TUNING, f.name, getattr(TUNINGS[name], f.name))
+
+
+@functools.cache
+def _has_vnni() -> bool:
+    """VNNI int8 dot products (fbgemm saturates int16 pairs without them: 7-bit activations then)."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private, present in torch 2.x
+    return bool(probe()) if probe is not None else False
 
 
 def int8_unavailable() -> str | None:
@@ -104,12 +148,13 @@ class _Int8Layer(nn.Module):
         self.register_buffer("input_zero_point", torch.tensor(int(zp), dtype=torch.int32))
         self._w_zp = torch.zeros(weight.shape[0], dtype=torch.int32)
         self._packed: Tensor | None = None
+        self._packed_dynamic: object | None = None  # Int8Linear's fbgemm packing, see Tuning
         self._qparams = (float(scale), int(zp))
         self.dynamic = scale == 0.0  # input_scale 0 marks a layer whose input range is taken per call
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._packed = None  # repack from the loaded weight on the next call
+        self._packed = self._packed_dynamic = None  # repack from the loaded weight on the next call
         self._qparams = (float(self.input_scale), int(self.input_zero_point))
         self.dynamic = self._qparams[0] == 0.0
 
@@ -127,7 +172,12 @@ class _Int8Layer(nn.Module):
         """uint8 values of `x` (fp32, any layout kept) at `scale` and zero point `zp`."""
         with warnings.catch_warnings():  # "quantized tensor creation is deprecated" (one fused kernel)
             warnings.simplefilter("ignore", UserWarning)
-            return torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8).int_repr()
+            q = torch.quantize_per_tensor(x.float(), scale, zp, torch.quint8)
+        if not TUNING.alias_uint8:
+            return q.int_repr()
+        # the same bytes as plain uint8: a view of q's storage (which it keeps alive), no copy
+        u8 = torch.empty(0, dtype=torch.uint8)
+        return u8.set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
 class Int8Conv2d(_Int8Layer):
@@ -190,10 +240,30 @@ class Int8Linear(_Int8Layer):
             self._packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
         return self._packed
 
+    def _fused_dynamic(self) -> bool:
+        """Whether this call runs `quantized::linear_dynamic` (see Tuning.fused_dynamic_linear)."""
+        return TUNING.fused_dynamic_linear and self.dynamic and self.out_features <= self.in_features
+
+    def _pack_dynamic(self) -> object:
+        """The weight prepacked for `quantized::linear_dynamic` (the same int8 values and scales)."""
+        if self._packed_dynamic is None:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # "quantized tensor creation is deprecated"
+                warnings.simplefilter("ignore", UserWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scale = self.weight_scale.double()
+                qw = torch._make_per_channel_quantized_tensor(self.weight, scale, zeros, 0)
+                self._packed_dynamic = torch.ops.quantized.linear_prepack(qw, self.bias)
+        return self._packed_dynamic
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out) fp32
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features).contiguous()  # (M, in)
+        if self._fused_dynamic():  # range, quantization and matmul in one call (fbgemm)
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self._pack_dynamic(), not _has_vnni())
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         scale, zp = self._input_qparams(x2)
         qx = self._quantize_input(x2, scale, zp)  # (M, in) uint8
         y = torch.ops.onednn.qlinear_pointwise(

@@ -242,14 +242,21 @@ def _make_hook(kind: str, terms: list[_Term]):
 
 
 def _weight_of(component: nn.Module, target: Target) -> Tensor:
-    """The layer's weight, or for a layer that keeps none (int8-quantized Linear) an fp32 stand-in."""
+    """The layer's float weight, or for a layer that keeps none (int8-quantized: no weight, or an int8
+    one in other units) an fp32 stand-in of its shape on the meta device (hooks, computed in fp32)."""
     if target.kind == "packed":
-        return component.get_submodule(target.path.rpartition(".")[0]).in_proj_weight
-    layer = component.get_submodule(target.path)
-    weight = getattr(layer, "weight", None)
-    if isinstance(weight, Tensor):
+        weight = component.get_submodule(target.path.rpartition(".")[0]).in_proj_weight
+        layer = component.get_submodule(target.path)  # the in-projection call (int8 once quantized)
+    else:
+        layer = component.get_submodule(target.path)
+        weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
         return weight
-    return torch.empty(layer.out_features, layer.in_features, device="meta")  # computed in fp32 on CPU
+    if isinstance(weight, Tensor):
+        return torch.empty(weight.shape, device="meta")
+    if isinstance(getattr(layer, "weight", None), Tensor):
+        return torch.empty(layer.weight.shape, device="meta")
+    return torch.empty(layer.out_features, layer.in_features, device="meta")
 
 
 def _bias_of(component: nn.Module, target: Target) -> Tensor | None:

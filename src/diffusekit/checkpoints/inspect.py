@@ -123,8 +123,9 @@ def inspect_checkpoint(
     sd, cfg, _, metadata, _ = read_checkpoint(path, prediction=prediction)
     if metadata.get("diffusekit.quantization") == "int8-static":  # int8 weights: report them as they are
         from ..accel.int8_static import QUANT_SUFFIXES
+        from ..accel.int8_text import packed_float_keys  # OpenCLIP's int8 in_proj back to its own keys
 
-        sd = {k: v for k, v in sd.items() if not k.endswith(QUANT_SUFFIXES)}  # the scales and zero points
+        sd = {packed_float_keys(k) or k: v for k, v in sd.items() if not k.endswith(QUANT_SUFFIXES)}
     if path.is_dir():
         fmt = "diffusers folder"
     else:
