@@ -3,6 +3,15 @@ import os
 import pytest
 import torch
 
+# One compute thread for the whole run, in this process and in every subprocess a test starts (CLI runs,
+# servers): the test models are tiny, and on a loaded 2-core machine a second OpenMP thread spinning at
+# each op's barrier made a tiny U-Net forward ~30x slower (0.4 s -> 11 s at load average 16).
+# DIFFUSEKIT_TEST_THREADS=N overrides it (e.g. to time the suite with more threads on a larger machine).
+TEST_THREADS = int(os.environ.get("DIFFUSEKIT_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+os.environ.setdefault("MKL_NUM_THREADS", str(TEST_THREADS))
+torch.set_num_threads(TEST_THREADS)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
