@@ -1,4 +1,5 @@
-"""A real diffusekit server in a subprocess on a free loopback port, for the server tests."""
+"""A real diffusekit server in a subprocess on a free loopback port, for the server tests; and the pieces
+the web UI tests share for driving it in a real browser (Debian's Chromium through Playwright)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -38,6 +40,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
+        self.base = self.url  # the web UI tests' name for it
 
     def start(self, timeout: float = 120) -> ServerProcess:
         cmd = [
@@ -62,12 +65,19 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy to answer in time
                 pass
             time.sleep(0.2)
-        raise TimeoutError("server did not start")
+        self.stop()
+        raise TimeoutError(f"server did not answer /health in {timeout} s; see {self.log.name}")
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def kill9(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -91,3 +101,45 @@ def make_key(data: Path, name: str, role: str = "user", **kw) -> str:
 
     _, raw = KeyStore(Path(data) / "diffusekit.db").create(name, role, **kw)
     return raw
+
+
+# --- the web UI in a real browser ----------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SHOTS = Path(os.environ["DIFFUSEKIT_SHOTS"]) if os.environ.get("DIFFUSEKIT_SHOTS") else None
+
+
+def playwright_or_skip(module_level: bool = True):
+    """playwright.sync_api, or skip (the calling module, or test) when Chromium or Playwright is absent."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)", allow_module_level=module_level)
+    return pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+class Page:
+    """A page on the UI in a fresh browser context (no storage) that records console errors and uncaught
+    exceptions."""
+
+    def __init__(self, browser, base: str, width: int = 1280, height: int = 800):
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.base = base
+
+    def open(self):
+        self.page.goto(self.base + "/")
+        self.page.wait_for_selector("body[data-loaded]")
+        return self.page
+
+    def close(self):
+        self.context.close()
+
+
+def shot(page, name: str) -> None:
+    """A screenshot into $DIFFUSEKIT_SHOTS (for the docs) when it is set."""
+    if SHOTS is not None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"webui-{name}.png"))
