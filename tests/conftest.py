@@ -91,3 +91,13 @@ def pytest_runtest_teardown(item, nextitem):
 
 def pytest_sessionfinish(session):
     _BROWSER.close()
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_kept():
+    """A CLI command run in-process (convert, animate) makes SIGTERM unwind; not the test process's."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
