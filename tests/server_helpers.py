@@ -3,6 +3,8 @@ the web UI tests share for driving it in a real browser (Debian's Chromium throu
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import signal
 import socket
@@ -42,11 +44,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base = self.url  # the web UI tests' name for it
 
-    def start(self, timeout: float = 120) -> ServerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "diffusekit.cli",
+    def start(self, timeout: float = 300) -> ServerProcess:
+        argv = [
             "serve",
             "--port",
             str(self.port),
@@ -57,9 +56,9 @@ class ServerProcess:
             *self.extra,
         ]
         if "--store" not in self.extra:  # not the per-user store of whoever runs the tests
-            cmd.append("--no-store")
+            argv.append("--no-store")
         self.log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = _WARM.run(argv, Path(self.log.name))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -93,6 +92,65 @@ class ServerProcess:
                 self.proc.wait(5)
         if getattr(self, "log", None):
             self.log.close()
+
+
+# `diffusekit serve` in a process of its own that imports Python, torch, FastAPI and the app first, then
+# waits for its arguments on stdin: the next server's start-up (most of a start on a busy machine) is paid
+# while the tests of the current one run. Stdin closed instead: it exits.
+_SERVE = """import json, os, sys
+import uvicorn
+import diffusekit.server.app
+from diffusekit.cli import main
+print("ready", flush=True)
+line = sys.stdin.readline()
+if not line:
+    sys.exit(3)
+job = json.loads(line)
+fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+os.dup2(fd, 1)
+os.dup2(fd, 2)
+sys.exit(main(job["argv"]))
+"""
+
+
+class _WarmServers:
+    """At most one started-up `diffusekit serve` process waiting for its arguments."""
+
+    def __init__(self):
+        self.waiting: subprocess.Popen | None = None
+        self.env: dict[str, str] | None = None
+
+    def _spawn(self) -> None:
+        self.env = env()
+        pipe = subprocess.PIPE
+        self.waiting = subprocess.Popen([sys.executable, "-c", _SERVE], env=self.env, stdin=pipe, stdout=pipe)
+
+    def run(self, argv: list[str], log: Path) -> subprocess.Popen:
+        """A server process running `diffusekit <argv>` with its output appended to `log`."""
+        if self.waiting is None or self.waiting.poll() is not None or self.env != env():
+            self.discard()  # none yet, or started with another environment: a fresh one
+            self._spawn()
+        proc, self.waiting = self.waiting, None
+        ready = proc.stdout.readline()
+        if ready != b"ready\n":
+            proc.wait(30)
+            raise RuntimeError(f"the server process failed to start up ({proc.returncode}): {ready!r}")
+        proc.stdin.write(json.dumps({"argv": argv, "log": str(log)}).encode() + b"\n")
+        proc.stdin.flush()
+        proc.stdout.close()
+        self._spawn()  # the next one starts up now
+        return proc
+
+    def discard(self) -> None:
+        if self.waiting is not None:
+            self.waiting.stdin.close()  # it exits
+            self.waiting.wait(60)
+            self.waiting.stdout.close()
+            self.waiting = None
+
+
+_WARM = _WarmServers()
+atexit.register(_WARM.discard)
 
 
 def make_key(data: Path, name: str, role: str = "user", **kw) -> str:
