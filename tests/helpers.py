@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,9 +26,20 @@ def make_checkpoint(
     """A single-file checkpoint of preset `name` (or of `cfg`, filed under `name`) with seeded random
     weights: (config, state dict, path)."""
     cfg = cfg or preset(name)
-    sd = randomize_(StableDiffusion(cfg), seed).state_dict()
+    try:
+        cached = _random_state_dict(cfg, seed)
+    except TypeError:  # a config with an unhashable field: built afresh
+        cached = randomize_(StableDiffusion(cfg), seed).state_dict()
+    sd = {k: v.clone() for k, v in cached.items()}  # the caller's to change
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     path = tmp_path / f"{name}.safetensors"
     save_state_dict(sd, path, metadata=checkpoint_metadata(cfg) if metadata else None)
     return cfg, sd, path
+
+
+@lru_cache(maxsize=8)
+def _random_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """randomize_(StableDiffusion(cfg), seed)'s weights, built once per run (the same seeded values every
+    time: randomize_ draws from its own generator), since many tests ask for the same tiny checkpoint."""
+    return randomize_(StableDiffusion(cfg), seed).state_dict()

@@ -206,28 +206,49 @@ def test_motion_and_cadence_render_every_frame_reproducibly(pipe, tmp_path):
         Renderer(pipe, _params(), other, tmp_path / "a").render(resume=True)
 
 
-def test_kill_9_during_a_render_then_resume_gives_the_uninterrupted_frames(tmp_path):
-    cmd = [sys.executable, "-m", "diffusekit.cli", "animate", "a red circle", "--mode", "motion",
-           "--frames", "6", "--cadence", "2", "--steps", "4", "--seed", "3", "--json"]  # fmt: skip
+# `diffusekit animate` in its own process, started up (Python, torch) before it is told to go with a line
+# on stdin (closed without it: exits without rendering)
+_WARM_CLI = """import sys
+import diffusekit.animation.render
+from diffusekit.cli import main
+print("ready", flush=True)
+sys.exit(main(sys.argv[1:]) if sys.stdin.readline() == "go\\n" else 3)
+"""
+
+
+def test_kill_9_during_a_render_then_resume_gives_the_uninterrupted_frames(tmp_path, capsys):
+    from diffusekit.cli import main
+
+    argv = ["animate", "a red circle", "--mode", "motion",
+            "--frames", "6", "--cadence", "2", "--steps", "4", "--seed", "3", "--json"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    whole = tmp_path / "whole"
-    subprocess.run([*cmd, "-o", str(whole)], check=True, env=env, capture_output=True, timeout=300)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [*cmd, "-o", str(cut)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while not (cut / "frame_000002.png").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the run to kill in its own process; it starts up (Python, torch) while the reference renders here
+    pipe = subprocess.PIPE
+    cmd = [sys.executable, "-c", _WARM_CLI, *argv, "-o", str(cut)]
+    proc = subprocess.Popen(cmd, env=env, stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL)
+    try:
+        whole = tmp_path / "whole"
+        assert main([*argv, "-o", str(whole)]) == 0  # the uninterrupted render, in this process
+        capsys.readouterr()
+        assert proc.stdout.readline() == b"ready\n"
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while not (cut / "frame_000002.png").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
     assert not (cut / "frame_000005.png").exists(), "the render finished before it could be killed"
-    done = subprocess.run([*cmd, "-o", str(cut), "--resume"], env=env, capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr.decode()
+    assert main([*argv, "-o", str(cut), "--resume"]) == 0, capsys.readouterr().err
+    done = capsys.readouterr().out
     names = [f"frame_{i:06d}.png" for i in range(6)]
     pairs = zip(_pixels([whole / n for n in names]), _pixels([cut / n for n in names]), strict=True)
     assert all(np.array_equal(a, b) for a, b in pairs)
-    assert json.loads(done.stdout)["frames"][-1].endswith(names[-1])
+    assert json.loads(done)["frames"][-1].endswith(names[-1])
 
 
 def test_cli_writes_a_gif_with_a_sidecar_and_first_frame_infotext(tmp_path):

@@ -1,6 +1,8 @@
 """The sliced attention kernel computes the same attention as SDPA: slice boundaries, the exp-and-sums
 path (head size not a multiple of 16) and its fallback, threads, and the differentiable path."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,17 @@ from diffusekit.models.attention import (
     sliced_attention,
 )
 from diffusekit.models.unet import CrossAttention
+
+
+@contextlib.contextmanager
+def caller_threads(n: int):
+    """The caller's torch thread count set to n for the block (yielding n), then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def qkv(b, h, n, t, d, dtype=torch.float32, seed=0):
@@ -45,10 +58,10 @@ def test_exp_path_equals_sdpa_threaded_or_not_and_with_huge_scores(scale, thread
     bound = q.norm(dim=-1).amax() * k.norm(dim=-1).amax() / 40**0.5
     assert (bound > EXP_SAFE_LOGIT) == (scale > 1)  # the case is the one its name says
     ref = F.scaled_dot_product_attention(q, k, v)
-    own = torch.get_num_threads()
-    with torch.inference_mode():  # workers inherit the caller's inference mode
-        out = sliced_attention(q, k, v, threads=threads)
-    assert torch.get_num_threads() == own
+    with caller_threads(2) as own:  # not the suite's 1: a worker's set_num_threads(1) must not leak
+        with torch.inference_mode():  # workers inherit the caller's inference mode
+            out = sliced_attention(q, k, v, threads=threads)
+        assert torch.get_num_threads() == own
     assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-12
 
 
@@ -71,16 +84,18 @@ def test_under_torch_compile_the_plain_slices_run(monkeypatch):
 
 
 def test_worker_errors_reach_the_caller_and_thread_count_is_restored():
-    own, ran = torch.get_num_threads(), []
+    ran = []
 
     def fn(share):
         ran.append(torch.get_num_threads())
         if share == "bad":
             raise ArithmeticError("worker failed")
 
-    with pytest.raises(ArithmeticError, match="worker failed"):
-        _on_single_threaded_workers(fn, ["ok", "bad", "ok"])
-    assert sorted(ran) == [1, 1, 1] and torch.get_num_threads() == own
+    with caller_threads(2) as own:  # not the suite's 1: a worker's set_num_threads(1) must not leak
+        with pytest.raises(ArithmeticError, match="worker failed"):
+            _on_single_threaded_workers(fn, ["ok", "bad", "ok"])
+        assert torch.get_num_threads() == own
+    assert sorted(ran) == [1, 1, 1]
 
 
 def test_sliced_bf16_error_is_bf16_sized():

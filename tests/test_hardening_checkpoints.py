@@ -261,13 +261,18 @@ def test_write_error_names_the_destination_not_a_temp_file(tiny, tmp_path):
 
 
 def test_create_and_convert_are_byte_identical_across_runs(tiny, tmp_path):
-    def run(*argv):
-        env = os.environ | {"PYTHONPATH": str(SRC)}
-        subprocess.run([sys.executable, "-m", "diffusekit.cli", *map(str, argv)], check=True, env=env,
-                       capture_output=True)  # fmt: skip
+    def start(hash_seed: str, *argv) -> subprocess.Popen:
+        env = os.environ | {"PYTHONPATH": str(SRC), "PYTHONHASHSEED": hash_seed}
+        cmd = [sys.executable, "-m", "diffusekit.cli", *map(str, argv)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    run("create", "tiny_sd1", tmp_path / "a.safetensors", "--seed", "3")  # separate processes: hash seeds
-    run("create", "tiny_sd1", tmp_path / "b.safetensors", "--seed", "3")
+    # separate processes with different hash seeds (set and unlike, so set iteration order differs), side
+    # by side: the machine's two cores
+    runs = [start(seed, "create", "tiny_sd1", tmp_path / f"{name}.safetensors", "--seed", "3")
+            for seed, name in (("1", "a"), ("2", "b"))]  # fmt: skip
+    for proc in runs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out.decode()
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     # in-process: the safetensors library's metadata order changed between calls as well
     convert_checkpoint(tiny, tmp_path / "c.safetensors", dtype=torch.float16)

@@ -278,17 +278,17 @@ def test_malformed_requests_are_4xx_naming_the_field(server):
         if r.status_code != 422 or field not in r.text:
             failures.append((query, r.status_code, r.text[:300]))
     assert not failures, failures
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200  # still serving
+    assert requests.get(server.url + "/health", timeout=30).status_code == 200  # still serving
 
 
 def test_auth(server):
     url = server.url
-    assert requests.get(url + "/v1/jobs", timeout=5).status_code == 401
-    assert requests.get(url + "/v1/jobs", headers=_h("dk_wrong"), timeout=5).status_code == 401
-    r = requests.get(url + "/sdapi/v1/sd-models", auth=("x", "dk_wrong"), timeout=5)
+    assert requests.get(url + "/v1/jobs", timeout=30).status_code == 401
+    assert requests.get(url + "/v1/jobs", headers=_h("dk_wrong"), timeout=30).status_code == 401
+    r = requests.get(url + "/sdapi/v1/sd-models", auth=("x", "dk_wrong"), timeout=30)
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Basic"
     assert (
-        requests.get(url + "/sdapi/v1/sd-models", auth=("x", server.keys["bob"]), timeout=5).status_code
+        requests.get(url + "/sdapi/v1/sd-models", auth=("x", server.keys["bob"]), timeout=30).status_code
         == 200
     )
     # another user's job and its images are invisible (404), not forbidden
@@ -299,16 +299,16 @@ def test_auth(server):
     job = _wait(server, server.keys["alice"], job_id)
     image_url = url + job["images"][0]["url"]
     bob = _h(server.keys["bob"])
-    assert requests.get(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=5).status_code == 404
-    assert requests.delete(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=5).status_code == 404
-    assert requests.get(image_url, headers=bob, timeout=5).status_code == 404
+    assert requests.get(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=30).status_code == 404
+    assert requests.delete(f"{url}/v1/jobs/{job_id}", headers=bob, timeout=30).status_code == 404
+    assert requests.get(image_url, headers=bob, timeout=30).status_code == 404
     assert job_id not in {
-        j["id"] for j in requests.get(url + "/v1/jobs", headers=bob, timeout=5).json()["jobs"]
+        j["id"] for j in requests.get(url + "/v1/jobs", headers=bob, timeout=30).json()["jobs"]
     }
-    assert requests.get(image_url, headers=_h(server.keys["alice"]), timeout=5).status_code == 200
+    assert requests.get(image_url, headers=_h(server.keys["alice"]), timeout=30).status_code == 200
     # a user key may not change options (switch models): 403
     r = requests.post(
-        url + "/sdapi/v1/options", json={"sd_model_checkpoint": "default"}, headers=bob, timeout=5
+        url + "/sdapi/v1/options", json={"sd_model_checkpoint": "default"}, headers=bob, timeout=30
     )
     assert r.status_code == 403
     # idempotency: the same key returns the same job
@@ -325,9 +325,9 @@ def test_auth(server):
 def test_rate_and_quota(server, tmp_path):
     limited = make_key(server.data, "limited", rate_per_min=2)
     h = _h(limited)
-    codes = [requests.get(server.url + "/v1/jobs", headers=h, timeout=5).status_code for _ in range(3)]
+    codes = [requests.get(server.url + "/v1/jobs", headers=h, timeout=30).status_code for _ in range(3)]
     assert codes[:2] == [200, 200] and codes[2] == 429
-    r = requests.get(server.url + "/v1/jobs", headers=h, timeout=5)
+    r = requests.get(server.url + "/v1/jobs", headers=h, timeout=30)
     assert "2 requests per minute" in r.json()["error"] and int(r.headers["Retry-After"]) > 0
     quota = make_key(server.data, "quota", quota_per_day=1)
     body = {"kind": "txt2img", "params": {**GEN, "steps": 1}}
@@ -337,9 +337,9 @@ def test_rate_and_quota(server, tmp_path):
 
 
 def test_ops_routes(server):
-    assert requests.get(server.url + "/ready", timeout=5).json()["ready"] is True
-    assert requests.get(server.url + "/metrics", timeout=5).status_code == 401
-    text = requests.get(server.url + "/metrics", headers=_h(server.keys["admin"]), timeout=5).text
+    assert requests.get(server.url + "/ready", timeout=30).json()["ready"] is True
+    assert requests.get(server.url + "/metrics", timeout=30).status_code == 401
+    text = requests.get(server.url + "/metrics", headers=_h(server.keys["admin"]), timeout=30).text
     for name in (
         "diffusekit_queue_depth",
         'diffusekit_jobs{state="succeeded"}',
@@ -351,7 +351,7 @@ def test_ops_routes(server):
         "diffusekit_process_rss_bytes",
     ):
         assert name in text, name
-    assert requests.get(server.url + "/openapi.json", timeout=5).json()["paths"]["/v1/jobs"]
+    assert requests.get(server.url + "/openapi.json", timeout=30).json()["paths"]["/v1/jobs"]
 
 
 def test_events_and_cancel_of_a_queued_job(server):
@@ -366,9 +366,9 @@ def test_events_and_cancel_of_a_queued_job(server):
     waiting = requests.post(
         f"{server.url}/v1/jobs", headers=h, timeout=10, json={"kind": "txt2img", "params": GEN}
     ).json()["id"]
-    before = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5).json()
+    before = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=30).json()
     assert before["state"] == "queued" and before["queue_position"] >= 0
-    r = requests.delete(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5)
+    r = requests.delete(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     events = []
     with requests.get(f"{server.url}/v1/jobs/{long_id}/events", headers=h, stream=True, timeout=60) as resp:
@@ -380,10 +380,10 @@ def test_events_and_cancel_of_a_queued_job(server):
                 data = json.loads(line[5:])
                 if data.get("step", 0) >= 2 and "preview" in data:
                     assert data["preview"].startswith("data:image/png;base64,")
-                    requests.delete(f"{server.url}/v1/jobs/{long_id}", headers=h, timeout=5)
+                    requests.delete(f"{server.url}/v1/jobs/{long_id}", headers=h, timeout=30)
             if line.startswith("data:") and events[-1] == "done":
                 assert json.loads(line[5:])["state"] == "cancelled"
                 break
     assert events.count("progress") >= 2 and events[-1] == "done"
-    never = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=5).json()
+    never = requests.get(f"{server.url}/v1/jobs/{waiting}", headers=h, timeout=30).json()
     assert never["state"] == "cancelled" and never["attempts"] == 0 and never["started_at"] is None

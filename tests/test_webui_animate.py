@@ -7,33 +7,17 @@ import re
 
 import pytest
 
-from server_helpers import ServerProcess
-from test_webui import CHROMIUM, Page, shot, sync_api  # skips this module too when Chromium is absent
+from server_helpers import ServerProcess, playwright_or_skip, shot
+
+sync_api = playwright_or_skip()  # skips this module when Chromium or Playwright is absent
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("ui-anim") / "data"
     data.mkdir()
-    srv = ServerProcess(data, "--no-auth").start()
-    srv.base = srv.url
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def ui(browser, server):
-    pg = Page(browser, server.base)
-    yield pg
-    pg.close()
+    with ServerProcess(data, "--no-auth") as srv:
+        yield srv
 
 
 def _open_animate(page) -> None:

@@ -22,6 +22,7 @@ from diffusekit.cli_generate import default_model_path  # noqa: E402
 from diffusekit.server.app import create_app  # noqa: E402
 from diffusekit.server.config import ServerConfig  # noqa: E402
 from diffusekit.server.keys import KeyStore  # noqa: E402
+from server_helpers import playwright_or_skip  # noqa: E402
 
 
 def _app(data):
@@ -110,71 +111,63 @@ def test_inspect_route_reports_the_default_model(tmp_path):
         srv.stop()
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-def test_page_keeps_presets_on_the_server_and_shows_model_details(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+def test_page_keeps_presets_on_the_server_and_shows_model_details(browser, tmp_path):
+    sync_api = playwright_or_skip(module_level=False)
     key = KeyStore(tmp_path / "diffusekit.db").create("artist", role="user")[1]
     srv = Served(tmp_path)
     try:
-        with sync_api.sync_playwright() as p:
-            args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
 
-            def open_page():
-                ctx = browser.new_context()  # a fresh profile: no localStorage, no sessionStorage
-                page = ctx.new_page()
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(srv.base + "/")
-                page.get_by_label("API key", exact=True).fill(key)
-                page.get_by_role("button", name="Use key").click()
-                sync_api.expect(page.locator("#server-status")).to_have_text("Connected")
-                return ctx, page, errors
+        def open_page():
+            ctx = browser.new_context()  # a fresh profile: no localStorage, no sessionStorage
+            page = ctx.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.base + "/")
+            page.get_by_label("API key", exact=True).fill(key)
+            page.get_by_role("button", name="Use key").click()
+            sync_api.expect(page.locator("#server-status")).to_have_text("Connected")
+            sync_api.expect(page.get_by_role("dialog", name="API key needed")).to_be_hidden()
+            return ctx, page, errors
 
-            ctx, page, errors = open_page()
-            page.get_by_label("Steps", exact=True).fill("21")
-            page.get_by_label("CFG scale").fill("3.5")
-            page.get_by_text("Manage presets").click()
-            page.get_by_label("Preset name").fill("studio")
-            page.get_by_role("button", name="Save preset").click()
-            page.get_by_text('Saved preset "studio"').wait_for()
-            group = page.locator("#preset optgroup").first.get_attribute("label")
-            assert group == "Yours (saved on the server)"
-            ctx.close()
-            kept = srv.call("GET", "/v1/presets", key)[1][0]["params"]
-            assert kept["steps"] == 21 and kept["cfg_scale"] == 3.5 and kept["model"] == "default"
-            assert "prompt" not in kept
+        ctx, page, errors = open_page()
+        page.get_by_label("Steps", exact=True).fill("21")
+        page.get_by_label("CFG scale").fill("3.5")
+        page.get_by_text("Manage presets").click()
+        page.get_by_label("Preset name").fill("studio")
+        page.get_by_role("button", name="Save preset").click()
+        page.get_by_text('Saved preset "studio"').wait_for()
+        group = page.locator("#preset optgroup").first.get_attribute("label")
+        assert group == "Yours (saved on the server)"
+        ctx.close()
+        kept = srv.call("GET", "/v1/presets", key)[1][0]["params"]
+        assert kept["steps"] == 21 and kept["cfg_scale"] == 3.5 and kept["model"] == "default"
+        assert "prompt" not in kept
 
-            ctx, page, errors = open_page()  # "another browser"
-            page.get_by_label("Preset", exact=True).select_option(label="studio")
-            page.get_by_role("button", name="Load preset").click()
-            assert page.get_by_label("Steps", exact=True).input_value() == "21"
-            assert page.get_by_label("CFG scale").input_value() == "3.5"
-            # rename, then delete
-            page.get_by_text("Manage presets").click()
-            page.get_by_label("Preset name").fill("studio 2")
-            page.get_by_role("button", name="Rename preset").click()
-            page.get_by_text('Renamed "studio" to "studio 2"').wait_for()
-            assert [p["name"] for p in srv.call("GET", "/v1/presets", key)[1]] == ["studio 2"]
-            page.get_by_role("button", name="Delete preset").click()
-            page.get_by_text('Deleted preset "studio 2"').wait_for()
-            assert srv.call("GET", "/v1/presets", key)[1] == []
+        ctx, page, errors = open_page()  # "another browser"
+        page.get_by_label("Preset", exact=True).select_option(label="studio")
+        page.get_by_role("button", name="Load preset").click()
+        assert page.get_by_label("Steps", exact=True).input_value() == "21"
+        assert page.get_by_label("CFG scale").input_value() == "3.5"
+        # rename, then delete
+        page.get_by_text("Manage presets").click()
+        page.get_by_label("Preset name").fill("studio 2")
+        page.get_by_role("button", name="Rename preset").click()
+        page.get_by_text('Renamed "studio" to "studio 2"').wait_for()
+        assert [p["name"] for p in srv.call("GET", "/v1/presets", key)[1]] == ["studio 2"]
+        page.get_by_role("button", name="Delete preset").click()
+        page.get_by_text('Deleted preset "studio 2"').wait_for()
+        assert srv.call("GET", "/v1/presets", key)[1] == []
 
-            page.get_by_role("tab", name="Models").click()
-            row = page.get_by_role("row").filter(has_text="default")
-            sync_api.expect(row).to_contain_text("sd1")
-            sync_api.expect(row).to_contain_text("14.3 M (unet 6.2 M, vae 1.0 M, text_encoder 7.1 M)")
-            sync_api.expect(row).to_contain_text("27.4 MB")
-            sync_api.expect(row).to_contain_text("e64d0b7cae")
-            if os.environ.get("DIFFUSEKIT_SHOTS"):
-                page.screenshot(path=os.path.join(os.environ["DIFFUSEKIT_SHOTS"], "webui-models-inspect.png"))
-            assert errors == []
-            ctx.close()
-            browser.close()
+        page.get_by_role("tab", name="Models").click()
+        row = page.get_by_role("row").filter(has_text="default")
+        sync_api.expect(row).to_contain_text("sd1")
+        sync_api.expect(row).to_contain_text("14.3 M (unet 6.2 M, vae 1.0 M, text_encoder 7.1 M)")
+        sync_api.expect(row).to_contain_text("27.4 MB")
+        sync_api.expect(row).to_contain_text("e64d0b7cae")
+        if os.environ.get("DIFFUSEKIT_SHOTS"):
+            page.screenshot(path=os.path.join(os.environ["DIFFUSEKIT_SHOTS"], "webui-models-inspect.png"))
+        assert errors == []
+        ctx.close()
     finally:
         srv.stop()
 
