@@ -38,14 +38,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C (SystemExit 143), so partial files are removed on the way out."""
+def _stops_on_sigterm(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `cmd` with SIGTERM unwinding like Ctrl-C (SystemExit 143), so partial files are removed on the
+    way out; the caller's handler is restored afterwards (the command may run inside a longer process)."""
+    import functools
     import signal
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            return cmd(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run
 
 
 def _auto_path(path: str, report) -> dict[str, str]:  # noqa: ANN001 - an InspectReport
@@ -58,10 +68,10 @@ def _auto_path(path: str, report) -> dict[str, str]:  # noqa: ANN001 - an Inspec
     return {"name": chosen.name, "reason": chosen.reason}
 
 
+@_stops_on_sigterm
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.convert import convert_checkpoint
 
-    _exit_on_sigterm()
     if args.quantize:
         return _cmd_quantize(args)
     result = convert_checkpoint(
@@ -110,6 +120,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+@_stops_on_sigterm
 def cmd_create(args: argparse.Namespace) -> int:
     import torch
 
@@ -120,7 +131,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     from .models.init import randomize_
     from .models.sd import StableDiffusion
 
-    _exit_on_sigterm()
     if create_sd3_preset(args, _torch_dtype(args.dtype)):
         return 0
     cfg = preset(args.preset)
