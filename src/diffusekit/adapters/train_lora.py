@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +28,14 @@ from ..images import to_tensor
 from ..models.configs import ModelConfig
 from ..models.sd import StableDiffusion
 from ..prompts import encode_prompt
-from .keys import Target, preferred_names
+from .keys import Target, adapter_names, preferred_names
 from .lora import LoraError, LoraModule, LoraNetwork, apply_loras
 
 __all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets", "new_network"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TARGET_SETS = ("attn", "attn+conv", "xattn-kv")
+_KV_LAYERS = ("attn2.to_k", "attn2.to_v")  # cross-attention keys/values: they read only the text
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -51,6 +52,9 @@ class LoraTrainConfig:
     train_text_encoder: bool = False
     resolution: int = 512
     min_snr_gamma: float | None = None  # Hang et al. 2023 loss weighting; None: plain MSE
+    # weight of the penalty on the change the LoRA makes to the cross-attention keys/values of prior
+    # captions (LoraTraining.kv_change); 0: off
+    preserve_kv: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +64,13 @@ class LoraTrainConfig:
             raise LoraError(f"rank must be >= 1, got {self.rank}")
         if self.resolution % 64:
             raise LoraError(f"resolution must be a multiple of 64, got {self.resolution}")
+        if self.preserve_kv < 0:
+            raise LoraError(f"the key/value preservation weight must be >= 0, got {self.preserve_kv}")
+        if self.preserve_kv and self.train_text_encoder:
+            raise LoraError(
+                "key/value preservation covers the U-Net's cross-attention only; it cannot be combined with "
+                "training the text encoder"
+            )
 
 
 def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
@@ -70,7 +81,7 @@ def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
             if text and ("self_attn" in _hf(target) or ".mlp." in _hf(target)):
                 out.append(target)
         elif targets == "xattn-kv":
-            if target.path.endswith(("attn2.to_k", "attn2.to_v")):
+            if target.path.endswith(_KV_LAYERS):
                 out.append(target)
         elif ".transformer_blocks." in target.path or target.path.endswith(("proj_in", "proj_out")):
             out.append(target)
@@ -218,9 +229,17 @@ class LoraTraining:
     """The loss of a LoRA on a frozen model: eps/v MSE (optionally min-SNR weighted) on cached latents."""
 
     def __init__(
-        self, model: StableDiffusion, tokenizer, data: CaptionedImages, cfg: LoraTrainConfig
+        self,
+        model: StableDiffusion,
+        tokenizer,
+        data: CaptionedImages,
+        cfg: LoraTrainConfig,
+        prior_captions: Sequence[str] = (),
     ) -> None:
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
+        self.prior_captions = sorted(set(prior_captions))  # what kv_change keeps the conditioning of
+        if cfg.preserve_kv and not self.prior_captions:
+            raise LoraError("key/value preservation needs prior captions (text without the new concept)")
         model.requires_grad_(False)
         scale = model.cfg.vae.scaling_factor
         self.moments: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(data.items)  # type: ignore[list-item]
@@ -298,17 +317,43 @@ class LoraTraining:
             per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
         return per_sample.mean()
 
+    def kv_change(self, net: LoraNetwork, step: int, captions: int = 16) -> torch.Tensor:
+        """How much the LoRA moves the cross-attention keys and values of prior captions: over the
+        network's U-Net `attn2.to_k`/`to_v` layers, the mean of ||ΔW C||² / ||W C||² for the contexts C
+        of `captions` prior captions drawn by (seed, step), every token position included. Zero keeps
+        every prompt made of them exactly where the base model had it (the Custom Diffusion layers read
+        nothing but the text)."""
+        rng = random.Random(self.cfg.seed * 1_000_033 + step)
+        picked = rng.sample(self.prior_captions, min(captions, len(self.prior_captions)))
+        ctx = torch.cat([self.encode(c)[0] for c in picked]).flatten(0, 1)  # (N * T, C)
+        targets = adapter_names(self.model.cfg)
+        unet = self.model.unet
+        ratios = []
+        for name, m in net.modules.items():
+            target = targets.get(name)
+            if target is None or target.component != "unet" or not target.path.endswith(_KV_LAYERS):
+                continue
+            w = unet.get_submodule(target.path).weight  # (out, C)
+            delta = (ctx @ m.down.t()) @ m.up.t() * m.scale  # (N * T, out)
+            ratios.append(delta.square().sum() / (ctx @ w.t()).square().sum().clamp_min(1e-12))
+        if not ratios:
+            raise LoraError("key/value preservation: the network adapts no cross-attention key or value")
+        return torch.stack(ratios).mean()
+
 
 def make_loss_fn(
     training: LoraTraining, net: LoraNetwork, batch: int
 ) -> Callable[[nn.Module, int], torch.Tensor]:
     """A Trainer loss function: the LoRA hooked in for the step's forward pass only (the anchor images'
-    targets, if any, are predicted first without it)."""
+    targets, if any, are predicted first without it), plus the key/value preservation term if asked."""
 
     def loss_fn(_module: nn.Module, step: int) -> torch.Tensor:
         base_pred = training.base_prediction(step, batch) if training.data.anchors else None
         with apply_loras(training.model, [(net, 1.0, 1.0)]):
-            return training.loss(step, batch, base_pred)
+            loss = training.loss(step, batch, base_pred)
+        if training.cfg.preserve_kv:
+            loss = loss + training.cfg.preserve_kv * training.kv_change(net, step)
+        return loss
 
     return loss_fn
 
