@@ -121,3 +121,14 @@ def test_cli_writes_the_option_into_the_file(setup, tmp_path, capsys):
     from diffusekit.checkpoints.single_file import read_safetensors_header
 
     assert read_safetensors_header(out)[1]["ss_preserve_kv"] == "2.0"
+
+
+def test_prior_captions_are_the_default_models_training_text():
+    from diffusekit.data.concepts import prior_captions
+    from diffusekit.data.shapes import parse_caption, spec_is_heldout
+
+    captions = prior_captions(0, 300)
+    assert captions == prior_captions(0, 300) and captions != prior_captions(1, 300)
+    specs = [parse_caption(c) for c in captions]
+    assert not any(g.shape == "heart" for s in specs for g in s.groups)
+    assert not any(spec_is_heldout(s) for s in specs)

@@ -100,7 +100,7 @@ def _training_data(args: argparse.Namespace, resolution: int):
     """A folder of captioned images, or the built-in shapes dataset with a new concept ("shapes:+heart");
     with the captions that do not name the new concept (for --preserve-kv; none for a folder)."""
     from .adapters.train_lora import CaptionedImages
-    from .data.concepts import ConceptDataset, is_concept_name, parse_concept
+    from .data.concepts import ConceptDataset, is_concept_name, parse_concept, prior_captions
 
     if not is_concept_name(args.data):
         return CaptionedImages(args.data, resolution), []
@@ -108,7 +108,7 @@ def _training_data(args: argparse.Namespace, resolution: int):
     ds = ConceptDataset(concept, args.seed, resolution, args.shapes_images, args.concept_share)
     samples = [ds[i] for i in range(len(ds))]
     anchors = frozenset(i for i, s in enumerate(samples) if args.preserve and not ds.shows_concept(s))
-    prior = [s.caption for s in samples if not ds.shows_concept(s)]
+    prior = prior_captions(args.seed, args.shapes_images) if args.preserve_kv else []
     return CaptionedImages.from_pairs([(s.image, s.caption) for s in samples], resolution, anchors), prior
 
 
@@ -236,8 +236,8 @@ def add_lora_commands(sub) -> None:
     p.add_argument(
         "--preserve-kv", type=float, default=0.0, metavar="WEIGHT",
         help="with shapes:+SHAPE: add WEIGHT x the relative change the LoRA makes to the U-Net's "
-        "cross-attention keys and values of the captions without the new shape (0: off; e.g. 1 with "
-        "--targets xattn-kv), so that prompts without it keep their conditioning",
+        "cross-attention keys and values of the default model's own training captions (without the new "
+        "shape) to the loss (0: off), so that prompts without it keep their conditioning",
     )  # fmt: skip
     p.add_argument(
         "--concept-share", type=float, default=0.5,
