@@ -28,7 +28,7 @@ from ..images import to_tensor
 from ..models.configs import ModelConfig
 from ..models.sd import StableDiffusion
 from ..prompts import encode_prompt
-from .keys import Target, adapter_names, preferred_names
+from .keys import Target, preferred_names
 from .lora import LoraError, LoraModule, LoraNetwork, apply_loras
 
 __all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets", "new_network"]
@@ -66,11 +66,6 @@ class LoraTrainConfig:
             raise LoraError(f"resolution must be a multiple of 64, got {self.resolution}")
         if self.preserve_kv < 0:
             raise LoraError(f"the key/value preservation weight must be >= 0, got {self.preserve_kv}")
-        if self.preserve_kv and self.train_text_encoder:
-            raise LoraError(
-                "key/value preservation covers the U-Net's cross-attention only; it cannot be combined with "
-                "training the text encoder"
-            )
 
 
 def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
@@ -255,6 +250,7 @@ class LoraTraining:
                         )  # (1, 4, h, w)
         self.alphas = sd_alphas_cumprod(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._base_cache: dict[str, torch.Tensor] = {}
 
     def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context (1, T, C), pooled or None); cached unless the text encoder is being trained."""
@@ -318,27 +314,36 @@ class LoraTraining:
         return per_sample.mean()
 
     def kv_change(self, net: LoraNetwork, step: int, captions: int = 16) -> torch.Tensor:
-        """How much the LoRA moves the cross-attention keys and values of prior captions: over the
-        network's U-Net `attn2.to_k`/`to_v` layers, the mean of ||ΔW C||² / ||W C||² for the contexts C
-        of `captions` prior captions drawn by (seed, step), every token position included. Zero keeps
-        every prompt made of them exactly where the base model had it (the Custom Diffusion layers read
-        nothing but the text)."""
+        """How much the LoRA moves what the U-Net reads of the prior captions: over every cross-attention
+        key and value layer (`attn2.to_k`/`to_v`), the mean of ||K' - K||² / ||K||², where K is the
+        layer's output on the base model's text context of `captions` prior captions drawn by (seed, step)
+        (every token position) and K' the same with the LoRA applied, to the text encoder as well if it
+        is trained. Zero keeps every prompt made of them exactly where the base model had it: nothing
+        else in the U-Net reads the text."""
         rng = random.Random(self.cfg.seed * 1_000_033 + step)
         picked = rng.sample(self.prior_captions, min(captions, len(self.prior_captions)))
-        ctx = torch.cat([self.encode(c)[0] for c in picked]).flatten(0, 1)  # (N * T, C)
-        targets = adapter_names(self.model.cfg)
-        unet = self.model.unet
-        ratios = []
-        for name, m in net.modules.items():
-            target = targets.get(name)
-            if target is None or target.component != "unet" or not target.path.endswith(_KV_LAYERS):
-                continue
-            w = unet.get_submodule(target.path).weight  # (out, C)
-            delta = (ctx @ m.down.t()) @ m.up.t() * m.scale  # (N * T, out)
-            ratios.append(delta.square().sum() / (ctx @ w.t()).square().sum().clamp_min(1e-12))
-        if not ratios:
-            raise LoraError("key/value preservation: the network adapts no cross-attention key or value")
+        layers = [m for path, m in self.model.unet.named_modules() if path.endswith(_KV_LAYERS)]
+        with torch.no_grad():
+            base_ctx = torch.cat([self._base_context(c) for c in picked])  # (N, T, C)
+            base_kv = [layer(base_ctx) for layer in layers]  # (N, T, out) each
+        with apply_loras(self.model, [(net, 1.0, 1.0)]):
+            ctx = base_ctx
+            if self.cfg.train_text_encoder:
+                ctx = torch.cat(
+                    [encode_prompt(c, self.tokenizer, self.model.text_encoders).context for c in picked]
+                )
+            ratios = [(layer(ctx) - b).square().sum() / b.square().sum().clamp_min(1e-12)
+                      for layer, b in zip(layers, base_kv, strict=True)]  # fmt: skip
         return torch.stack(ratios).mean()
+
+    def _base_context(self, caption: str) -> torch.Tensor:
+        """The frozen text encoder's context of a caption (1, T, C), cached."""
+        if caption not in self._base_cache:
+            with torch.no_grad():
+                self._base_cache[caption] = encode_prompt(
+                    caption, self.tokenizer, self.model.text_encoders
+                ).context
+        return self._base_cache[caption]
 
 
 def make_loss_fn(
@@ -351,7 +356,7 @@ def make_loss_fn(
         base_pred = training.base_prediction(step, batch) if training.data.anchors else None
         with apply_loras(training.model, [(net, 1.0, 1.0)]):
             loss = training.loss(step, batch, base_pred)
-        if training.cfg.preserve_kv:
+        if training.cfg.preserve_kv:  # (applies the LoRA itself, after its frozen reference)
             loss = loss + training.cfg.preserve_kv * training.kv_change(net, step)
         return loss
 
