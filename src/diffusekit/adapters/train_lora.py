@@ -313,7 +313,7 @@ class LoraTraining:
             per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
         return per_sample.mean()
 
-    def kv_change(self, net: LoraNetwork, step: int, captions: int = 16) -> torch.Tensor:
+    def kv_change(self, net: LoraNetwork, step: int, captions: int = 8) -> torch.Tensor:
         """How much the LoRA moves what the U-Net reads of the prior captions: over every cross-attention
         key and value layer (`attn2.to_k`/`to_v`), the mean of ||K' - K||² / ||K||², where K is the
         layer's output on the base model's text context of `captions` prior captions drawn by (seed, step)
