@@ -299,7 +299,8 @@ def main() -> int:
     loaded = load_model(model_path)
     model = loaded.model.float()
     step_cfg = LoraTrainConfig(rank=result["lora"]["rank"] or args.rank, alpha=result["lora"]["alpha"] or 1.0,
-                               targets=_targets_of(net), resolution=loaded.cfg.resolution)  # fmt: skip
+                               targets=_targets_of(net), resolution=loaded.cfg.resolution,
+                               train_text_encoder=any(n.startswith("lora_te") for n in net.modules))  # fmt: skip
     result["step_timing"] = step_times(
         model, loaded.tokenizer, concept, step_cfg, args.batch, args.timing_pairs
     )
@@ -325,8 +326,8 @@ def main() -> int:
 
 
 def _targets_of(net: LoraNetwork) -> str:
-    """The train-lora target set a network's layer names correspond to."""
-    names = list(net.modules)
+    """The train-lora target set a network's U-Net layer names correspond to."""
+    names = [n for n in net.modules if not n.startswith("lora_te")]
     if all("attn2_to_k" in n or "attn2_to_v" in n for n in names):
         return "xattn-kv"
     return "attn+conv" if any("resnets" in n or "conv" in n for n in names) else "attn"
