@@ -298,9 +298,10 @@ def main() -> int:
     # (d): LoRA step against full fine-tune step
     loaded = load_model(model_path)
     model = loaded.model.float()
+    text = any(n.startswith("lora_te") for n in net.modules)
     step_cfg = LoraTrainConfig(rank=result["lora"]["rank"] or args.rank, alpha=result["lora"]["alpha"] or 1.0,
                                targets=_targets_of(net), resolution=loaded.cfg.resolution,
-                               train_text_encoder=any(n.startswith("lora_te") for n in net.modules))  # fmt: skip
+                               train_text_encoder=text)  # fmt: skip
     result["step_timing"] = step_times(
         model, loaded.tokenizer, concept, step_cfg, args.batch, args.timing_pairs
     )
