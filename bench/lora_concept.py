@@ -93,7 +93,8 @@ def train(args: argparse.Namespace) -> tuple[Path, dict]:
     argv = ["train-lora", args.dataset, "-o", str(out), "--rank", str(args.rank), "--alpha", str(args.alpha),
             "--targets", args.targets, "--steps", str(args.steps), "--batch", str(args.batch),
             "--lr", str(args.lr), "--warmup", str(args.warmup), "--shapes-images", str(args.shapes_images),
-            "--save-every", "50", "--seed", str(args.train_seed), "--json"]  # fmt: skip
+            "--save-every", "50", "--seed", str(args.train_seed), "--concept-share", str(args.concept_share),
+            "--preserve-kv", str(args.preserve_kv), "--json"]  # fmt: skip
     from diffusekit.cli_lora import _run_training
 
     ns = build_parser().parse_args(argv)
@@ -179,9 +180,16 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--shapes-images", type=int, default=2000)
+    ap.add_argument("--concept-share", type=float, default=0.5)
+    ap.add_argument("--preserve-kv", type=float, default=0.0)
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="first sampling seed of every prompt")
+    ap.add_argument(
+        "--spread-seeds", default="",
+        help="comma-separated first seeds of more seed blocks of the base model's default eval: how far its "
+        "categories move from one seed block to another with no change to the model (the eval's own noise)",
+    )  # fmt: skip
     ap.add_argument("--timing-pairs", type=int, default=6, help="LoRA/full training step pairs to time")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="bench/results/lora_concept.json")
@@ -210,6 +218,7 @@ def main() -> int:
         "steps": int(meta.get("ss_max_train_steps", 0)),
         "learning_rate": float(meta.get("ss_learning_rate", 0)),
         "train_images": int(meta.get("ss_num_train_images", 0)),
+        "preserve_kv": float(meta.get("ss_preserve_kv", 0)),
         "training_seconds": summary.get("seconds"),
         "training_seconds_per_step": summary.get("seconds_per_step"),
         "final_loss": summary.get("final_loss"),
@@ -267,13 +276,32 @@ def main() -> int:
     eval_out["lora_w1"]["changed_images"] = f"{changed_w1}/{len(same)}"
     eval_out["images_per_category"] = {c: reports["base"].passes(c)[1] for c in CATEGORIES}
     result["default_eval"] = eval_out
+    flips = {c: [0, 0] for c in CATEGORIES}  # [pass -> fail, fail -> pass] at weight 1
+    for b, w in zip(reports["base"].results, reports["lora_w1"].results, strict=True):
+        for x, y in zip(b.passed, w.passed, strict=True):
+            if x != y:
+                flips[b.category][int(y)] += 1
+    eval_out["lora_w1"]["flipped_verdicts"] = flips
+
+    # the eval's own noise: the base model on other seed blocks, against the first block
+    spread = {}
+    for s in [int(x) for x in args.spread_seeds.split(",") if x.strip()]:
+        rep = evaluate(batched_generator(pipe, base, []), images_per_prompt=n, seed=s, prompt_set="heldout")
+        pts = {c: round(100 * (rep.categories[c] - reports["base"].categories[c]), 2) for c in CATEGORIES}
+        spread[s] = {"categories": rep.categories, "points_vs_first_block": pts,
+                     "max_abs_points": max(abs(v) for v in pts.values())}  # fmt: skip
+        print(f"base eval, seeds {s}-{s + n - 1}: {pts}", flush=True)
+    if spread:
+        result["base_seed_spread"] = spread
     result["default_eval_details"] = {name: rep.to_dict()["results"] for name, rep in reports.items()}
 
     # (d): LoRA step against full fine-tune step
     loaded = load_model(model_path)
     model = loaded.model.float()
+    text = any(n.startswith("lora_te") for n in net.modules)
     step_cfg = LoraTrainConfig(rank=result["lora"]["rank"] or args.rank, alpha=result["lora"]["alpha"] or 1.0,
-                               targets=_targets_of(net), resolution=loaded.cfg.resolution)  # fmt: skip
+                               targets=_targets_of(net), resolution=loaded.cfg.resolution,
+                               train_text_encoder=text)  # fmt: skip
     result["step_timing"] = step_times(
         model, loaded.tokenizer, concept, step_cfg, args.batch, args.timing_pairs
     )
@@ -299,8 +327,8 @@ def main() -> int:
 
 
 def _targets_of(net: LoraNetwork) -> str:
-    """The train-lora target set a network's layer names correspond to."""
-    names = list(net.modules)
+    """The train-lora target set a network's U-Net layer names correspond to."""
+    names = [n for n in net.modules if not n.startswith("lora_te")]
     if all("attn2_to_k" in n or "attn2_to_v" in n for n in names):
         return "xattn-kv"
     return "attn+conv" if any("resnets" in n or "conv" in n for n in names) else "attn"

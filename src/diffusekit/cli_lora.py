@@ -40,12 +40,14 @@ def _run_training(args: argparse.Namespace) -> dict:
     cfg = LoraTrainConfig(
         rank=args.rank, alpha=args.alpha, targets=args.targets, conv_rank=args.conv_rank,
         train_text_encoder=args.train_text_encoder, resolution=res, min_snr_gamma=args.min_snr,
-        seed=args.seed,
+        preserve_kv=args.preserve_kv, seed=args.seed,
     )  # fmt: skip
-    data = _training_data(args, res)
+    if args.preserve_kv and not is_concept_name(args.data):
+        raise LoraError("--preserve-kv needs a shapes:+SHAPE dataset (its captions without the new shape)")
+    data, prior = _training_data(args, res)
     net = new_network(model, out.stem, cfg, args.seed)
     params = LoraParameters(net)
-    training = LoraTraining(model, loaded.tokenizer, data, cfg)
+    training = LoraTraining(model, loaded.tokenizer, data, cfg, prior)
     tcfg = TrainConfig(
         steps=args.steps, batch_size=args.batch, lr=args.lr, warmup=min(args.warmup, args.steps),
         ema_decay=args.ema_decay, grad_clip=1.0, bf16=False, save_every=args.save_every,
@@ -72,6 +74,8 @@ def _run_training(args: argparse.Namespace) -> dict:
     meta["ss_dataset_dir"] = str(args.data)
     if args.preserve:
         meta["ss_preserve_base"] = "True"
+    if args.preserve_kv:
+        meta["ss_preserve_kv"] = str(args.preserve_kv)
     with torch.no_grad():
         net.save(out, loaded.cfg, style=args.format, metadata=meta)
     curve = (
@@ -93,17 +97,19 @@ def _run_training(args: argparse.Namespace) -> dict:
 
 
 def _training_data(args: argparse.Namespace, resolution: int):
-    """A folder of captioned images, or the built-in shapes dataset with a new concept ("shapes:+heart")."""
+    """A folder of captioned images, or the built-in shapes dataset with a new concept ("shapes:+heart");
+    with the captions that do not name the new concept (for --preserve-kv; none for a folder)."""
     from .adapters.train_lora import CaptionedImages
-    from .data.concepts import ConceptDataset, is_concept_name, parse_concept
+    from .data.concepts import ConceptDataset, is_concept_name, parse_concept, prior_captions
 
     if not is_concept_name(args.data):
-        return CaptionedImages(args.data, resolution)
+        return CaptionedImages(args.data, resolution), []
     concept = parse_concept(args.data)
     ds = ConceptDataset(concept, args.seed, resolution, args.shapes_images, args.concept_share)
     samples = [ds[i] for i in range(len(ds))]
     anchors = frozenset(i for i, s in enumerate(samples) if args.preserve and not ds.shows_concept(s))
-    return CaptionedImages.from_pairs([(s.image, s.caption) for s in samples], resolution, anchors)
+    prior = prior_captions(args.seed, args.shapes_images) if args.preserve_kv else []
+    return CaptionedImages.from_pairs([(s.image, s.caption) for s in samples], resolution, anchors), prior
 
 
 def _sample(loaded, net, args: argparse.Namespace, path: Path) -> str:
@@ -225,6 +231,12 @@ def add_lora_commands(sub) -> None:
         "--preserve", action="store_true",
         help="with shapes:+SHAPE: on the images without the new shape, train the LoRA to keep the base "
         "model's own prediction (distillation) instead of to denoise them",
+    )  # fmt: skip
+    p.add_argument(
+        "--preserve-kv", type=float, default=0.0, metavar="WEIGHT",
+        help="with shapes:+SHAPE: add WEIGHT x the relative change the LoRA makes to the U-Net's "
+        "cross-attention keys and values of the default model's own training captions (without the new "
+        "shape) to the loss (0: off), so that prompts without it keep their conditioning",
     )  # fmt: skip
     p.add_argument(
         "--concept-share", type=float, default=0.5,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = ["LoraTrainConfig", "CaptionedImages", "LoraTraining", "lora_targets",
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TARGET_SETS = ("attn", "attn+conv", "xattn-kv")
+_KV_LAYERS = ("attn2.to_k", "attn2.to_v")  # cross-attention keys/values: they read only the text
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
@@ -51,6 +52,9 @@ class LoraTrainConfig:
     train_text_encoder: bool = False
     resolution: int = 512
     min_snr_gamma: float | None = None  # Hang et al. 2023 loss weighting; None: plain MSE
+    # weight of the penalty on the change the LoRA makes to the cross-attention keys/values of prior
+    # captions (LoraTraining.kv_change); 0: off
+    preserve_kv: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class LoraTrainConfig:
             raise LoraError(f"rank must be >= 1, got {self.rank}")
         if self.resolution % 64:
             raise LoraError(f"resolution must be a multiple of 64, got {self.resolution}")
+        if self.preserve_kv < 0:
+            raise LoraError(f"the key/value preservation weight must be >= 0, got {self.preserve_kv}")
 
 
 def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
@@ -70,7 +76,7 @@ def lora_targets(cfg: ModelConfig, targets: str, text: bool) -> list[Target]:
             if text and ("self_attn" in _hf(target) or ".mlp." in _hf(target)):
                 out.append(target)
         elif targets == "xattn-kv":
-            if target.path.endswith(("attn2.to_k", "attn2.to_v")):
+            if target.path.endswith(_KV_LAYERS):
                 out.append(target)
         elif ".transformer_blocks." in target.path or target.path.endswith(("proj_in", "proj_out")):
             out.append(target)
@@ -218,9 +224,17 @@ class LoraTraining:
     """The loss of a LoRA on a frozen model: eps/v MSE (optionally min-SNR weighted) on cached latents."""
 
     def __init__(
-        self, model: StableDiffusion, tokenizer, data: CaptionedImages, cfg: LoraTrainConfig
+        self,
+        model: StableDiffusion,
+        tokenizer,
+        data: CaptionedImages,
+        cfg: LoraTrainConfig,
+        prior_captions: Sequence[str] = (),
     ) -> None:
         self.model, self.tokenizer, self.data, self.cfg = model, tokenizer, data, cfg
+        self.prior_captions = sorted(set(prior_captions))  # what kv_change keeps the conditioning of
+        if cfg.preserve_kv and not self.prior_captions:
+            raise LoraError("key/value preservation needs prior captions (text without the new concept)")
         model.requires_grad_(False)
         scale = model.cfg.vae.scaling_factor
         self.moments: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(data.items)  # type: ignore[list-item]
@@ -236,6 +250,7 @@ class LoraTraining:
                         )  # (1, 4, h, w)
         self.alphas = sd_alphas_cumprod(zero_terminal_snr=model.cfg.zero_terminal_snr).float()
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._base_cache: dict[str, torch.Tensor] = {}
 
     def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context (1, T, C), pooled or None); cached unless the text encoder is being trained."""
@@ -298,17 +313,52 @@ class LoraTraining:
             per_sample = per_sample * base.clamp(max=cfg.min_snr_gamma) / base
         return per_sample.mean()
 
+    def kv_change(self, net: LoraNetwork, step: int, captions: int = 8) -> torch.Tensor:
+        """How much the LoRA moves what the U-Net reads of the prior captions: over every cross-attention
+        key and value layer (`attn2.to_k`/`to_v`), the mean of ||K' - K||² / ||K||², where K is the
+        layer's output on the base model's text context of `captions` prior captions drawn by (seed, step)
+        (every token position) and K' the same with the LoRA applied, to the text encoder as well if it
+        is trained. Zero keeps every prompt made of them exactly where the base model had it: nothing
+        else in the U-Net reads the text."""
+        rng = random.Random(self.cfg.seed * 1_000_033 + step)
+        picked = rng.sample(self.prior_captions, min(captions, len(self.prior_captions)))
+        layers = [m for path, m in self.model.unet.named_modules() if path.endswith(_KV_LAYERS)]
+        with torch.no_grad():
+            base_ctx = torch.cat([self._base_context(c) for c in picked])  # (N, T, C)
+            base_kv = [layer(base_ctx) for layer in layers]  # (N, T, out) each
+        with apply_loras(self.model, [(net, 1.0, 1.0)]):
+            ctx = base_ctx
+            if self.cfg.train_text_encoder:
+                ctx = torch.cat(
+                    [encode_prompt(c, self.tokenizer, self.model.text_encoders).context for c in picked]
+                )
+            ratios = [(layer(ctx) - b).square().sum() / b.square().sum().clamp_min(1e-12)
+                      for layer, b in zip(layers, base_kv, strict=True)]  # fmt: skip
+        return torch.stack(ratios).mean()
+
+    def _base_context(self, caption: str) -> torch.Tensor:
+        """The frozen text encoder's context of a caption (1, T, C), cached."""
+        if caption not in self._base_cache:
+            with torch.no_grad():
+                self._base_cache[caption] = encode_prompt(
+                    caption, self.tokenizer, self.model.text_encoders
+                ).context
+        return self._base_cache[caption]
+
 
 def make_loss_fn(
     training: LoraTraining, net: LoraNetwork, batch: int
 ) -> Callable[[nn.Module, int], torch.Tensor]:
     """A Trainer loss function: the LoRA hooked in for the step's forward pass only (the anchor images'
-    targets, if any, are predicted first without it)."""
+    targets, if any, are predicted first without it), plus the key/value preservation term if asked."""
 
     def loss_fn(_module: nn.Module, step: int) -> torch.Tensor:
         base_pred = training.base_prediction(step, batch) if training.data.anchors else None
         with apply_loras(training.model, [(net, 1.0, 1.0)]):
-            return training.loss(step, batch, base_pred)
+            loss = training.loss(step, batch, base_pred)
+        if training.cfg.preserve_kv:  # (applies the LoRA itself, after its frozen reference)
+            loss = loss + training.cfg.preserve_kv * training.kv_change(net, step)
+        return loss
 
     return loss_fn
 

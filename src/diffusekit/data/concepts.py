@@ -31,6 +31,7 @@ from .shapes import (
     format_caption,
     make_sample,
     render_scene,
+    sample_spec,
     scene_for_spec,
     scene_is_heldout,
     spec_is_heldout,
@@ -176,6 +177,13 @@ class ConceptDataset:
     def shows_concept(self, sample: Sample) -> bool:
         """Whether a sample's caption names the new shape."""
         return any(g.shape == self.concept.shape for g in sample.spec.groups)
+
+
+def prior_captions(seed: int = 0, count: int = 2000) -> list[str]:
+    """`count` captions of the default model's own training distribution (no new shape, no held-out
+    composition), a pure function of `seed`: the text whose conditioning train-lora --preserve-kv keeps."""
+    rng = np.random.default_rng([seed, 11])
+    return [format_caption(spec, rng) for spec in (sample_spec(rng, "train") for _ in range(count))]
 
 
 def split_violations(sample: Sample, concept: Concept) -> list[str]:
