@@ -9,12 +9,14 @@ PyTorch. The first load converts (and for int8, calibrates) and writes the IR to
 
 The IR has dynamic batch, height, width and context length, so one entry serves every image size, batch
 and prompt length. `OpenVinoUNet` compiles it per input shape ("static", the default: OpenVINO plans
-static shapes better) and keeps the last compiled shape, or once for all shapes ("dynamic").
+static shapes better) and keeps the last compiled shape, or once for all shapes ("dynamic"; the
+environment variable `DIFFUSEKIT_OPENVINO_SHAPES=dynamic`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -61,8 +63,8 @@ def _require(int8: bool = False) -> Any:
 class Int8Calibration:
     """How the int8 graph is calibrated: prompts x steps CFG U-Net calls captured at `size` pixels."""
 
-    prompts: int = 3
-    steps: int = 5
+    prompts: int = 2
+    steps: int = 4
     size: int | None = None  # None: the model's native resolution
     seed: int = 0
     smooth_quant_alpha: float = -1.0  # nncf SmoothQuant for MatMuls; negative: off
@@ -215,12 +217,14 @@ def load_openvino_unet(
     calibrate: Callable[[OpenVinoUNet], list[tuple]] | None = None,
     calibration: Int8Calibration | None = None,
     log: Callable[[str], None] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> OpenVinoUNet:
     """The OpenVINO U-Net for `unet` (fp32, default layout) at `precision`, from the cache or converted.
 
     For "openvino-int8", `calibrate(fp32_unet)` returns the captured inputs nncf calibrates on; it runs
     only when the int8 entry is not cached. The torch module is only read (for its weights' hash, and
-    on a miss, to convert).
+    on a miss, to convert); `release()` is called as soon as it is not needed any more (before any
+    calibration), so a caller can free its weights early.
     """
     if precision not in OPENVINO_PRECISIONS:
         valid = ", ".join(OPENVINO_PRECISIONS)
@@ -242,6 +246,8 @@ def load_openvino_unet(
         cache.store(fp32_key, fp32, {"convert_seconds": info["convert_seconds"]})
         fp32 = cache.load(fp32_key) or fp32  # memory-mapped from disk, not held in the torch weights
     info["fp32_entry"] = str(cache.entry(fp32_key))
+    if release is not None:
+        release()
     fp32_unet = OpenVinoUNet(fp32, precision="openvino", threads=threads, shapes=shapes, info=info)
     if not int8:
         return fp32_unet
@@ -288,22 +294,28 @@ def openvino_unet(pipe: Any, calibration: Int8Calibration | None = None) -> Open
     if pipe.accel.active:
         refuse("the accelerators (DeepCache, ToMe, int8 Linears, torch.compile)", "turn them off")
     calibration = calibration or Int8Calibration()
+    shapes = os.environ.get("DIFFUSEKIT_OPENVINO_SHAPES", "static").strip().lower()
+    if shapes not in SHAPE_MODES:
+        valid = ", ".join(SHAPE_MODES)
+        raise OpenVinoError(f"DIFFUSEKIT_OPENVINO_SHAPES must be one of {valid}, got {shapes!r}")
+    by_name = not pipe.path.reason.startswith("auto")
     try:
         ov_unet = load_openvino_unet(
             pipe.model.unet,
             pipe.path.name,
+            shapes=shapes,
             calibrate=lambda fp32_unet: capture_calibration(pipe, fp32_unet, calibration),
             calibration=calibration,
+            # asked for by name: the graph holds its own copy of the weights, free the torch one
+            release=(lambda: pipe.model.unet.to("meta")) if by_name else None,
         )
     except Exception as e:
-        if not pipe.path.reason.startswith("auto"):
+        if by_name:
             raise
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         reason = f"{pipe.path.reason}; but OpenVINO failed ({why}): fp32 parity path"
         pipe.path = ComputePath("fp32", torch.float32, reason)
         return None
-    if not pipe.path.reason.startswith("auto"):
-        pipe.model.unet.to("meta")  # asked for by name: the graph holds its own copy, free the torch one
     return ov_unet
 
 
