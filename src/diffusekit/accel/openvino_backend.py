@@ -68,7 +68,15 @@ class Int8Calibration:
     size: int | None = None  # None: the model's native resolution
     seed: int = 0
     smooth_quant_alpha: float = -1.0  # nncf SmoothQuant for MatMuls; negative: off
-    fast_bias_correction: bool = True
+    bias_correction: str = "fast"  # nncf's "fast" or "full" bias correction, or "none"
+
+    def __post_init__(self) -> None:
+        if self.bias_correction not in ("fast", "full", "none"):
+            raise OpenVinoError(f"bias_correction must be fast, full or none, got {self.bias_correction!r}")
+        if self.prompts < 1 or self.steps < 1:
+            raise OpenVinoError(
+                f"calibration needs at least 1 prompt and 1 step, got {self.prompts}, {self.steps}"
+            )
 
 
 def _input_names(unet: UNetModel) -> list[str]:
@@ -195,14 +203,15 @@ def quantize_int8(model: Any, samples: list[tuple], calibration: Int8Calibration
     )
 
     advanced = AdvancedQuantizationParameters(
-        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=calibration.smooth_quant_alpha)
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=calibration.smooth_quant_alpha),
+        disable_bias_correction=calibration.bias_correction == "none",
     )
     return nncf.quantize(
         model,
         nncf.Dataset(samples),
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(samples),
-        fast_bias_correction=calibration.fast_bias_correction,
+        fast_bias_correction=calibration.bias_correction != "full",
         advanced_parameters=advanced,
     )
 
