@@ -16,6 +16,7 @@ environment variable `DIFFUSEKIT_OPENVINO_SHAPES=dynamic`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -229,15 +230,21 @@ def quantize_int8(model: Any, samples: list[tuple], calibration: Int8Calibration
     ignored = (
         nncf.IgnoredScope(patterns=list(calibration.ignored), validate=False) if calibration.ignored else None
     )
-    return nncf.quantize(
-        model,
-        nncf.Dataset(samples),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(samples),
-        fast_bias_correction=calibration.bias_correction != "full",
-        advanced_parameters=advanced,
-        **({"ignored_scope": ignored} if ignored else {}),
-    )
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)  # its per-layer INFO lines are not the user's business
+    try:
+        return nncf.quantize(
+            model,
+            nncf.Dataset(samples),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(samples),
+            fast_bias_correction=calibration.bias_correction != "full",
+            advanced_parameters=advanced,
+            **({"ignored_scope": ignored} if ignored else {}),
+        )
+    finally:
+        nncf_log.setLevel(level)
 
 
 def load_openvino_unet(
