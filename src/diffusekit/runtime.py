@@ -47,6 +47,9 @@ AUTO_FP32_FAST = False
 # Below this many U-Net parameters a model is too small for bf16 matmuls to beat fp32 on a CPU (the
 # per-op overhead and casts dominate), so "auto" keeps fp32 there, which is also the parity path.
 AUTO_BF16_MIN_UNET_PARAMS = 200_000_000
+# Whether "auto" takes the OpenVINO backend on a CPU without native bf16 (see docs/guides/cpu-paths.md:
+# in the latest quiet emulated run its fp32 graph was level with PyTorch fp32, not faster).
+AUTO_OPENVINO = True
 # The same floor for the OpenVINO backend: below it the first load's conversion costs more than it saves.
 AUTO_OPENVINO_MIN_UNET_PARAMS = AUTO_BF16_MIN_UNET_PARAMS
 
@@ -222,11 +225,11 @@ def choose_path(
         return ComputePath("fp32", torch.float32, small)
     no_bf16 = f"auto: the CPU has no native bf16 ({features.kind})"
     big = unet_params is not None and unet_params >= AUTO_OPENVINO_MIN_UNET_PARAMS
-    missing = openvino_missing() if openvino and big else "not used"
+    missing = openvino_missing() if openvino and big and AUTO_OPENVINO else "not used"
     if missing is None:
         faster = "OpenVINO fp32 U-Net (measured faster than PyTorch fp32 there)"
         return ComputePath("openvino", torch.float32, f"{no_bf16}; {faster}")
-    why = "" if not (openvino and big) else f"; OpenVINO unavailable: {missing}"
+    why = "" if not (openvino and big and AUTO_OPENVINO) else f"; OpenVINO unavailable: {missing}"
     if not big and unet_params is not None and openvino:
         why = f"; U-Net of {unet_params:,} parameters, below {AUTO_OPENVINO_MIN_UNET_PARAMS:,} for OpenVINO"
     if AUTO_FP32_FAST:
