@@ -6,9 +6,14 @@ Usage:
 
 Paths (names for --only): diffusers-fp32 (diffusers' UNet2DConditionModel with the same weights),
 ours-fp32 (the parity path), ours-fp32-fast, ours-int8 (`--int8-model`, made by `diffusekit convert
---quantize int8`), ours-bf16 (only where the CPU has native bf16), openvino-fp32 and openvino-int8 (our
-U-Net converted with `openvino.convert_model`, int8 by nncf static quantization calibrated on a few random
-inputs; only where `openvino`/`nncf` import; cached next to the model after the first conversion).
+--quantize int8`), ours-bf16 (only where the CPU has native bf16), ours-openvino and
+ours-openvino-int8 (diffusekit's OpenVINO backend as a user gets it: `Pipeline.from_file(precision=...)`,
+IR from its cache, compiled for the input's static shape (ours-openvino-dynamic: once, for dynamic
+shapes), int8 calibrated by nncf on U-Net inputs captured
+while sampling; `DIFFUSEKIT_OPENVINO_CACHE` picks the cache), and the peer: openvino-fp32 and
+openvino-int8 (our U-Net converted here with `openvino.convert_model` and OpenVINO's defaults, dynamic
+shapes, int8 by nncf calibrated on a few random inputs, as a user of OpenVINO alone would; only where
+`openvino`/`nncf` import; cached next to the model).
 
 Each (round, path) runs in a fresh `python bench/cpu_paths.py --worker SPEC` process: load, one warm-up
 step (oneDNN packing, first-touch pages), then `--steps` timed steps; the worker reports their median.
@@ -39,6 +44,9 @@ PATHS = (
     "ours-fp32-fast",
     "ours-int8",
     "ours-bf16",
+    "ours-openvino",
+    "ours-openvino-int8",
+    "ours-openvino-dynamic",
     "openvino-fp32",
     "openvino-int8",
 )
@@ -69,14 +77,17 @@ def _ours(spec: dict[str, Any]):
     from diffusekit.pipeline import Pipeline
 
     precision = spec["path"].removeprefix("ours-")
+    if precision == "openvino-dynamic":  # the backend compiling once for all shapes
+        os.environ["DIFFUSEKIT_OPENVINO_SHAPES"], precision = "dynamic", "openvino"
     model = spec["int8_model"] if precision == "int8" else spec["model"]
     pipe = Pipeline.from_file(model, precision=precision)
-    unet, fast = pipe.model.unet, pipe.fast
+    unet, fast = pipe.ov_unet or pipe.model.unet, pipe.fast
 
     def step(x, t, ctx):
         return unet(fast.input(x), t, ctx.to(fast.dtype)).float()
 
-    return step, pipe.cfg, {"path": pipe.path.name, "reason": pipe.path.reason}
+    info = {k: v for k, v in (getattr(pipe.ov_unet, "info", None) or {}).items() if k.endswith("seconds")}
+    return step, pipe.cfg, {"path": pipe.path.name, "reason": pipe.path.reason, **info}
 
 
 def _diffusers(spec: dict[str, Any]):
@@ -216,9 +227,9 @@ def available(path: str, int8_model: str | None) -> str | None:
         return "this CPU has no native bf16"
     if path == "ours-int8" and not int8_model:
         return "no --int8-model given"
-    if path.startswith("openvino") and importlib.util.find_spec("openvino") is None:
+    if "openvino" in path and importlib.util.find_spec("openvino") is None:
         return "openvino is not installed"
-    if path == "openvino-int8" and importlib.util.find_spec("nncf") is None:
+    if path.endswith("openvino-int8") and importlib.util.find_spec("nncf") is None:
         return "nncf is not installed"
     if path == BASELINE and importlib.util.find_spec("diffusers") is None:
         return "diffusers is not installed"

@@ -64,7 +64,7 @@ MATMUL_N = {"sd1": 4096, "tiny_sd1": 1024}  # the smoke test keeps the matmul pr
 CACHE_DIR = Path("~/.cache/diffusekit-bench").expanduser()
 SDCPP_WTYPES = ("f16", "q8_0")  # "+fa" adds its diffusion flash attention, e.g. "f16+fa"
 PRECISIONS = {
-    "ours": ("auto", "fp32", "bf16"),
+    "ours": ("auto", "fp32", "bf16", "openvino", "openvino-int8"),
     "diffusers": ("fp32", "bf16"),
     "sdcpp": (*SDCPP_WTYPES, *(f"{w}+fa" for w in SDCPP_WTYPES)),
 }

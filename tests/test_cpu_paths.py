@@ -51,6 +51,7 @@ def test_cli_and_runtime_list_the_same_paths():
 @pytest.mark.parametrize("fast", [False, True])
 def test_auto_picks_per_cpu_kind(monkeypatch, fast):
     monkeypatch.setattr(runtime, "AUTO_FP32_FAST", fast)
+    monkeypatch.setattr(runtime, "openvino_missing", lambda int8=False: "not installed (mocked)")
     sd1, tiny = _unet_params(SD1), _unet_params(TINY_SD1)
     p = choose_path("auto", "cpu", sd1, features=SAPPHIRE)
     assert (p.name, p.dtype) == ("bf16", torch.bfloat16) and "native bf16" in p.reason
@@ -64,6 +65,7 @@ def test_auto_picks_per_cpu_kind(monkeypatch, fast):
 
 
 def test_auto_reads_the_detected_cpu(monkeypatch):
+    monkeypatch.setattr(runtime, "openvino_missing", lambda int8=False: "not installed (mocked)")
     monkeypatch.setattr(runtime, "cpu_features", lambda: ZEN3)
     assert choose_path("auto", "cpu", _unet_params(SD1)).name in ("fp32", "fp32-fast")
     assert runtime.resolve_precision("auto", "cpu", _unet_params(SD1)) == torch.float32
@@ -78,6 +80,7 @@ def test_a_onednn_isa_cap_below_bf16_reads_as_no_native_bf16(monkeypatch):
         monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(runtime, "openvino_missing", lambda int8=False: "not installed (mocked)")
     assert runtime.cpu_features().bf16
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # Ice Lake's ISA
     assert runtime.cpu_features() == ICE_LAKE

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 DEFAULT_MODEL = "default.safetensors"  # shipped in diffusekit/assets once trained (issue 4)
-PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8")  # runtime.PRECISIONS, without torch
+PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16", "fp16", "int8", "openvino", "openvino-int8")  # no torch
 
 
 def default_model_path() -> Path:
@@ -111,8 +111,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
         help="compute path; auto: bf16 for SD-size models on CPUs with native bf16, int8 for a file "
-        "quantized by `diffusekit convert` (int8), else fp32 (fp16 on CUDA); fp32 is the reference path, "
-        "fp32-fast lays it out channels-last (see docs/guides/cpu-paths.md)",
+        "quantized by `diffusekit convert` (int8), on other CPUs the OpenVINO U-Net (openvino) for SD-size "
+        "models where openvino is installed, else fp32 (fp16 on CUDA); fp32 is the reference path, "
+        "fp32-fast lays it out channels-last; openvino-int8 calibrates an nncf int8 U-Net once "
+        "(see docs/guides/cpu-paths.md)",
     )  # fmt: skip
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
                    help="DeepCache: run the whole U-Net every N-th call, reuse its deep features in "

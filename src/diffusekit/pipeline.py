@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from .models.tokenizer import CLIPTokenizer
 from .models.unet import size_embedding
 from .models.vae_chunked import decode_chunked, encode_chunked, should_chunk
 from .params import GenerationParams, seed_at
+from .precisions import OPENVINO_PRECISIONS
 from .prompts import encode_prompt, pad_to_same_length
 from .runtime import ComputePath, load_path, prepare
 
@@ -173,6 +175,11 @@ class Pipeline(inpainting.ImageJobs):
         self.loras: LoraLibrary | None = None  # where <lora:NAME:...> prompt tags are looked up
         self.embeddings: EmbeddingLibrary | None = None  # textual-inversion names usable in prompts
         self.lora_merge = True  # LoRAs as merged weight copies for a call (False: forward hooks)
+        self.ov_unet = None  # the OpenVINO U-Net on the openvino paths (accel/openvino_backend.py)
+        if self.path.name in OPENVINO_PRECISIONS:
+            from .accel.openvino_backend import openvino_unet
+
+            self.ov_unet = openvino_unet(self)
 
     @classmethod
     def from_file(
@@ -200,11 +207,14 @@ class Pipeline(inpainting.ImageJobs):
         chosen = load_path(precision, device, unet_params, dtype=dtype, quantized=quantized)
         if quantized and chosen.dtype != torch.float32:
             raise ValueError(f"{Path(path).name} is int8-quantized; it runs in fp32 around its int8 layers")
+        if precision == "auto" and chosen.name == "openvino" and accel is not None and accel.active:
+            chosen = ComputePath("fp32", torch.float32, "auto: accelerators act on the PyTorch U-Net; fp32")
         return cls(loaded, device=device, dtype=chosen.dtype, accel=accel, path=chosen)
 
     def _path_infotext(self) -> dict[str, str]:
         """The infotext field of a quantized compute path (none for the float paths)."""
-        return {"Quantization": "int8-static"} if self.path.name == "int8" else {}
+        marks = {"int8": "int8-static", "openvino-int8": "openvino-int8"}
+        return {"Quantization": marks[self.path.name]} if self.path.name in marks else {}
 
     # --- conditioning ------------------------------------------------------------------------
 
@@ -252,6 +262,8 @@ class Pipeline(inpainting.ImageJobs):
         x = self.fast.input(x.to(self.device))
         if context.dtype != self.dtype:
             context = context.to(self.device, self.dtype)
+        if self.ov_unet is not None:  # accelerators (DeepCache among them) were refused at load
+            return self.ov_unet(x, t, context, y)
         if cache is not None:
             return cache(self.model.unet, x, t.to(self.device), context, y).float()
         return self.model.unet(x, t.to(self.device), context, y).float()
@@ -370,6 +382,13 @@ class Pipeline(inpainting.ImageJobs):
         """Generate with `loras` ((network, te weight, unet weight), ...) and the prompt's <lora:...> tags
         applied for this call only (see `_generate` for the other arguments)."""
         active = list(loras) + prompt_loras(params.prompt, self.loras)
+        fallback = nullcontext()
+        if active and self.ov_unet is not None:  # LoRA patches the PyTorch U-Net, not the OpenVINO graph
+            from .accel.openvino_backend import torch_unet
+
+            fallback = torch_unet(
+                self, "LoRA at run time", "merge it into the checkpoint (`diffusekit merge-lora`)"
+            )
         texts = [strip_extra_networks(params.prompt), strip_extra_networks(params.negative_prompt)]
         widths = [e.cfg.width for e in self.model.text_encoders]
         used = used_embeddings(texts, self.loaded.tokenizer, self.embeddings, widths)
@@ -378,7 +397,7 @@ class Pipeline(inpainting.ImageJobs):
             extras["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
         if extras:
             params = params.replace(extras={**params.extras, **extras})
-        with apply_loras(self.model, active, merge=self.lora_merge) as applied:
+        with fallback, apply_loras(self.model, active, merge=self.lora_merge) as applied:
             result = self._generate(params, **kw)
         result.warnings += applied.warnings()
         return result

@@ -152,13 +152,13 @@ class SD3Pipeline(inpainting.ImageJobs):
         """Load an SD3 single file or folder (plus separate text encoder files) for generation, in the
         compute dtype `precision` picks for its MMDiT (see runtime.load_path); scaled-fp8 weights are
         dequantized straight to it."""
-        if precision in ("int8", "fp32-fast"):
+        if precision in ("int8", "fp32-fast", "openvino", "openvino-int8"):
             raise PrecisionError(
                 f"--precision {precision} is a U-Net path; SD3 models run in auto, fp32, bf16 or fp16"
             )
         path = Path(path)
         sd, cfg, metadata = read_sd3(path, text_encoders=list(text_encoders), dequantize=False)
-        chosen = load_path(precision, device, mmdit_parameters(cfg.mmdit), dtype=dtype)
+        chosen = load_path(precision, device, mmdit_parameters(cfg.mmdit), dtype=dtype, openvino=False)
         if chosen.name == "fp32-fast":  # auto on a CPU without bf16: plain fp32 for the MMDiT
             chosen = ComputePath("fp32", torch.float32, chosen.reason)
         loaded = assemble_sd3(path, sd, cfg, metadata, dtype=chosen.dtype)

@@ -12,12 +12,15 @@ the C allocator of the process (there is only one). The paths on CPU:
   reorder per call); the relative error against "fp32" is bounded by tests, not zero;
 - "bf16": channels-last, sliced attention, bf16 weights and activations (CPUs with native bf16);
 - "int8": a checkpoint quantized by `diffusekit convert --quantize int8` (int8 weights and activations
-  for the U-Net's convolutions and linears, accel/int8_static.py), the rest as "fp32-fast".
+  for the U-Net's convolutions and linears, accel/int8_static.py), the rest as "fp32-fast";
+- "openvino" / "openvino-int8": the U-Net converted to an OpenVINO graph (fp32 math, or nncf int8),
+  cached on disk (accel/openvino_backend.py); the rest as "fp32". Needs the openvino package.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import sys
 from dataclasses import astuple, dataclass
@@ -25,7 +28,7 @@ from dataclasses import astuple, dataclass
 import torch
 from torch import nn
 
-from .precisions import PRECISIONS
+from .precisions import OPENVINO_PRECISIONS, PRECISIONS
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -33,6 +36,8 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "int8": torch.float32,  # everything that is not an int8 layer computes in fp32
+    "openvino": torch.float32,  # what stays in PyTorch (text encoder, VAE) runs the fp32 parity path
+    "openvino-int8": torch.float32,
 }
 
 # Whether "auto" takes "fp32-fast" instead of "fp32" on a CPU without native bf16. Only where an
@@ -42,6 +47,13 @@ AUTO_FP32_FAST = False
 # Below this many U-Net parameters a model is too small for bf16 matmuls to beat fp32 on a CPU (the
 # per-op overhead and casts dominate), so "auto" keeps fp32 there, which is also the parity path.
 AUTO_BF16_MIN_UNET_PARAMS = 200_000_000
+# Whether "auto" takes the OpenVINO backend on a CPU without native bf16. Off: in the latest quiet emulated
+# Ice Lake run its fp32 graph was level with PyTorch fp32 (12.61 s against 12.43 s per step at 512), while
+# it costs a first-load conversion, memory, and batched jobs that are no longer bit-identical to solo ones
+# (docs/guides/cpu-paths.md). `--precision openvino` / `openvino-int8` choose it by name.
+AUTO_OPENVINO = False
+# The same floor for the OpenVINO backend: below it the first load's conversion costs more than it saves.
+AUTO_OPENVINO_MIN_UNET_PARAMS = AUTO_BF16_MIN_UNET_PARAMS
 
 
 # glibc's mallopt parameters (malloc.h) and the block size below which freed memory is kept for reuse.
@@ -127,6 +139,15 @@ def cpu_features() -> CpuFeatures:
     return CpuFeatures(*(have and allowed for have, allowed in zip(astuple(found), cap, strict=True)))
 
 
+def openvino_missing(int8: bool = False) -> str | None:
+    """Why the OpenVINO backend cannot run here (a package is not installed), or None; imports nothing."""
+    if importlib.util.find_spec("openvino") is None:
+        return "the openvino package is not installed (pip install \"diffusekit[openvino]\")"
+    if int8 and importlib.util.find_spec("nncf") is None:
+        return "openvino-int8 also needs nncf (pip install \"diffusekit[openvino]\")"
+    return None
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 dot products natively (AVX512-BF16 or AMX)."""
     return cpu_features().bf16
@@ -148,13 +169,15 @@ def choose_path(
     *,
     quantized: bool = False,
     features: CpuFeatures | None = None,
+    openvino: bool = True,
 ) -> ComputePath:
     """The compute path for `precision` on `device`, for a model whose U-Net has `unet_params` parameters.
 
     "auto": int8 for an int8-quantized checkpoint; fp16 on CUDA; bf16 on a CPU with native bf16 for
-    SD-size models; otherwise fp32 (or fp32-fast where AUTO_FP32_FAST says it measured faster).
-    "fp32" is the bit-for-bit parity path; the others are honoured where the device can run them.
-    `features` defaults to `cpu_features()` (pass one to decide for another CPU).
+    SD-size models; on other CPUs fp32 (or, where AUTO_OPENVINO / AUTO_FP32_FAST say they measured
+    faster, the OpenVINO backend for SD-size U-Nets where openvino is installed, or fp32-fast; `openvino`
+    False: a model the backend does not apply to, e.g. an MMDiT). "fp32" is the bit-for-bit parity path;
+    the others are honoured where the device can run them. `features` defaults to `cpu_features()`.
     """
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -174,6 +197,15 @@ def choose_path(
                 "`diffusekit convert MODEL OUT.safetensors --quantize int8`, then generate with OUT"
             )
         return ComputePath("int8", torch.float32, "asked for; the checkpoint is int8-quantized")
+    if precision in OPENVINO_PRECISIONS:
+        if not cpu:
+            raise PrecisionError(f"--precision {precision} runs on the CPU only; use fp16/bf16 on a GPU")
+        if not openvino:
+            raise PrecisionError(f"--precision {precision} is a U-Net path; this model has no U-Net")
+        why = openvino_missing(int8=precision == "openvino-int8")
+        if why is not None:
+            raise PrecisionError(f"--precision {precision}: {why}; or use --precision fp32 (or auto)")
+        return ComputePath(precision, torch.float32, "asked for")
     if precision in ("fp16", "bf16", "fp32", "fp32-fast"):
         if precision == "fp16" and cpu:
             raise PrecisionError(
@@ -193,11 +225,18 @@ def choose_path(
             return ComputePath("bf16", torch.bfloat16, f"auto: the CPU has native bf16 ({features.kind})")
         small = f"auto: U-Net of {unet_params:,} parameters, below {AUTO_BF16_MIN_UNET_PARAMS:,} for bf16"
         return ComputePath("fp32", torch.float32, small)
+    no_bf16 = f"auto: the CPU has no native bf16 ({features.kind})"
+    big = unet_params is not None and unet_params >= AUTO_OPENVINO_MIN_UNET_PARAMS
+    missing = openvino_missing() if openvino and big and AUTO_OPENVINO else "not used"
+    if missing is None:
+        faster = "OpenVINO fp32 U-Net (measured faster than PyTorch fp32 there)"
+        return ComputePath("openvino", torch.float32, f"{no_bf16}; {faster}")
+    why = "" if not (openvino and big and AUTO_OPENVINO) else f"; OpenVINO unavailable: {missing}"
+    if AUTO_OPENVINO and not big and unet_params is not None and openvino:
+        why = f"; U-Net of {unet_params:,} parameters, below {AUTO_OPENVINO_MIN_UNET_PARAMS:,} for OpenVINO"
     if AUTO_FP32_FAST:
-        return ComputePath("fp32-fast", torch.float32, f"auto: the CPU has no native bf16 ({features.kind})")
-    return ComputePath(
-        "fp32", torch.float32, f"auto: the CPU has no native bf16 ({features.kind}); fp32 parity path"
-    )
+        return ComputePath("fp32-fast", torch.float32, no_bf16 + why)
+    return ComputePath("fp32", torch.float32, f"{no_bf16}; fp32 parity path{why}")
 
 
 def load_path(
@@ -207,12 +246,14 @@ def load_path(
     *,
     dtype: torch.dtype | None = None,
     quantized: bool = False,
+    openvino: bool = True,
 ) -> ComputePath:
     """The compute path a pipeline's ``from_file`` runs a model on: an explicit `dtype` wins, else
-    `choose_path` for `precision` and the size of the model's denoiser (U-Net or MMDiT)."""
+    `choose_path` for `precision` and the size of the model's denoiser (U-Net or MMDiT; `openvino`
+    False for a denoiser the OpenVINO backend does not convert)."""
     if dtype is not None:
         return ComputePath(str(dtype).removeprefix("torch."), dtype, "dtype given")
-    return choose_path(precision, device, denoiser_params, quantized=quantized)
+    return choose_path(precision, device, denoiser_params, quantized=quantized, openvino=openvino)
 
 
 def resolve_precision(

@@ -197,6 +197,13 @@ def inflate(
     pipe, adapter: MotionAdapter, frames: int, *, context: int = 16, overlap: int = 4
 ) -> Iterator[None]:
     """Insert `adapter` into `pipe`'s U-Net for a `frames`-frame render; restore it exactly on exit."""
+    if getattr(pipe, "ov_unet", None) is not None:  # motion modules go into the PyTorch U-Net
+        from ..accel.openvino_backend import torch_unet
+
+        with torch_unet(pipe, "AnimateDiff (motion modules inside the U-Net)", "use --precision auto"):
+            with inflate(pipe, adapter, frames, context=context, overlap=overlap):
+                yield
+        return
     unet = pipe.model.unet
     if context > adapter.cfg.max_frames:
         raise ValueError(f"context {context} exceeds the motion module's {adapter.cfg.max_frames} frames")
