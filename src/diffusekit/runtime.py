@@ -142,9 +142,9 @@ def cpu_features() -> CpuFeatures:
 def openvino_missing(int8: bool = False) -> str | None:
     """Why the OpenVINO backend cannot run here (a package is not installed), or None; imports nothing."""
     if importlib.util.find_spec("openvino") is None:
-        return "the openvino package is not installed (pip install \"diffusekit[openvino]\")"
+        return 'the openvino package is not installed (pip install "diffusekit[openvino]")'
     if int8 and importlib.util.find_spec("nncf") is None:
-        return "openvino-int8 also needs nncf (pip install \"diffusekit[openvino]\")"
+        return 'openvino-int8 also needs nncf (pip install "diffusekit[openvino]")'
     return None
 
 
