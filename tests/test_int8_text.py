@@ -30,13 +30,7 @@ from helpers import make_checkpoint
 pytestmark = pytest.mark.skipif(int8_unavailable() is not None, reason=str(int8_unavailable()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, loaded machine two threads wait on each other (cpu-paths guide)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_thread")]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

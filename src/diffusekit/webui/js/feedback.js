@@ -25,3 +25,17 @@ export function markInvalid(input, errId, message) {
   input.setAttribute("aria-errormessage", err.id);
   (input.closest(".field") || input.parentElement).append(err);
 }
+
+/** A training sample image (`url`) with its step and prompt as the caption. */
+export function sampleFigure(url, sample) {
+  const fig = document.createElement("figure");
+  fig.className = "sample";
+  const img = document.createElement("img");
+  img.src = url;
+  img.alt = `Sample at step ${sample.step}: ${sample.prompt ?? ""}`;
+  const cap = document.createElement("figcaption");
+  cap.className = "cap";
+  cap.textContent = `Step ${sample.step}: ${sample.prompt ?? ""}`;
+  fig.append(img, cap);
+  return fig;
+}

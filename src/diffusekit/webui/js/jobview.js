@@ -1,6 +1,7 @@
 // A finished non-generation job opened from the queue: a train_lora job's result in a dialog.
 
 import * as api from "./api.js";
+import { sampleFigure } from "./feedback.js";
 import { insertAtCursor } from "./networks.js";
 
 const $ = (id) => document.getElementById(id);
@@ -30,15 +31,7 @@ async function showSamples(samples) {
   for (const s of samples.filter((x) => x.step === step)) {
     const url = URL.createObjectURL(await api.fetchBlob(s.url || `/v1/images/${encodeURIComponent(s.id)}`));
     sampleUrls.push(url);
-    const fig = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = url;
-    img.alt = `Sample at step ${s.step}: ${s.prompt ?? ""}`;
-    const cap = document.createElement("figcaption");
-    cap.className = "cap";
-    cap.textContent = `Step ${s.step}: ${s.prompt ?? ""}`;
-    fig.append(img, cap);
-    figures.push(fig);
+    figures.push(sampleFigure(url, s));
   }
   box.replaceChildren(...figures);
   box.hidden = !figures.length;

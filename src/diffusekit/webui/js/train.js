@@ -2,7 +2,7 @@
 // sample images as training goes, cancel.
 
 import * as api from "./api.js";
-import { progressBar } from "./feedback.js";
+import { progressBar, sampleFigure } from "./feedback.js";
 import { refreshNetworks } from "./networks.js";
 
 const $ = (id) => document.getElementById(id);
@@ -129,16 +129,7 @@ async function showSamples(samples) {
       const blob = await api.fetchBlob(s.url || `/v1/images/${encodeURIComponent(s.id)}`);
       sampleUrls.set(s.id, URL.createObjectURL(blob));
     }
-    const fig = document.createElement("figure");
-    fig.className = "sample";
-    const img = document.createElement("img");
-    img.src = sampleUrls.get(s.id);
-    img.alt = `Sample at step ${s.step}: ${s.prompt ?? ""}`;
-    const cap = document.createElement("figcaption");
-    cap.className = "cap";
-    cap.textContent = `Step ${s.step}: ${s.prompt ?? ""}`;
-    fig.append(img, cap);
-    figures.push(fig);
+    figures.push(sampleFigure(sampleUrls.get(s.id), s));
   }
   shownSampleStep = step;
   $("tr-samples").replaceChildren(...figures);
