@@ -64,25 +64,37 @@ def test_vae_stage_resumes_exactly(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for _, v in t_straight.state.losses) and first > 0
 
 
-@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1, 2 * STAGE.steps + 3, 3 * STAGE.steps + 1])
-def test_ldm_stage_resumes_exactly(tmp_path, kill_at):
-    """Killed in stage 2, 2b, the first polish cycle and the second."""
+def _resume_recipe():
     refine = replace(  # drawn batches, and the binding contrast at every noise level
         small_recipe().refine_objective,
         kind_weights=(("relation", 3.0),),
         contrast=Contrast(1, max_snr=1e9, breaks=BREAKS),  # several contradicting captions: drawn
         pad_dropout=0.5,  # drawn as well
     )
-    recipe = replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0), refine_objective=refine)
-    vae, _ = train_vae(recipe, tmp_path / "vae", resume=False, stop_at=1)
+    return replace(small_recipe(), ldm_objective=Objective(timestep_shift=3.0), refine_objective=refine)
+
+
+@pytest.fixture(scope="module")
+def straight_ldm(tmp_path_factory):
+    """The uninterrupted run every kill point is compared with (made once: it is the same for all)."""
+    recipe = _resume_recipe()
+    root = tmp_path_factory.mktemp("ldm-straight")
+    vae, _ = train_vae(recipe, root / "vae", resume=False, stop_at=1)
     pool = LatentPool.encode(vae, dataset_sampler(recipe), recipe.pool_size)
     assert pool.moments.shape == (12, 8, 8, 8) and len(pool.captions) == 12
-    straight, t_straight = train_ldm(recipe, pool, 0.5, tmp_path / "a", resume=False)
+    straight, t_straight = train_ldm(recipe, pool, 0.5, root / "a", resume=False)
+    assert [t.name for t in t_straight] == ["ldm", "refine", "polish", "polish2"]
+    return recipe, pool, straight, [t.state.losses for t in t_straight]
+
+
+@pytest.mark.parametrize("kill_at", [2, STAGE.steps + 1, 2 * STAGE.steps + 3, 3 * STAGE.steps + 1])
+def test_ldm_stage_resumes_exactly(tmp_path, kill_at, straight_ldm):
+    """Killed in stage 2, 2b, the first polish cycle and the second."""
+    recipe, pool, straight, straight_losses = straight_ldm
     _, t_killed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=False, stop_at=kill_at)
     assert sum(t.state.step for t in t_killed) == kill_at
     resumed, t_resumed = train_ldm(recipe, pool, 0.5, tmp_path / "b", resume=True)
-    assert [t.name for t in t_straight] == ["ldm", "refine", "polish", "polish2"]
-    assert [t.state.losses for t in t_resumed] == [t.state.losses for t in t_straight]
+    assert [t.state.losses for t in t_resumed] == straight_losses
     assert_same_state(straight, resumed)
 
 
